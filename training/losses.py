@@ -1,0 +1,149 @@
+"""Training losses of the hybrid space: triplet ranking (cosine and Jaccard) + concept BCE.
+
+These follow RIVRL (loss.py::TripletLoss, jaccard_sim; model.py::forward_loss), which CVR-SDGM's
+public code inherits:
+
+- VSE++ max-violation triplet loss, both directions, margin 0.2, SUMMED over the batch
+  (RIVRL's cost_style 'sum'; the loss therefore grows with the batch size, and the learning rate
+  1e-4 was tuned for that scale at batch 128);
+- per branch (global = RIVRL's previewing, local = intensive reading) a triplet on the latent
+  cosine and one on the concept Jaccard similarity;
+- BCE of each modality's concept probabilities against the video's tag scores, as
+  ``nn.BCELoss()`` (mean over every element), multiplied by the batch size in the total, which puts
+  it on the same per-sample scale as the summed triplets.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["concept_bce", "cosine_sim", "hybrid_loss", "jaccard_sim", "triplet_loss"]
+
+
+def cosine_sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B1, D) x (B2, D) -> (B1, B2). Inputs must already be L2-normalised (the towers do it)."""
+    return a @ b.T
+
+
+def jaccard_sim(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8, max_elements: int = 1 << 22) -> torch.Tensor:
+    """Soft Jaccard similarity of every pair: ``sum_k min(x_k, y_k) / sum_k max(x_k, y_k)``.
+
+    x: (B1, K), y: (B2, K), non-negative (concept probabilities). Returns (B1, B2); differentiable
+    (min/max pass the gradient to the smaller/larger entry).
+
+    Memory: the pairwise min/max needs a (rows, cols, K) tensor; it is built in blocks holding at
+    most ``max_elements`` numbers (at least one row x one column), so a 128 x 128 x 512 batch runs
+    in two blocks of 4M floats instead of one 8M tensor, and gallery-sized calls stay bounded.
+
+    eps: the denominator is clamped to ``eps``. It only matters when both vectors are all zeros
+    (sigmoid outputs never are), where the similarity is then 0 instead of NaN. RIVRL has no eps.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"jaccard_sim needs (B1, K) and (B2, K), got {tuple(x.shape)} and {tuple(y.shape)}")
+    b1, k = x.shape
+    b2 = y.shape[0]
+    if b1 == 0 or b2 == 0:
+        return x.new_zeros(b1, b2)
+    if b1 * k <= max_elements:  # all rows at once, as many columns as fit
+        rows, cols = b1, max(1, min(b2, max_elements // (b1 * k)))
+    else:  # even one column of all rows is too big: block the rows too
+        rows, cols = max(1, max_elements // k), 1
+    blocks = []
+    for i in range(0, b1, rows):
+        xi = x[i : i + rows, None, :]
+        row = []
+        for j in range(0, b2, cols):
+            yj = y[None, j : j + cols, :]
+            inter = torch.minimum(xi, yj).sum(-1)
+            union = torch.maximum(xi, yj).sum(-1)
+            row.append(inter / union.clamp_min(eps))
+        blocks.append(torch.cat(row, dim=1))
+    return torch.cat(blocks, dim=0)
+
+
+def triplet_loss(sim: torch.Tensor, margin: float = 0.2, hardest: bool = True) -> torch.Tensor:
+    """VSE++ triplet ranking loss over an in-batch similarity matrix, both directions, summed.
+
+    sim: (B, B); row i = text i, column j = video j; the diagonal holds the positive pairs.
+    Text->video: for anchor text i, violations ``[margin + sim[i, j] - sim[i, i]]_+`` over the
+    videos j != i of its row. Video->text: for anchor video j, ``[margin + sim[i, j] - sim[j, j]]_+``
+    over the texts i != j of its column. Only the diagonal is excluded: another caption of the same
+    video in the batch counts as a negative, as in RIVRL.
+
+    hardest=True keeps each anchor's largest violation (the hardest in-batch negative, VSE++'s
+    max_violation); hardest=False sums over all negatives. The result is the SUM over anchors of
+    both directions, not the mean (RIVRL/VSE++ cost_style 'sum').
+    """
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"triplet_loss needs a square (B, B) similarity matrix, got {tuple(sim.shape)}")
+    pos = sim.diagonal()
+    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    cost_t2v = (margin + sim - pos[:, None]).clamp_min(0).masked_fill(eye, 0)  # row i vs its positive
+    cost_v2t = (margin + sim - pos[None, :]).clamp_min(0).masked_fill(eye, 0)  # column j vs its positive
+    if hardest:
+        # Violations are >= 0 and the diagonal is 0, so the max over a row/column is the hardest
+        # negative's violation (0 when B = 1 or nothing violates).
+        return cost_t2v.amax(dim=1).sum() + cost_v2t.amax(dim=0).sum()
+    return cost_t2v.sum() + cost_v2t.sum()
+
+
+def concept_bce(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Binary cross-entropy of concept probabilities against soft tag targets, MEAN over elements.
+
+    probs: (B, K) already sigmoid'ed; targets: (B, K) in [0, 1] (tag counts / the video's max
+    count). The mean over all B*K elements is ``nn.BCELoss()``'s default, which RIVRL uses (and
+    then multiplies by the batch size: see hybrid_loss). Probabilities are clamped to
+    [eps, 1 - eps] so a saturated sigmoid (exactly 0 or 1 in float32) gives a finite loss;
+    nn.BCELoss clamps the log at -100 instead, which differs only for saturated entries.
+    """
+    if probs.shape != targets.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} and targets {tuple(targets.shape)} differ in shape")
+    p = probs.clamp(eps, 1 - eps)
+    t = targets.to(p.dtype)
+    return -(t * torch.log(p) + (1 - t) * torch.log1p(-p)).mean()
+
+
+def _get(out, name: str) -> torch.Tensor:
+    return out[name] if isinstance(out, Mapping) else getattr(out, name)
+
+
+def hybrid_loss(
+    text_out,
+    video_out,
+    tag_targets: torch.Tensor,
+    margin: float = 0.2,
+    concept_margin: float = 0.2,
+    bce_weight: float | None = None,
+    hardest: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """RIVRL's hybrid-space loss for a batch of B (text, video) pairs, over both branches.
+
+    text_out, video_out: mappings or objects with ``lat_g, lat_l`` (B, D) L2-normalised latent
+    vectors and ``con_g, con_l`` (B, K) concept probabilities; row i of each is pair i.
+    tag_targets: (B, K), the tags of pair i's video (counts / max count).
+
+        total = sum_b [ triplet(cos(text_b, video_b), margin) + triplet(jaccard(...), concept_margin) ]
+              + bce_weight * sum_b [ bce(video con_b, tags) + bce(text con_b, tags) ]
+
+    bce_weight None means the batch size B, as RIVRL (``loss_1 + loss_2 + batch_size * (loss_3 +
+    loss_4)``). RIVRL's margin_2 is ``concept_margin``. Returns the total and its parts as floats
+    for logging (keys: tri_cos_g, tri_cos_l, tri_jac_g, tri_jac_l, bce_video_g, bce_video_l,
+    bce_text_g, bce_text_l, total).
+    """
+    batch = tag_targets.shape[0]
+    weight = float(batch if bce_weight is None else bce_weight)
+    parts: dict[str, torch.Tensor] = {}
+    for b in ("g", "l"):
+        lat_t, lat_v = _get(text_out, f"lat_{b}"), _get(video_out, f"lat_{b}")
+        con_t, con_v = _get(text_out, f"con_{b}"), _get(video_out, f"con_{b}")
+        parts[f"tri_cos_{b}"] = triplet_loss(cosine_sim(lat_t, lat_v), margin, hardest)
+        parts[f"tri_jac_{b}"] = triplet_loss(jaccard_sim(con_t, con_v), concept_margin, hardest)
+        parts[f"bce_video_{b}"] = concept_bce(con_v, tag_targets)
+        parts[f"bce_text_{b}"] = concept_bce(con_t, tag_targets)
+    triplets = sum(v for k, v in parts.items() if k.startswith("tri_"))
+    bces = sum(v for k, v in parts.items() if k.startswith("bce_"))
+    total = triplets + weight * bces
+    logged = {k: float(v.detach()) for k, v in parts.items()}
+    logged["total"] = float(total.detach())
+    return total, logged
