@@ -1,0 +1,305 @@
+"""`cvr`: the engine's one entry point. `main(argv)` returns an exit code, so tests can call it.
+
+Sub-commands import their modules lazily: `cvr --help` stays fast and a sub-command only pays for
+what it uses (training/ and export/ are imported only by theirs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# cvr data ...
+
+
+def _add_data(sub) -> None:
+    data = sub.add_parser("data", help="the built-in data set and collections in the MSR-VTT layout")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    synth = data_sub.add_parser("synth", help="write the built-in synthetic video-caption collection")
+    synth.add_argument("--root", required=True, help="folder that will hold the collection")
+    synth.add_argument("--collection", default="synth", help="collection name (default: synth)")
+    synth.add_argument("--videos", type=int, default=600, help="number of clips (default: 600)")
+    synth.add_argument("--frames", type=int, default=8, help="frames per clip (default: 8)")
+    synth.add_argument("--size", type=int, default=64, help="frame side in pixels (default: 64)")
+    synth.add_argument("--captions", type=int, default=10, help="captions per clip (default: 10)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes")
+    synth.add_argument("--vision-weights", default=None,
+                       help="ResNet-50 weights: a local HF folder, a torchvision state dict, or 'random' "
+                            "(default: the shipped built-in extractor)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(func=_cmd_data_synth)
+
+    summary = data_sub.add_parser("summary", help="summarise a collection in the MSR-VTT layout")
+    summary.add_argument("--root", required=True)
+    summary.add_argument("--collection", required=True)
+    summary.add_argument("--feature", default="resnet50", help="feature folder under FeatureData/")
+    summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    summary.set_defaults(func=_cmd_data_summary)
+
+
+def _cmd_data_synth(args) -> int:
+    from engine.vision import RegionExtractor, VisionConfig
+    from training.synthetic import SynthConfig, write_collection
+
+    config = SynthConfig(videos=args.videos, frames=args.frames, size=args.size, seed=args.seed,
+                         captions_per_video=args.captions, collection=args.collection)
+    config.validate()
+    vision = RegionExtractor.from_config(VisionConfig(image_size=args.size, weights=args.vision_weights))
+    summary = write_collection(args.root, config, vision=vision, progress=not args.quiet)
+    print(format_summary(summary, os.path.join(args.root, args.collection)))
+    return 0
+
+
+def _cmd_data_summary(args) -> int:
+    from engine.datasets import Collection
+
+    summary = Collection(args.root, args.collection).summary(args.feature)
+    if args.json:
+        print(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        print(format_summary(summary, os.path.join(args.root, args.collection)))
+    return 0
+
+
+def format_summary(summary: dict, where: str) -> str:
+    lines = [f"collection: {where}", "", "| field | value |", "|---|---|"]
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.2f}"
+        lines.append(f"| {key} | {value} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# cvr vision ...
+
+
+def _add_vision(sub) -> None:
+    vision = sub.add_parser("vision", help="the ResNet-50 extractor: train the built-in one, probe features")
+    vision_sub = vision.add_subparsers(dest="vision_command", required=True)
+
+    train = vision_sub.add_parser("train", help="train the built-in extractor's BatchNorm layers")
+    train.add_argument("--out", required=True, help="output .safetensors file")
+    train.add_argument("--clips", type=int, default=600)
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--seed", type=int, default=0, help="seed of the random convolutions")
+    train.add_argument("--threads", type=int, default=1)
+    train.set_defaults(func=_cmd_vision_train)
+
+    probe = vision_sub.add_parser("probe", help="linear probe: do the features tell colour, shape, motion?")
+    probe.add_argument("--vision-weights", default=None, help="as for `cvr data synth` (default: built-in)")
+    probe.add_argument("--clips", type=int, default=240)
+    probe.add_argument("--size", type=int, default=64)
+    probe.add_argument("--json", default=None, help="also write the result to this JSON file")
+    probe.set_defaults(func=_cmd_vision_probe)
+
+
+def _cmd_vision_train(args) -> int:
+    from training.vision import ExtractorTrainConfig, train_extractor
+
+    config = ExtractorTrainConfig(clips=args.clips, epochs=args.epochs, seed=args.seed, threads=args.threads)
+    log = train_extractor(config, args.out)
+    for row in log["log"]:
+        print(f"epoch {row['epoch']}: loss {row['loss']:.4f} ({row['seconds']} s)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_vision_probe(args) -> int:
+    import torch
+
+    from engine.vision import RegionExtractor, VisionConfig
+    from training.vision import probe_features
+
+    torch.set_num_threads(1)
+    extractor = RegionExtractor.from_config(VisionConfig(image_size=args.size, weights=args.vision_weights))
+    result = probe_features(extractor, n_clips=args.clips, size=args.size)
+    print(result.table())
+    if args.json:
+        from dataclasses import asdict
+
+        _write_json_atomic(args.json, asdict(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# cvr train / cvr evaluate
+
+
+def _add_train(sub) -> None:
+    train = sub.add_parser("train", help="train the retrieval model (text-only or with an anchor store)")
+    train.add_argument("--root", required=True)
+    train.add_argument("--collection", required=True)
+    train.add_argument("--feature", default="resnet50", help="frame feature folder under FeatureData/")
+    train.add_argument("--out", required=True, help="checkpoint folder to write")
+    train.add_argument("--anchors", default="none",
+                       help="'none' (text-only) or an anchor store folder written by `cvr anchors`")
+    train.add_argument("--text-encoder", default="minilm",
+                       help="'minilm' (shipped), 'rivrl' (BoW+BiGRU+CNN, RIVRL parity) or a local HF folder")
+    train.add_argument("--finetune-text", action="store_true", help="finetune the MiniLM/HF encoder")
+    train.add_argument("--word2vec", default=None, help="word2vec BigFile to initialise the RIVRL encoder")
+    train.add_argument("--vocab-min-count", type=int, default=5, help="RIVRL vocabulary threshold")
+    train.add_argument("--epochs", type=int, default=50)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=1)
+    train.add_argument("--tag-vocab-size", type=int, default=512)
+    train.add_argument("--max-frames", type=int, default=64)
+    for name, default in (("latent-dim", 1024), ("attn-dim", 512), ("video-gru-hidden", 512),
+                          ("video-local-dim", 1024)):
+        train.add_argument(f"--{name}", type=int, default=default)
+    train.add_argument("--attention", default="hybrid", choices=["hybrid", "spatial", "channel", "meanpool"])
+    train.add_argument("--no-local-branch", action="store_true")
+    train.add_argument("--no-concept-space", action="store_true")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of a checkpoint on one split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--root", required=True)
+    evaluate.add_argument("--collection", required=True)
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--anchors", default=None, help="anchor store (for a model trained with anchors)")
+    evaluate.add_argument("--feature", default=None, help="default: the feature the checkpoint was trained on")
+    evaluate.add_argument("--transductive", action="store_true",
+                          help="RIVRL's min-max over the whole test matrix (parity only)")
+    evaluate.add_argument("--out", default=None, help="write <out>.json and <out>.md (default: beside the checkpoint)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+
+def _text_config(args) -> dict:
+    if args.text_encoder == "minilm":
+        return {"kind": "minilm", "finetune": args.finetune_text}
+    if args.text_encoder == "rivrl":
+        config = {"kind": "rivrl", "vocab_min_count": args.vocab_min_count}
+        if args.word2vec:
+            config["word2vec"] = args.word2vec
+        return config
+    if not os.path.isdir(args.text_encoder):
+        raise CLIError(f"--text-encoder: {args.text_encoder} is neither minilm, rivrl nor a folder")
+    return {"kind": "minilm", "path": os.path.abspath(args.text_encoder), "finetune": args.finetune_text}
+
+
+def _cmd_train(args) -> int:
+    from engine.config import ModelConfig, TrainConfig
+    from training.retrieval import RetrievalJob, train_retrieval
+
+    anchors = None if args.anchors == "none" else args.anchors
+    if anchors is not None and not os.path.isdir(anchors):
+        raise CLIError(f"--anchors: no anchor store at {anchors}")
+    model_config = ModelConfig(
+        text=_text_config(args), latent_dim=args.latent_dim, attn_dim=args.attn_dim,
+        video_gru_hidden=args.video_gru_hidden, video_local_dim=args.video_local_dim, attention=args.attention,
+        local_branch=not args.no_local_branch, concept_space=not args.no_concept_space,
+    )
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               threads=args.threads)
+    job = RetrievalJob(root=args.root, collection=args.collection, feature=args.feature, out=args.out,
+                       anchors=anchors, tag_vocab_size=args.tag_vocab_size, max_frames=args.max_frames,
+                       progress=not args.quiet)
+    result = train_retrieval(job, model_config, train_config)
+    print(f"wrote {result['checkpoint']} (best validation criterion {result['best_criterion']:.1f})")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from engine.metrics import format_metrics_table
+    from training.retrieval import evaluate_checkpoint
+
+    out = args.out or os.path.join(args.checkpoint, f"eval_{args.collection}_{args.split}")
+    result = evaluate_checkpoint(args.checkpoint, args.root, args.collection, args.split, anchors=args.anchors,
+                                 feature=args.feature, transductive=args.transductive, out=out)
+    print(f"{args.collection} {args.split}: {result['queries']} queries, {result['videos']} videos")
+    print(format_metrics_table(result["metrics"]))
+    print(f"wrote {out}.json and {out}.md")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# cvr demo
+
+
+def _add_demo(sub) -> None:
+    demo = sub.add_parser("demo", help="the end-to-end demo on the built-in set (what `make demo` runs)")
+    demo.add_argument("--out", default="runs/demo", help="working folder (default: runs/demo)")
+    demo.add_argument("--videos", type=int, default=600)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from training.synthetic import SynthConfig, write_collection
+
+    config = SynthConfig(videos=args.videos, seed=args.seed)
+    root = os.path.join(args.out, "data")
+    collection_dir = os.path.join(root, config.collection)
+    print("== 1. the built-in data set ==")
+    if _same_synth_config(collection_dir, config):
+        from engine.datasets import Collection
+
+        print(f"reusing {collection_dir} (same configuration)")
+        summary = Collection(root, config.collection).summary(config.feature)
+    else:
+        summary = write_collection(root, config)
+    print(format_summary(summary, collection_dir))
+    return 0
+
+
+def _same_synth_config(collection_dir: str, config) -> bool:
+    from dataclasses import asdict
+
+    path = os.path.join(collection_dir, "synth_config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        stored = json.load(handle)
+    return stored == json.loads(json.dumps(asdict(config)))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: str, value) -> None:
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvr", description="CVR-SDGM text-to-video retrieval engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    _add_vision(sub)
+    _add_train(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run one `cvr` command; bad input gets one line on stderr and a non-zero exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"cvr: error: {message}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cvr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

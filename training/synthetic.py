@@ -1,0 +1,434 @@
+"""The built-in synthetic video-caption set: real pixel clips, paraphrased captions, MSR-VTT layout.
+
+No real benchmark can be downloaded here, and a new user's first run needs data. Each clip shows
+1 to 3 objects (shape, colour, size, motion) over a background, plus unnamed distractor specks and
+sensor noise; each clip gets many captions that paraphrase with synonyms, vary the word order and
+sometimes describe only part of the scene, as MSR-VTT's crowd-sourced captions do.
+
+The collection is written in the layout that `engine.datasets` reads (the dual-encoding / RIVRL
+feature release): frames under ``ImageData/``, per-frame ResNet-50 features as a BigFile, caption
+files per split, tags and a tag vocabulary. Everything derives from one seed: same seed, same bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# The scene vocabulary. Each attribute value has synonyms; captions pick among them at random.
+
+SHAPES = {
+    "circle": ["circle", "ball", "disc", "round dot"],
+    "square": ["square", "box", "block", "cube"],
+    "triangle": ["triangle", "wedge", "triangular shape"],
+    "star": ["star", "star shape", "starlet"],
+    "cross": ["cross", "plus sign", "x shape"],
+    "diamond": ["diamond", "rhombus", "lozenge"],
+}
+COLOURS = {  # name -> (RGB, synonyms)
+    "red": ((220, 40, 40), ["red", "crimson", "scarlet"]),
+    "green": ((40, 200, 60), ["green", "emerald", "lime"]),
+    "blue": ((50, 90, 235), ["blue", "azure", "cobalt"]),
+    "yellow": ((235, 220, 50), ["yellow", "golden", "lemon"]),
+    "purple": ((160, 60, 210), ["purple", "violet", "lilac"]),
+    "orange": ((245, 140, 30), ["orange", "amber", "tangerine"]),
+    "white": ((240, 240, 240), ["white", "snowy", "pale"]),
+    "cyan": ((40, 215, 220), ["cyan", "turquoise", "teal"]),
+}
+SIZES = {
+    "small": (0.09, ["small", "tiny", "little"]),
+    "large": (0.16, ["large", "big", "huge"]),
+}
+MOTIONS = {
+    "still": ["stands still", "stays in place", "is not moving", "rests"],
+    "left": ["moves to the left", "slides left", "drifts leftward", "travels to the left"],
+    "right": ["moves to the right", "slides right", "drifts rightward", "travels to the right"],
+    "up": ["moves up", "rises", "floats upward", "climbs up"],
+    "down": ["moves down", "falls", "drops", "sinks downward"],
+    "circles": ["moves in a circle", "circles around", "goes round in a loop", "orbits"],
+    "bounces": ["bounces", "bounces up and down", "hops", "jumps up and down"],
+}
+BACKGROUNDS = {
+    "black": ["a black background", "a dark background", "a plain black backdrop"],
+    "grey": ["a grey background", "a gray backdrop", "a dull grey background"],
+    "striped": ["a striped background", "stripes", "a background of stripes"],
+    "checkered": ["a checkered background", "a checkerboard", "a chequered backdrop"],
+    "gradient": ["a gradient background", "a fading backdrop", "a shaded background"],
+}
+OPENERS = ["", "", "", "there is ", "we see ", "the video shows ", "in this clip "]
+JOINERS = [" while ", " and ", " as "]
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    colour: str
+    size: str
+    motion: str
+    start: tuple  # (x, y) centre at the first frame, in [0, 1] of the frame
+    rgb: tuple  # the drawn colour: the named colour with a small per-clip jitter
+
+
+@dataclass
+class Scene:
+    video_id: str
+    background: str
+    objects: list = field(default_factory=list)
+    distractors: int = 0
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling scenes
+
+
+def sample_scene(rng: np.random.Generator, video_id: str) -> Scene:
+    """One clip's description: 1-3 objects with distinct (colour, shape), a background, specks."""
+    n_objects = int(rng.choice([1, 1, 2, 2, 3]))
+    objects, seen = [], set()
+    while len(objects) < n_objects:
+        shape = str(rng.choice(list(SHAPES)))
+        colour = str(rng.choice(list(COLOURS)))
+        if (shape, colour) in seen:
+            continue
+        seen.add((shape, colour))
+        motion = str(rng.choice(list(MOTIONS)))
+        rgb = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour][0])
+        objects.append(
+            SceneObject(
+                shape=shape,
+                colour=colour,
+                size=str(rng.choice(list(SIZES))),
+                motion=motion,
+                start=_start_position(rng, motion),
+                rgb=rgb,
+            )
+        )
+    return Scene(
+        video_id=video_id,
+        background=str(rng.choice(list(BACKGROUNDS))),
+        objects=objects,
+        distractors=int(rng.integers(0, 4)),
+        seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def _start_position(rng: np.random.Generator, motion: str) -> tuple:
+    # Start where the whole path stays inside the frame: a leftward object starts on the right.
+    x, y = rng.uniform(0.3, 0.7, size=2)
+    if motion == "left":
+        x = rng.uniform(0.65, 0.8)
+    elif motion == "right":
+        x = rng.uniform(0.2, 0.35)
+    elif motion == "up":
+        y = rng.uniform(0.65, 0.8)
+    elif motion == "down":
+        y = rng.uniform(0.2, 0.35)
+    return (round(float(x), 4), round(float(y), 4))
+
+
+def object_centre(obj: SceneObject, t: float) -> tuple:
+    """Centre of an object at time t in [0, 1] (first to last frame), in frame units."""
+    x, y = obj.start
+    travel = 0.45
+    if obj.motion == "left":
+        x -= travel * t
+    elif obj.motion == "right":
+        x += travel * t
+    elif obj.motion == "up":
+        y -= travel * t
+    elif obj.motion == "down":
+        y += travel * t
+    elif obj.motion == "circles":
+        angle = 2 * np.pi * t
+        x, y = x + 0.18 * np.cos(angle) - 0.18, y + 0.18 * np.sin(angle)
+    elif obj.motion == "bounces":
+        y -= 0.25 * abs(np.sin(2 * np.pi * t))
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
+    """Boolean mask of a shape centred at the origin; dx, dy are pixel offsets from the centre."""
+    if shape == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape == "square":
+        return np.maximum(abs(dx), abs(dy)) <= radius * 0.85
+    if shape == "diamond":
+        return abs(dx) + abs(dy) <= radius * 1.15
+    if shape == "cross":
+        arm = radius / 3
+        return ((abs(dx) <= arm) & (abs(dy) <= radius)) | ((abs(dy) <= arm) & (abs(dx) <= radius))
+    if shape == "triangle":  # pointing up: the half-width grows linearly from apex to base
+        top, bottom = -radius, radius * 0.8
+        inside_rows = (dy >= top) & (dy <= bottom)
+        half_width = (dy - top) / (bottom - top) * radius
+        return inside_rows & (abs(dx) <= half_width)
+    if shape == "star":  # five points: the boundary radius oscillates with the angle
+        rho = np.sqrt(dx**2 + dy**2)
+        theta = np.arctan2(dy, dx) + np.pi / 2
+        boundary = radius * (0.45 + 0.55 * ((np.cos(5 * theta) + 1) / 2) ** 2)
+        return rho <= boundary
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw_background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A dark or muted background (colours must stay visible on it), float32 HxWx3 in 0..255."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    tint = rng.uniform(-8, 8, size=3).astype(np.float32)
+    if kind == "black":
+        image = np.full((size, size, 3), 12.0, np.float32)
+    elif kind == "grey":
+        image = np.full((size, size, 3), 95.0, np.float32)
+    elif kind == "striped":
+        period = max(4, size // 8)
+        band = ((yy // (period / 2)) % 2)[..., None]
+        image = band * np.array([70, 70, 95], np.float32) + (1 - band) * np.array([25, 25, 40], np.float32)
+    elif kind == "checkered":
+        period = max(4, size // 6)
+        cell = (((yy // period) + (xx // period)) % 2)[..., None]
+        image = cell * np.array([85, 60, 45], np.float32) + (1 - cell) * np.array([35, 30, 25], np.float32)
+    elif kind == "gradient":
+        ramp = (yy / max(size - 1, 1))[..., None]
+        image = (1 - ramp) * np.array([20, 30, 80], np.float32) + ramp * np.array([90, 80, 60], np.float32)
+    else:
+        raise ValueError(f"unknown background {kind!r}")
+    return image + tint
+
+
+def render_clip(scene: Scene, frames: int, size: int) -> np.ndarray:
+    """The clip's frames as uint8, (frames, size, size, 3)."""
+    rng = np.random.default_rng(scene.seed)
+    background = draw_background(scene.background, size, rng)
+    speck_start = rng.uniform(0.05, 0.95, size=(scene.distractors, 2))
+    speck_step = rng.normal(0, 0.03, size=(frames, scene.distractors, 2)).cumsum(axis=0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    clip = np.empty((frames, size, size, 3), np.uint8)
+    for f in range(frames):
+        t = f / max(frames - 1, 1)
+        image = background.copy()
+        for obj in scene.objects:
+            cx, cy = object_centre(obj, t)
+            mask = shape_mask(obj.shape, xx - cx * size, yy - cy * size, SIZES[obj.size][0] * size)
+            image[mask] = obj.rgb
+        for (sx, sy) in np.clip(speck_start + speck_step[f], 0.02, 0.98):
+            px, py = int(sx * size), int(sy * size)
+            image[py : py + 2, px : px + 2] = 150.0  # unnamed grey specks: distractors
+        image += rng.normal(0, 4.0, size=image.shape).astype(np.float32)  # sensor noise
+        clip[f] = np.clip(image, 0, 255).round().astype(np.uint8)
+    return clip
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+
+
+def _describe_object(obj: SceneObject, rng: np.random.Generator, with_size: bool, with_motion: bool) -> str:
+    words = []
+    if with_size:
+        words.append(str(rng.choice(SIZES[obj.size][1])))
+    words.append(str(rng.choice(COLOURS[obj.colour][1])))
+    words.append(str(rng.choice(SHAPES[obj.shape])))
+    noun = " ".join(words)
+    article = "an" if noun[0] in "aeiou" else "a"
+    phrase = f"{article} {noun}"
+    if with_motion:
+        phrase += " " + str(rng.choice(MOTIONS[obj.motion]))
+    return phrase
+
+
+def make_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """One caption: a random subset of the objects, optional size and background, varied order."""
+    n_named = int(rng.integers(1, len(scene.objects) + 1))
+    named = [scene.objects[i] for i in sorted(rng.permutation(len(scene.objects))[:n_named])]
+    with_size = bool(rng.random() < 0.6)
+    with_motion = bool(rng.random() < 0.85)
+    parts = [_describe_object(o, rng, with_size, with_motion) for o in named]
+    body = parts[0]
+    for part in parts[1:]:
+        body += str(rng.choice(JOINERS)) + part
+    background = str(rng.choice(BACKGROUNDS[scene.background]))
+    style = rng.random()
+    if style < 0.35:
+        caption = f"{rng.choice(OPENERS)}{body} on {background}"
+    elif style < 0.6:
+        caption = f"on {background} {body}"
+    elif style < 0.75:
+        caption = f"{background} with {body}"
+    else:  # part of the scene only: no background
+        caption = f"{rng.choice(OPENERS)}{body}"
+    return " ".join(caption.split())
+
+
+def make_captions(scene: Scene, count: int, rng: np.random.Generator) -> list:
+    """`count` distinct captions (distinct where the scene allows; repeats only as a last resort)."""
+    captions, tries = [], 0
+    while len(captions) < count:
+        caption = make_caption(scene, rng)
+        tries += 1
+        if caption not in captions or tries > 50 * count:
+            captions.append(caption)
+    return captions
+
+
+# ---------------------------------------------------------------------------------------------
+# Tags: MSR-VTT's tags are content words mined from the captions, with counts.
+
+STOPWORDS = set(
+    "a an the on in of with and while as is are to there we see video shows this clip not "
+    "up down around into its it at by".split()
+)
+
+
+def caption_tags(captions: list) -> Counter:
+    counts: Counter = Counter()
+    for caption in captions:
+        counts.update(w for w in caption.split() if w not in STOPWORDS)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The collection
+
+
+@dataclass
+class SynthConfig:
+    videos: int = 600
+    frames: int = 8
+    size: int = 64
+    seed: int = 0
+    captions_per_video: int = 10
+    collection: str = "synth"
+    feature: str = "resnet50"
+    split_fractions: tuple = (0.7, 0.15, 0.15)  # train, val, test
+    tag_vocab_size: int = 512
+
+    def validate(self) -> None:
+        if self.videos < 3:
+            raise ValueError(f"--videos must be at least 3 (one per split), got {self.videos}")
+        if self.frames < 2:
+            raise ValueError(f"--frames must be at least 2 (motion needs two), got {self.frames}")
+        if self.size < 16:
+            raise ValueError(f"--size must be at least 16 pixels, got {self.size}")
+        if self.captions_per_video < 1:
+            raise ValueError(f"--captions must be at least 1, got {self.captions_per_video}")
+
+
+def split_of(index: int, n_videos: int, fractions: tuple) -> str:
+    n_train = max(1, int(round(n_videos * fractions[0])))
+    n_val = max(1, int(round(n_videos * fractions[1])))
+    n_train = min(n_train, n_videos - 2)
+    if index < n_train:
+        return "train"
+    if index < n_train + n_val:
+        return "val"
+    return "test"
+
+
+def frame_id(video_id: str, frame_no: int) -> str:
+    # RIVRL's frame ids: "<video_id>_<frame_no>"; the video id is what precedes the last '_'.
+    return f"{video_id}_{frame_no}"
+
+
+def write_collection(root: str, config: SynthConfig, vision=None, progress: bool = True) -> dict:
+    """Draw the clips, write frames, captions, tags, splits and ResNet-50 features under
+    ``root/config.collection``; returns the collection's summary. Atomic: built in a temporary
+    folder beside the target and renamed into place."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from engine import datasets
+    from engine.vision import RegionExtractor
+
+    config.validate()
+    target = os.path.join(root, config.collection)
+    os.makedirs(root, exist_ok=True)
+    work = target + ".tmp-synth"
+    shutil.rmtree(work, ignore_errors=True)
+    text_dir = os.path.join(work, "TextData")
+    image_dir = os.path.join(work, "ImageData")
+    os.makedirs(os.path.join(text_dir, "tags", "video_label_th_1"))
+    os.makedirs(image_dir)
+
+    extractor = vision if vision is not None else RegionExtractor.default()
+    rng = np.random.default_rng(config.seed)
+    scenes, split_captions = [], {"train": [], "val": [], "test": []}
+    video_tags, video2frames = {}, {}
+    feature_dir = os.path.join(work, "FeatureData", config.feature)
+    with datasets.BigFileWriter(feature_dir, extractor.feature_dim) as features:
+        bar = tqdm(range(config.videos), desc="synth clips", unit="clip", disable=not progress)
+        for index in bar:
+            video_id = f"video{index}"
+            scene = sample_scene(rng, video_id)
+            captions = make_captions(scene, config.captions_per_video, rng)
+            split = split_of(index, config.videos, config.split_fractions)
+            split_captions[split] += [(f"{video_id}#enc#{i}", c) for i, c in enumerate(captions)]
+            video_tags[video_id] = dict(sorted(caption_tags(captions).items()))
+            clip = render_clip(scene, config.frames, config.size)
+            ids = [frame_id(video_id, f) for f in range(config.frames)]
+            for fid, frame in zip(ids, clip, strict=True):
+                Image.fromarray(frame).save(os.path.join(image_dir, fid + ".png"), optimize=False)
+            features.add(ids, extractor.pooled(clip))
+            video2frames[video_id] = ids
+            scenes.append(scene)
+        features.set_video2frames(video2frames)
+
+    for split, pairs in split_captions.items():
+        datasets.write_captions(os.path.join(text_dir, f"{config.collection}{split}.caption.txt"), pairs)
+    datasets.write_tags(os.path.join(text_dir, "tags", "video_label_th_1.txt"), video_tags)
+    vocab = _tag_vocab(video_tags, split_captions["train"], config.tag_vocab_size)
+    vocab_name = f"tag_vocab_{config.tag_vocab_size}.json"
+    datasets.write_tag_vocab(os.path.join(text_dir, "tags", "video_label_th_1", vocab_name), vocab)
+    _write_json(os.path.join(work, "synth_scenes.json"), [asdict(s) for s in scenes])
+    _write_json(os.path.join(work, "synth_config.json"), asdict(config))
+
+    if os.path.exists(target):
+        old = target + ".old-synth"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(work, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, target)
+    return datasets.Collection(root, config.collection).summary(config.feature)
+
+
+def _tag_vocab(video_tags: dict, train_pairs: list, size: int) -> list:
+    """The `size` most frequent tags over the training videos (ties by name: deterministic)."""
+    train_videos = {datasets_video_id(cap_id) for cap_id, _ in train_pairs}
+    totals: Counter = Counter()
+    for video_id in sorted(train_videos):
+        totals.update(video_tags[video_id])
+    ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+    return [tag for tag, _ in ranked[:size]]
+
+
+def datasets_video_id(cap_id: str) -> str:
+    from engine.datasets import video_id_of
+
+    return video_id_of(cap_id)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+
+
+def read_scenes(collection_dir: str) -> list:
+    """The ground-truth scene descriptions written beside a synthetic collection."""
+    with open(os.path.join(collection_dir, "synth_scenes.json"), encoding="utf-8") as handle:
+        raw = json.load(handle)
+    scenes = []
+    for item in raw:
+        objects = [SceneObject(**{**o, "start": tuple(o["start"]), "rgb": tuple(o["rgb"])}) for o in item["objects"]]
+        scenes.append(Scene(**{**item, "objects": objects}))
+    return scenes
