@@ -249,7 +249,9 @@ class MiniLMEncoder(nn.Module):
 def _load_hf_encoder(folder: str):
     """(tokenizer, model) from a local folder, or a one-line TextEncoderError saying why not."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar on stderr is noise here
     path = Path(folder)
     if not path.exists():
         raise TextEncoderError(f"text encoder folder not found: {path}")

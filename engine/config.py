@@ -1,0 +1,85 @@
+"""Dataclass configurations; one `config.json` beside every checkpoint holds them all.
+
+open_clip style: plain dataclasses, `to_dict()` / `from_dict()` that reject unknown keys, and the
+factory functions live next to the modules they build.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used (one-line message)."""
+
+
+def _from_dict(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {cls.__name__} keys {unknown}")
+    return cls(**values)
+
+
+@dataclass
+class ModelConfig:
+    """Every dimension of the CVR-SDGM towers (ARCHITECTURE.md steps 3-7)."""
+
+    # engine.text.TextEncoderConfig as a dict (kind minilm|rivrl, path, max_length, finetune, ...;
+    # the RIVRL vocabulary is filled in at training time), so the checkpoint's JSON holds it whole.
+    text: dict = field(default_factory=lambda: {"kind": "minilm"})
+    use_anchor: bool = False  # False: the text-only baseline (same classes, this flag)
+    frame_dim: int = 2048  # video frame features (4096 in the MSR-VTT release)
+    region_dim: int = 2048  # ResNet-50 anchor regions
+    attn_dim: int = 512  # width d of the text-guided hybrid attention
+    latent_dim: int = 1024  # D
+    concept_dim: int = 512  # K, the tag vocabulary size
+    video_gru_hidden: int = 512  # per direction: the previewing branch is 2x this wide
+    video_local_dim: int = 1024  # per-frame FC width of the intensive-reading branch
+    dropout: float = 0.2
+    # which parts of the hybrid attention are on (ablations); "hybrid" is the full model
+    attention: str = "hybrid"  # hybrid | spatial | channel | meanpool
+    local_branch: bool = True
+    concept_space: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> ModelConfig:
+        return _from_dict(cls, dict(values), where)
+
+    def validate(self) -> None:
+        if self.attention not in ("hybrid", "spatial", "channel", "meanpool"):
+            raise ConfigError(f"attention must be hybrid, spatial, channel or meanpool, got {self.attention!r}")
+        for name in ("frame_dim", "region_dim", "attn_dim", "latent_dim", "concept_dim", "video_gru_hidden",
+                     "video_local_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    """ARCHITECTURE.md step 8: RIVRL's recipe."""
+
+    epochs: int = 50  # an upper bound: early stopping usually ends training before
+    batch_size: int = 128
+    lr: float = 1e-4
+    grad_clip: float = 2.0
+    lr_decay: float = 0.99  # per epoch
+    plateau_patience: int = 2  # halve the lr after this many epochs without validation gain
+    early_stop: int = 5  # stop after this many epochs without validation gain
+    margin: float = 0.2
+    bce_weight: float = 1.0
+    seed: int = 0
+    threads: int = 1
+
+
+def write_json_atomic(path: str, value) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, path)

@@ -1,0 +1,135 @@
+"""Training, checkpoints and evaluation of the retrieval model, on the built-in set and on a tiny
+collection in the exact MSR-VTT layout (4096-d frame features, `video7010#enc#0` ids, tag files)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from engine import datasets
+from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.cli import main
+from training.retrieval import encode_split, load_split
+
+TINY = ["--epochs", "2", "--batch-size", "16", "--latent-dim", "32", "--attn-dim", "16", "--video-gru-hidden", "16",
+        "--video-local-dim", "32", "--quiet"]
+
+
+def write_msrvtt_fixture(root: str, n_videos: int = 12, frames: int = 3, dim: int = 4096, seed: int = 0) -> None:
+    """A tiny collection laid out exactly as the MSR-VTT feature release (collection msrvtt10k,
+    feature resnext101-resnet152, ids video7010..., captions `video7010#enc#k`, tags)."""
+    rng = np.random.default_rng(seed)
+    base = os.path.join(root, "msrvtt10k")
+    words = ["man", "woman", "dog", "car", "guitar", "cooking", "singing", "running", "red", "blue", "kitchen"]
+    video_ids = [f"video{7010 + i}" for i in range(n_videos)]
+    frame_ids, rows, video2frames, captions, tags = [], [], {}, {"train": [], "val": [], "test": []}, {}
+    for i, video in enumerate(video_ids):
+        topic = [words[i % len(words)], words[(3 * i + 1) % len(words)]]
+        ids = [f"{video}_{f}" for f in range(frames)]
+        video2frames[video] = ids
+        frame_ids += ids
+        rows.append(rng.normal(size=(frames, dim)).astype(np.float32) + i % 5)
+        split = "train" if i < n_videos // 2 else ("val" if i < 3 * n_videos // 4 else "test")
+        for k in range(4):
+            captions[split].append((f"{video}#enc#{k}", f"a {topic[0]} and a {topic[1]} in video number {k}"))
+        tags[video] = {topic[0]: 3, topic[1]: 1}
+    datasets.write_bigfile(os.path.join(base, "FeatureData", "resnext101-resnet152"), frame_ids,
+                           np.concatenate(rows), video2frames=video2frames)
+    for split, pairs in captions.items():
+        datasets.write_captions(os.path.join(base, "TextData", f"msrvtt10k{split}.caption.txt"), pairs)
+    os.makedirs(os.path.join(base, "TextData", "tags", "video_label_th_1"))
+    datasets.write_tags(os.path.join(base, "TextData", "tags", "video_label_th_1.txt"), tags)
+    datasets.write_tag_vocab(os.path.join(base, "TextData", "tags", "video_label_th_1", "tag_vocab_512.json"), words)
+
+
+@pytest.fixture(scope="module")
+def msrvtt(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("msrvtt"))
+    write_msrvtt_fixture(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(msrvtt, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ckpt") / "text_only")
+    argv = ["train", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", "resnext101-resnet152",
+            "--out", out] + TINY
+    assert main(argv) == 0
+    return out
+
+
+def test_train_and_evaluate_on_the_msrvtt_layout(msrvtt, trained, capsys, tmp_path):
+    config = json.load(open(os.path.join(trained, "config.json")))
+    assert config["model"]["frame_dim"] == 4096 and config["model"]["concept_dim"] == 11
+    assert len(json.load(open(os.path.join(trained, "train_log.json")))) == 2
+    norm = np.array(config["norm"]["min_max"])
+    assert norm.shape == (4, 2) and (norm[:, 1] > norm[:, 0]).all()  # frozen from validation
+    out = str(tmp_path / "eval")
+    assert main(["evaluate", "--checkpoint", trained, "--root", msrvtt, "--collection", "msrvtt10k",
+                 "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "| t2v |" in printed and "SumR" in printed
+    metrics = json.load(open(out + ".json"))["metrics"]
+    assert set(metrics) >= {"t2v_r1", "v2t_map", "sumr"}
+    assert os.path.exists(out + ".md")
+
+
+def test_rivrl_text_encoder_trains_and_round_trips(msrvtt, tmp_path):
+    out = str(tmp_path / "rivrl")
+    argv = ["train", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", "resnext101-resnet152",
+            "--out", out, "--text-encoder", "rivrl", "--vocab-min-count", "1"] + TINY
+    assert main(argv) == 0
+    model = load_checkpoint(out)
+    assert model.config.text["kind"] == "rivrl"
+    assert main(["evaluate", "--checkpoint", out, "--root", msrvtt, "--collection", "msrvtt10k",
+                 "--out", str(tmp_path / "e")]) == 0
+
+
+def test_checkpoint_round_trip_reproduces_scores_bit_for_bit(msrvtt, trained, tmp_path):
+    model = load_checkpoint(trained)
+    collection = datasets.Collection(msrvtt, "msrvtt10k")
+    vocab = json.load(open(os.path.join(trained, "config.json")))["tag_vocab"]
+    data = load_split(collection, "test", "resnext101-resnet152", vocab, 64)
+    first = model.score(*encode_split(model, data, None))
+    save_checkpoint(model, str(tmp_path / "again"))
+    again = load_checkpoint(str(tmp_path / "again"))
+    second = again.score(*encode_split(again, data, None))
+    assert torch.equal(first, second)
+
+
+def _rewrite_weights(src: str, dst: str, edit) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+
+
+def test_damaged_checkpoints_fail_with_one_line(trained, tmp_path, capsys):
+    name = "video.frame_fc.weight"
+    _rewrite_weights(trained, str(tmp_path / "missing"), lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=f"missing tensor {name}"):
+        load_checkpoint(str(tmp_path / "missing"))
+    _rewrite_weights(trained, str(tmp_path / "shape"), lambda t: t.update({name: torch.zeros(3, 3)}))
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_checkpoint(str(tmp_path / "shape"))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(str(tmp_path / "nowhere"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "config.json").write_text("{not json")
+    capsys.readouterr()
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "junk"), "--root", ".", "--collection", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not valid JSON" in err and err.count("\n") == 1
+
+
+def test_evaluate_refuses_features_of_the_wrong_width(trained, tmp_path, capsys):
+    write_msrvtt_fixture(str(tmp_path), dim=2048)
+    code = main(["evaluate", "--checkpoint", trained, "--root", str(tmp_path), "--collection", "msrvtt10k",
+                 "--feature", "resnext101-resnet152", "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "2048-d" in err and "4096-d" in err

@@ -1,0 +1,335 @@
+"""Train and evaluate the retrieval model on any collection in the MSR-VTT feature layout.
+
+Recipe (ARCHITECTURE.md step 8, RIVRL's): Adam at 1e-4, batch 128, gradient clip 2, the learning
+rate x0.99 per epoch and x0.5 after `plateau_patience` epochs without validation gain, early stop
+after `early_stop` such epochs; the validation criterion is the sum of R@1/5/10 in both directions.
+After training, the matcher's min-max constants are frozen from the validation set with the best
+weights, so that test scores never depend on other test items.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine import datasets
+from engine.checkpoint import CVRModel, load_checkpoint, save_checkpoint
+from engine.config import ModelConfig, TrainConfig, write_json_atomic
+from engine.metrics import format_metrics_table, retrieval_metrics
+from engine.model import Embeddings
+from training.losses import hybrid_loss
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class SplitData:
+    """One split: its captions, its videos (frames padded to a common length) and their tags."""
+
+    cap_ids: list
+    captions: list
+    video_ids: list
+    caption_video: np.ndarray  # (n_captions,) index into video_ids
+    frames: torch.Tensor  # (n_videos, F, d)
+    frame_mask: torch.Tensor  # (n_videos, F) bool
+    tags: torch.Tensor  # (n_videos, K) counts / max count
+
+
+def load_split(collection: datasets.Collection, split: str, feature: str, vocab: list, max_frames: int) -> SplitData:
+    pairs = collection.captions(split)
+    if not pairs:
+        raise ValueError(f"{collection.caption_path(split)}: no captions in the {split} split")
+    features = collection.features(feature)
+    video_ids = collection.split_video_ids(split)
+    index = {v: i for i, v in enumerate(video_ids)}
+    frames, mask = video_frames(features, video_ids, max_frames)
+    tags = datasets.tag_targets(collection.tags(), vocab, video_ids) if vocab else np.zeros((len(video_ids), 0))
+    return SplitData(
+        cap_ids=[c for c, _ in pairs],
+        captions=[t for _, t in pairs],
+        video_ids=video_ids,
+        caption_video=np.array([index[datasets.video_id_of(c)] for c, _ in pairs]),
+        frames=frames,
+        frame_mask=mask,
+        tags=torch.from_numpy(np.asarray(tags, np.float32)),
+    )
+
+
+def video_frames(features: datasets.BigFile, video_ids: list, max_frames: int) -> tuple:
+    """Each video's frame features, evenly subsampled to at most `max_frames`, zero-padded.
+
+    Frames come from video2frames.txt when present (the MSR-VTT release); otherwise each id in the
+    BigFile is taken to be one video-level feature (a one-frame video)."""
+    per_video = []
+    for video_id in video_ids:
+        if features.has_video2frames:
+            rows = features.frames_of(video_id)
+        else:
+            rows = features.read([video_id])
+        if len(rows) == 0:
+            raise ValueError(f"{features.folder}: video {video_id} has no frames")
+        if len(rows) > max_frames:
+            rows = rows[np.linspace(0, len(rows) - 1, max_frames).round().astype(int)]
+        if not np.isfinite(rows).all():
+            raise ValueError(f"{features.folder}: video {video_id} has NaN or infinite frame features")
+        per_video.append(rows)
+    length = max(len(r) for r in per_video)
+    frames = np.zeros((len(per_video), length, features.dim), np.float32)
+    mask = np.zeros((len(per_video), length), bool)
+    for i, rows in enumerate(per_video):
+        frames[i, : len(rows)] = rows
+        mask[i, : len(rows)] = True
+    return torch.from_numpy(frames), torch.from_numpy(mask)
+
+
+class AnchorStore:
+    """Anchor region grids keyed by caption id (query protocol) or video id (SSSS protocol)."""
+
+    def __init__(self, folder: str):
+        from engine.anchors import read_anchor_store
+
+        self.folder = folder
+        ids, self.regions, self.meta = read_anchor_store(folder)
+        self.row = {key: i for i, key in enumerate(ids)}
+
+    @property
+    def region_dim(self) -> int:
+        return self.regions.shape[2]
+
+    def lookup(self, cap_ids: list) -> torch.Tensor:
+        """Region grids (B, R, d) for these captions: by caption id, else by the caption's video."""
+        rows = []
+        for cap_id in cap_ids:
+            row = self.row.get(cap_id, self.row.get(datasets.video_id_of(cap_id)))
+            if row is None:
+                raise ValueError(f"{self.folder}: no anchor for caption {cap_id} (nor for its video)")
+            rows.append(row)
+        return torch.from_numpy(np.ascontiguousarray(self.regions[rows], dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+class TextCache:
+    """Text features of a frozen encoder, computed once per caption (the encoder does not change
+    during training, so re-running it every epoch would only cost time)."""
+
+    def __init__(self, model: CVRModel, batch_size: int = 256):
+        self.model, self.batch_size, self.store = model, batch_size, {}
+        self.frozen = not any(p.requires_grad for p in model.text.parameters())
+
+    def features(self, cap_ids: list, captions: list):
+        from engine.text import TextFeatures
+
+        if not self.frozen:
+            return self.model.text(captions)
+        missing = [i for i, c in enumerate(cap_ids) if c not in self.store]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            with torch.no_grad():
+                out = self.model.text([captions[i] for i in chunk])
+            for j, i in enumerate(chunk):
+                length = int(out.mask[j].sum())
+                self.store[cap_ids[i]] = (out.tokens[j, :length].clone(), out.sentence[j].clone())
+        items = [self.store[c] for c in cap_ids]
+        length = max(t.shape[0] for t, _ in items)
+        tokens = torch.zeros(len(items), length, items[0][0].shape[1])
+        mask = torch.zeros(len(items), length, dtype=torch.bool)
+        for i, (t, _) in enumerate(items):
+            tokens[i, : t.shape[0]] = t
+            mask[i, : t.shape[0]] = True
+        return TextFeatures(tokens=tokens, mask=mask, sentence=torch.stack([s for _, s in items]))
+
+
+@torch.no_grad()
+def encode_split(model: CVRModel, data: SplitData, anchors: AnchorStore | None, cache: TextCache | None = None,
+                 batch_size: int = 256, backend: str = "torch") -> tuple:
+    """(query Embeddings for every caption, video Embeddings for every video), eval mode."""
+    model.eval()
+    cache = cache or TextCache(model)
+    queries = []
+    for start in range(0, len(data.cap_ids), batch_size):
+        ids = data.cap_ids[start : start + batch_size]
+        features = cache.features(ids, data.captions[start : start + batch_size])
+        regions = anchors.lookup(ids) if anchors is not None else None
+        queries.append(model.encode_text_features(features, regions, backend))
+    videos = [model.encode_video(data.frames[s : s + batch_size], data.frame_mask[s : s + batch_size])
+              for s in range(0, len(data.video_ids), batch_size)]
+    return _cat(queries), _cat(videos)
+
+
+def _cat(parts: list) -> Embeddings:
+    return Embeddings(lat=torch.cat([p.lat for p in parts]), con=torch.cat([p.con for p in parts]))
+
+
+def evaluate_split(model: CVRModel, data: SplitData, anchors: AnchorStore | None, transductive: bool = False,
+                   cache: TextCache | None = None, backend: str = "torch") -> dict:
+    queries, videos = encode_split(model, data, anchors, cache, backend=backend)
+    scores = model.score(queries, videos, transductive=transductive, backend=backend)
+    return retrieval_metrics(scores.float().cpu().numpy(), data.caption_video)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class RetrievalJob:
+    root: str
+    collection: str
+    feature: str = "resnet50"
+    out: str = "runs/checkpoint"
+    anchors: str | None = None  # None: text-only; else an anchor store folder
+    tag_vocab_size: int = 512
+    max_frames: int = 64
+    progress: bool = True
+
+
+def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: TrainConfig) -> dict:
+    """Train on the train split, select on val, freeze the normalisation on val, save the best."""
+    torch.manual_seed(train_config.seed)
+    torch.set_num_threads(train_config.threads)
+    collection = datasets.Collection(job.root, job.collection)
+    vocab = collection.tag_vocab(job.tag_vocab_size)
+    if not vocab:
+        raise ValueError(f"{collection.tag_vocab_path(job.tag_vocab_size)}: empty tag vocabulary")
+    train = load_split(collection, "train", job.feature, vocab, job.max_frames)
+    val = load_split(collection, "val", job.feature, vocab, job.max_frames)
+    anchors = AnchorStore(job.anchors) if job.anchors else None
+    word2vec = model_config.text.get("word2vec")
+    model_config = _fit_dimensions(model_config, train, vocab, anchors, train.captions)
+    model = CVRModel(model_config)
+    if word2vec:
+        found = model.text.init_word_vectors(word2vec)
+        print(f"word2vec: {found} of {len(model.text.vocab)} words initialised from {word2vec}")
+    cache = TextCache(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=train_config.lr)
+    rng = np.random.default_rng(train_config.seed)
+    best, best_state, stale, history = -1.0, None, 0, []
+    start = time.time()
+    for epoch in range(1, train_config.epochs + 1):
+        model.train()
+        losses = _train_epoch(model, train, anchors, cache, optimizer, train_config, rng, job.progress, epoch)
+        metrics = evaluate_split(model, val, anchors, transductive=True, cache=cache)
+        criterion = metrics["sumr"] + metrics["v2t_r1"] + metrics["v2t_r5"] + metrics["v2t_r10"]
+        improved = criterion > best
+        if improved:
+            best, stale = criterion, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        row = {"epoch": epoch, "loss": losses, "val_criterion": round(criterion, 3),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - start, 1),
+               **{k: round(v, 3) for k, v in metrics.items()}}
+        history.append(row)
+        print(f"epoch {epoch}: loss {losses:.3f}  val t2v R@1/5/10 {metrics['t2v_r1']:.1f}/{metrics['t2v_r5']:.1f}/"
+              f"{metrics['t2v_r10']:.1f}  v2t R@1 {metrics['v2t_r1']:.1f}  criterion {criterion:.1f}"
+              f"{'  *' if improved else ''}  ({row['seconds']} s)", flush=True)
+        if stale >= train_config.early_stop:
+            break
+        for group in optimizer.param_groups:  # RIVRL: decay every epoch, halve on a plateau
+            group["lr"] *= train_config.lr_decay
+            if stale > train_config.plateau_patience:
+                group["lr"] *= 0.5
+    model.load_state_dict(best_state)
+    model.eval()
+    val_queries, val_videos = encode_split(model, val, anchors, cache)
+    model.matcher.fit_norm(val_queries, val_videos)
+    extra = {"train": {"job": asdict(job), "train_config": asdict(train_config), "best_criterion": best},
+             "tag_vocab": vocab}
+    save_checkpoint(model, job.out, history, extra)
+    return {"history": history, "best_criterion": best, "checkpoint": job.out}
+
+
+def _fit_dimensions(config: ModelConfig, train: SplitData, vocab: list, anchors, captions: list) -> ModelConfig:
+    """Dimensions that come from the data: frame width, concept count, region width, and the
+    RIVRL encoder's vocabulary (built from the training captions)."""
+    from engine.text import Vocabulary
+
+    values = config.to_dict()
+    values.update(frame_dim=int(train.frames.shape[2]), concept_dim=len(vocab), use_anchor=anchors is not None)
+    if anchors is not None:
+        values["region_dim"] = anchors.region_dim
+    text = dict(values["text"])
+    if text.get("kind") == "rivrl" and not text.get("vocabulary"):
+        vocab_words = Vocabulary.build(captions, min_count=text.pop("vocab_min_count", 5))
+        text["vocabulary"] = vocab_words.to_json()
+    text.pop("vocab_min_count", None)
+    text.pop("word2vec", None)  # used once, at initialisation (train_retrieval)
+    values["text"] = text
+    return ModelConfig.from_dict(values)
+
+
+def _train_epoch(model, data: SplitData, anchors, cache, optimizer, config: TrainConfig, rng, progress, epoch) -> float:
+    order = rng.permutation(len(data.cap_ids))
+    batches = range(0, len(order), config.batch_size)
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+    losses = []
+    for start in bar:
+        index = order[start : start + config.batch_size]
+        if len(index) < 2:
+            continue  # a triplet needs a negative; BatchNorm needs two samples
+        cap_ids = [data.cap_ids[i] for i in index]
+        features = cache.features(cap_ids, [data.captions[i] for i in index])
+        regions = anchors.lookup(cap_ids) if anchors is not None else None
+        videos = torch.from_numpy(data.caption_video[index])
+        query = model.encode_text_features(features, regions)
+        video = model.encode_video(data.frames[videos], data.frame_mask[videos])
+        loss, parts = hybrid_loss(_as_branches(query), _as_branches(video), data.tags[videos],
+                                  margin=config.margin, concept_margin=config.margin,
+                                  bce_weight=config.bce_weight * len(index))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
+        optimizer.step()
+        losses.append(parts["total"])
+        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def _as_branches(emb: Embeddings) -> dict:
+    return {"lat_g": emb.lat[:, 0], "lat_l": emb.lat[:, 1], "con_g": emb.con[:, 0], "con_l": emb.con[:, 1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str = "test",
+                        anchors: str | None = None, feature: str | None = None, transductive: bool = False,
+                        out: str | None = None, backend: str = "torch") -> dict:
+    """Metrics of a checkpoint on one split; writes `<out>.json` and `<out>.md` when `out` is given."""
+    model = load_checkpoint(checkpoint)
+    config = json.load(open(os.path.join(checkpoint, "config.json"), encoding="utf-8"))
+    job = config.get("train", {}).get("job", {})
+    coll = datasets.Collection(root, collection)
+    vocab = config.get("tag_vocab", [])
+    data = load_split(coll, split, feature or job.get("feature", "resnet50"), vocab, job.get("max_frames", 64))
+    if data.frames.shape[2] != model.config.frame_dim:
+        raise ValueError(f"frame features are {data.frames.shape[2]}-d but the checkpoint expects "
+                         f"{model.config.frame_dim}-d")
+    if model.config.use_anchor and not anchors:
+        raise ValueError("this checkpoint uses anchors: pass --anchors STORE")
+    store = AnchorStore(anchors) if (anchors and model.config.use_anchor) else None
+    metrics = evaluate_split(model, data, store, transductive=transductive, backend=backend)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        write_json_atomic(out + ".json", {"checkpoint": checkpoint, "split": split, "collection": collection,
+                                          "anchors": anchors, "transductive": transductive, "metrics": metrics,
+                                          "queries": len(data.cap_ids), "videos": len(data.video_ids)})
+        with open(out + ".md.tmp", "w", encoding="utf-8") as handle:
+            handle.write(format_metrics_table(metrics) + "\n")
+        os.replace(out + ".md.tmp", out + ".md")
+    return {"metrics": metrics, "queries": len(data.cap_ids), "videos": len(data.video_ids)}
