@@ -89,7 +89,10 @@ def _add_vision(sub) -> None:
     train = vision_sub.add_parser("train", help="train the built-in extractor's BatchNorm layers")
     train.add_argument("--out", required=True, help="output .safetensors file")
     train.add_argument("--clips", type=int, default=600)
-    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--trained-stages", type=int, default=3,
+                       help="train the stem and stages below this (0: BatchNorm only; 5: everything)")
     train.add_argument("--seed", type=int, default=0, help="seed of the random convolutions")
     train.add_argument("--threads", type=int, default=1)
     train.set_defaults(func=_cmd_vision_train)
@@ -105,7 +108,8 @@ def _add_vision(sub) -> None:
 def _cmd_vision_train(args) -> int:
     from training.vision import ExtractorTrainConfig, train_extractor
 
-    config = ExtractorTrainConfig(clips=args.clips, epochs=args.epochs, seed=args.seed, threads=args.threads)
+    config = ExtractorTrainConfig(clips=args.clips, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                                  threads=args.threads, trained_stages=args.trained_stages)
     log = train_extractor(config, args.out)
     for row in log["log"]:
         print(f"epoch {row['epoch']}: loss {row['loss']:.4f} ({row['seconds']} s)")
@@ -233,24 +237,44 @@ def _add_demo(sub) -> None:
     demo.add_argument("--out", default="runs/demo", help="working folder (default: runs/demo)")
     demo.add_argument("--videos", type=int, default=600)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=30, help="upper bound; early stopping ends sooner")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
+    """Built-in data set -> text-only model -> test metrics (later: anchors, index, search, latency)."""
+    from engine.datasets import Collection
+    from engine.metrics import format_metrics_table
     from training.synthetic import SynthConfig, write_collection
 
     config = SynthConfig(videos=args.videos, seed=args.seed)
     root = os.path.join(args.out, "data")
     collection_dir = os.path.join(root, config.collection)
-    print("== 1. the built-in data set ==")
+    print("== 1. the built-in data set ==", flush=True)
     if _same_synth_config(collection_dir, config):
-        from engine.datasets import Collection
-
         print(f"reusing {collection_dir} (same configuration)")
         summary = Collection(root, config.collection).summary(config.feature)
     else:
-        summary = write_collection(root, config)
+        summary = write_collection(root, config, progress=not args.quiet)
     print(format_summary(summary, collection_dir))
+
+    print("\n== 2. the text-only model (MiniLM text encoder, RIVRL video tower) ==", flush=True)
+    checkpoint = os.path.join(args.out, "text_only")
+    argv = ["train", "--root", root, "--collection", config.collection, "--out", checkpoint,
+            "--epochs", str(args.epochs), "--seed", str(args.seed)] + (["--quiet"] if args.quiet else [])
+    code = main(argv)
+    if code:
+        return code
+    print("\n== 3. test metrics ==", flush=True)
+    from training.retrieval import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, root, config.collection, "test",
+                                 out=os.path.join(args.out, "text_only_test"))
+    chance_r1 = 100.0 / result["videos"]
+    print(f"built-in test split: {result['queries']} queries, {result['videos']} videos "
+          f"(chance: t2v R@1 {chance_r1:.1f}, R@10 {min(100.0, 10 * chance_r1):.1f})")
+    print(format_metrics_table(result["metrics"]))
     return 0
 
 

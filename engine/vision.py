@@ -3,14 +3,17 @@
 Three ways to get weights, all offline:
 - a local Hugging Face folder (`config.json` + weights, e.g. `microsoft/resnet-50` saved to disk);
 - a torchvision-format ResNet-50 state dict (`.pth` or `.safetensors`), through a key mapping;
-- the built-in extractor: a ResNet-50 whose convolutions are a seeded random init and whose
-  BatchNorm layers were trained on the built-in set's frames (`training/vision.py`). Random-init
-  features hardly tell shapes apart; training BatchNorm alone (Frankle et al., "Training BatchNorm and
-  only BatchNorm", ICLR 2021) fixes that while the shipped file stays under 1 MB, because the
-  convolution weights are regenerated from the seed on load (and checked against a stored hash).
+- the built-in extractor: a ResNet-50 whose deep convolutions are a seeded random init and whose
+  BatchNorm layers, stem and first two stages were trained on the built-in set's frames
+  (`training/vision.py`). Random-init features hardly tell shapes apart and no pretrained weights
+  can be downloaded here; training only the early convolutions and the BatchNorm affine parameters
+  (which steer the frozen random deep stages, after Frankle et al., "Training BatchNorm and only
+  BatchNorm", ICLR 2021) is enough, and the shipped file stays small because the frozen
+  convolutions are regenerated from the seed on load (and checked against a stored hash).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -49,17 +52,14 @@ def seeded_resnet50(seed: int = 0):
     zero-initialised residual branches.
 
     numpy's PCG64 generator is used instead of torch's so that the same seed gives the same weights
-    across torch versions and platforms: the shipped BatchNorm weights depend on them."""
+    across torch versions and platforms: the shipped trained tensors depend on them."""
     from transformers import ResNetModel
 
     model = ResNetModel(resnet50_config()).eval()
-    rng = np.random.default_rng(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.ndim == 4:  # convolution: std = sqrt(2 / fan_out), as torchvision's init
-                fan_out = param.shape[0] * param.shape[2] * param.shape[3]
-                values = rng.standard_normal(param.shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_out))
-                param.copy_(torch.from_numpy(values))
+            if param.ndim == 4:
+                param.copy_(_seeded_convolutions(seed)[name])
             elif name.endswith("layer.2.normalization.weight"):
                 # Zero-init the last BatchNorm of every residual branch (Goyal et al. 2017,
                 # torchvision's zero_init_residual): each block starts as the identity, so the
@@ -70,6 +70,22 @@ def seeded_resnet50(seed: int = 0):
             elif name.endswith("normalization.bias"):
                 param.zero_()
     return model
+
+
+@functools.lru_cache(maxsize=2)
+def _seeded_convolutions(seed: int) -> dict:
+    """name -> conv weight, std = sqrt(2 / fan_out) as torchvision's init (cached: 94 MB a seed,
+    and drawing them is the slow part of building the model)."""
+    from transformers import ResNetModel
+
+    shapes = {n: p.shape for n, p in ResNetModel(resnet50_config()).named_parameters() if p.ndim == 4}
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in shapes.items():  # named_parameters order is fixed: the stream is too
+        fan_out = shape[0] * shape[2] * shape[3]
+        values = rng.standard_normal(tuple(shape), dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_out))
+        weights[name] = torch.from_numpy(values)
+    return weights
 
 
 def conv_weights_hash(model, skip=()) -> str:

@@ -133,3 +133,40 @@ def test_evaluate_refuses_features_of_the_wrong_width(trained, tmp_path, capsys)
                  "--feature", "resnext101-resnet152", "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
     assert code == 2 and "2048-d" in err and "4096-d" in err
+
+
+def _write_anchor_store(folder: str, keys: list, regions: int = 4, dim: int = 64, seed: int = 0) -> None:
+    """An anchor store made directly (what `cvr anchors` writes): flattened region grids per key."""
+    rng = np.random.default_rng(seed)
+    datasets.write_bigfile(folder, keys, rng.normal(size=(len(keys), regions * dim)).astype(np.float32))
+    with open(os.path.join(folder, "anchor_meta.json"), "w") as handle:
+        json.dump({"regions": regions, "dim": dim, "protocol": "query"}, handle)
+
+
+@pytest.mark.parametrize("keyed_by", ["caption", "video"])
+def test_full_model_trains_and_evaluates_with_an_anchor_store(msrvtt, tmp_path, keyed_by):
+    collection = datasets.Collection(msrvtt, "msrvtt10k")
+    cap_ids = [c for split in datasets.SPLITS for c, _ in collection.captions(split)]
+    keys = cap_ids if keyed_by == "caption" else sorted({datasets.video_id_of(c) for c in cap_ids})
+    store = str(tmp_path / "anchors")
+    _write_anchor_store(store, keys)
+    out = str(tmp_path / "full")
+    argv = ["train", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", "resnext101-resnet152",
+            "--out", out, "--anchors", store] + TINY
+    assert main(argv) == 0
+    model = load_checkpoint(out)
+    assert model.config.use_anchor and model.config.region_dim == 64
+    assert main(["evaluate", "--checkpoint", out, "--root", msrvtt, "--collection", "msrvtt10k",
+                 "--anchors", store, "--out", str(tmp_path / "e")]) == 0
+    # Without its anchors the full model refuses to evaluate (one line, exit 2).
+    assert main(["evaluate", "--checkpoint", out, "--root", msrvtt, "--collection", "msrvtt10k"]) == 2
+
+
+def test_anchor_store_missing_a_caption_is_one_line(msrvtt, tmp_path, capsys):
+    store = str(tmp_path / "anchors")
+    _write_anchor_store(store, ["video7010#enc#0"])
+    code = main(["train", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", "resnext101-resnet152",
+                 "--out", str(tmp_path / "x"), "--anchors", store] + TINY)
+    err = capsys.readouterr().err
+    assert code == 2 and "no anchor for caption" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "x")

@@ -145,3 +145,36 @@ def test_preprocess_rejects_bad_batches(model):
         extractor.preprocess(np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
         extractor.preprocess(np.zeros((1, 64, 64, 4), np.uint8))
+
+
+def test_extractor_training_writes_only_trained_tensors_and_reloads(tmp_path):
+    from training.vision import ExtractorTrainConfig, train_extractor
+
+    path = str(tmp_path / "ext.safetensors")
+    config = ExtractorTrainConfig(clips=4, frames=2, size=32, epochs=1, batch_size=8, trained_stages=2)
+    result = train_extractor(config, path, progress=False)
+    assert len(result["log"]) == 1 and result["log"][0]["loss"] > 0
+    loaded = vision.load_resnet50(path)
+    seeded = vision.seeded_resnet50(0).state_dict()
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        stored = set(handle.keys())
+    assert "embedder.embedder.convolution.weight" in stored  # the stem is trained
+    assert "encoder.stages.3.layers.0.layer.1.convolution.weight" not in stored  # deep convs are not
+    changed = [k for k in stored if not torch.equal(loaded.state_dict()[k], seeded[k])]
+    assert "embedder.embedder.convolution.weight" in changed
+    for key, value in loaded.state_dict().items():
+        if key not in stored:
+            assert torch.equal(value, seeded[key]), key
+
+
+def test_probe_reports_accuracies_and_chance():
+    from training.vision import probe_features
+
+    extractor = vision.RegionExtractor(vision.seeded_resnet50(0), vision.VisionConfig(image_size=32))
+    result = probe_features(extractor, n_clips=12, n_frames=15, frames=3, size=32)
+    for name in ("colour", "shape", "motion"):
+        assert 0.0 <= getattr(result, name) <= 1.0
+        assert 0.0 < getattr(result, f"chance_{name}") <= 1.0
+    assert "| colour |" in result.table()

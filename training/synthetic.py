@@ -41,8 +41,8 @@ COLOURS = {  # name -> (RGB, synonyms)
     "cyan": ((40, 215, 220), ["cyan", "turquoise", "teal"]),
 }
 SIZES = {
-    "small": (0.09, ["small", "tiny", "little"]),
-    "large": (0.16, ["large", "big", "huge"]),
+    "small": (0.12, ["small", "tiny", "little"]),
+    "large": (0.2, ["large", "big", "huge"]),
 }
 MOTIONS = {
     "still": ["stands still", "stays in place", "is not moving", "rests"],

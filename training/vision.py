@@ -1,15 +1,17 @@
-"""Train the built-in ResNet-50 extractor's BatchNorm layers on built-in frames, and probe features.
+"""Train the built-in ResNet-50 extractor on built-in frames, and probe what frame features carry.
 
 Random-init ResNet-50 features carry colour weakly and shape hardly at all (ARCHITECTURE.md: 56% /
 59% on a colour / circle-vs-square probe), and no pretrained weights can be downloaded here. So the
-built-in extractor keeps its seeded random convolutions and trains only the BatchNorm affine
-parameters (and running statistics), after Frankle et al., "Training BatchNorm and only BatchNorm"
-(ICLR 2021): a short, reproducible training whose result ships in under 1 MB.
+built-in extractor keeps seeded random convolutions in its deep stages and trains the stem, the
+first two stages and every BatchNorm (the affine parameters steer the frozen random stages: Frankle
+et al., "Training BatchNorm and only BatchNorm", ICLR 2021). Residual branches start at zero
+(`engine.vision.seeded_resnet50`), which made this short training converge several times faster.
+Only the trained tensors ship; the rest is regenerated from the seed.
 
-The training task predicts what the captions talk about, from the pooled 2048-d vector alone:
-which colours, shapes and sizes are present, the background, and where each colour and shape is
-(coarse x and y bins). The position targets matter: pooling averages the grid away, and motion can
-only be read from frame features that still say where things are.
+The training task asks what captions talk about, from the pooled 2048-d vector alone: the object's
+colour, shape and size, its coarse x and y position, and the background. The position questions
+matter: pooling averages the grid away, and motion can only be read from frame features that still
+say where things are.
 
 The probe (`probe_features`) is the check: a logistic regression on frame features of fresh clips
 must tell colour, shape and motion well above chance.
@@ -42,9 +44,9 @@ class ExtractorTrainConfig:
     clips: int = 600
     frames: int = 8
     size: int = 64
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     threads: int = 1
     trained_stages: int = 3  # convolutions trained: stem + stages 1-2 (see engine.vision.is_trained_key)
     recalibrate: bool = False
