@@ -34,6 +34,9 @@ def _add_data(sub) -> None:
     synth.add_argument("--vision-weights", default=None,
                        help="ResNet-50 weights: a local HF folder, a torchvision state dict, or 'random' "
                             "(default: the shipped built-in extractor)")
+    synth.add_argument("--threads", type=int, default=1,
+                       help="torch threads for feature extraction (default 1: on a small shared machine more "
+                            "threads are slower and far noisier)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_cmd_data_synth)
 
@@ -46,12 +49,15 @@ def _add_data(sub) -> None:
 
 
 def _cmd_data_synth(args) -> int:
+    import torch
+
     from engine.vision import RegionExtractor, VisionConfig
     from training.synthetic import SynthConfig, write_collection
 
     config = SynthConfig(videos=args.videos, frames=args.frames, size=args.size, seed=args.seed,
                          captions_per_video=args.captions, collection=args.collection)
     config.validate()
+    torch.set_num_threads(args.threads)
     vision = RegionExtractor.from_config(VisionConfig(image_size=args.size, weights=args.vision_weights))
     summary = write_collection(args.root, config, vision=vision, progress=not args.quiet)
     print(format_summary(summary, os.path.join(args.root, args.collection)))
@@ -244,6 +250,8 @@ def _add_demo(sub) -> None:
 
 def _cmd_demo(args) -> int:
     """Built-in data set -> text-only model -> test metrics (later: anchors, index, search, latency)."""
+    import torch
+
     from engine.datasets import Collection
     from engine.metrics import format_metrics_table
     from training.synthetic import SynthConfig, write_collection
@@ -251,6 +259,7 @@ def _cmd_demo(args) -> int:
     config = SynthConfig(videos=args.videos, seed=args.seed)
     root = os.path.join(args.out, "data")
     collection_dir = os.path.join(root, config.collection)
+    torch.set_num_threads(1)  # one thread: on a small shared machine more threads are slower and noisier
     print("== 1. the built-in data set ==", flush=True)
     if _same_synth_config(collection_dir, config):
         print(f"reusing {collection_dir} (same configuration)")

@@ -1,0 +1,35 @@
+"""The `cvr` entry point as a user meets it: the demo end to end at a tiny size, and bad input."""
+import os
+
+from engine.cli import main
+
+
+def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "== 1. the built-in data set ==" in printed
+    assert "| t2v |" in printed and "chance: t2v R@1" in printed
+    assert os.path.exists(os.path.join(out, "text_only", "model.safetensors"))
+    # A second run reuses the data set instead of drawing it again.
+    assert main(["demo", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_unknown_command_and_missing_arguments_exit_non_zero(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(["no-such-command"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_train_on_missing_collection_is_one_line(tmp_path, capsys):
+    code = main(["train", "--root", str(tmp_path), "--collection", "nothing", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "c")
