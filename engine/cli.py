@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_vision(sub)
     _add_train(sub)
+    from engine.gallery import add_index_command
+
+    add_index_command(sub)
     _add_demo(sub)
     return parser
 
