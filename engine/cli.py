@@ -76,12 +76,22 @@ def _cmd_data_summary(args) -> int:
 
 
 def format_summary(summary: dict, where: str) -> str:
+    """A collection summary as a Markdown table: one row per field, one per split."""
     lines = [f"collection: {where}", "", "| field | value |", "|---|---|"]
     for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:.2f}"
-        lines.append(f"| {key} | {value} |")
+        if key == "splits" and isinstance(value, dict):
+            for split, counts in value.items():
+                text = "missing" if counts is None else ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+                lines.append(f"| {split} split | {text} |")
+        elif isinstance(value, dict):
+            lines.append(f"| {key} | " + ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) + " |")
+        else:
+            lines.append(f"| {key} | {_fmt(value)} |")
     return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
