@@ -269,6 +269,9 @@ class Matcher(nn.Module):
         if backend == "triton":
             from kernels.global_local_score import global_local_score
 
+            if not self.local_branch or transductive:
+                raise ValueError("the triton backend scores both branches with frozen constants: use the torch "
+                                 "backend for the no-local-branch ablation or transductive parity")
             return global_local_score(query.lat, query.con, video.lat, video.con, self.norm, self.weights, k=k)
         sims = similarities(query, video)
         if transductive:
