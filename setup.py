@@ -36,7 +36,7 @@ setup(
     python_requires=">=3.10",
     packages=["engine", "engine.backends", "kernels", "export", "training"],
     # Shipped weights: the built-in ResNet-50 extractor and the built-in generator.
-    package_data={"engine": ["weights/*.safetensors", "weights/*.md", "weights/generator/*", "weights/generator/*/*"]},
+    package_data={"engine": ["weights/*.*"] + ["weights/generator/" + "*/" * depth + "*.*" for depth in range(5)]},
     install_requires=CORE,
     extras_require={
         "tensorrt": ["tensorrt>=10.0"],

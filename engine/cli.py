@@ -399,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_command(sub)
     _add_search(sub)
+    # The generator's sub-commands live with the generator's training code (imported lazily there).
+    from training.generator_cli import add_anchors_command, add_generator_commands
+
+    add_generator_commands(sub)
+    add_anchors_command(sub)
     _add_demo(sub)
     return parser
 

@@ -1,0 +1,710 @@
+"""The anchor generator: text -> anchor image, through a FLUX transformer and a flow-matching sampler.
+
+Two kinds of generator folder run through the same :class:`AnchorGenerator` API:
+
+- **built-in** (``config.json`` with ``"kind": "builtin"`` + ``transformer/`` in diffusers' layout):
+  a small :class:`diffusers.FluxTransformer2DModel` (the real architecture: double- and
+  single-stream blocks, 3-axis RoPE, AdaLN, QK-RMSNorm) trained by this project on the built-in
+  set (``cvr generator train``), conditioned on the retrieval text encoder (MiniLM token states as
+  ``encoder_hidden_states`` with padded tokens masked, the pooled sentence vector as
+  ``pooled_projections``). Sampled by :class:`BuiltinFluxPipeline`, a thin pipeline over the
+  transformer and a ``FlowMatchEulerDiscreteScheduler``.
+- **real FLUX.1** (a diffusers pipeline folder with ``model_index.json``): loaded with
+  ``FluxPipeline.from_pretrained(DIR, local_files_only=True)``, bf16 on a GPU, with its own text
+  encoders, or without them when prompt embeddings are given.
+
+LoRA adapters (standard ``pytorch_lora_weights.safetensors`` files, as ``cvr generator lora``
+writes them) are loaded and fused into the transformer for inference: an unfused LoRA costs about
++24% per step for nothing at inference time.
+
+Every prompt gets its own fixed seed (``prompt_seed``), so the same prompt gives the same anchor
+whatever batch it is in, and an optional :class:`AnchorCache` on disk, keyed by (prompt, generator
+id, adapter id, steps, size, seed), makes repeated queries free.
+
+The anchor store (``cvr anchors``) is a BigFile with one row per caption or video: the anchor's
+ResNet-50 region grid flattened to R*2048 floats, plus ``anchor_meta.json``; read it back with
+:func:`read_anchor_store`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+TRANSFORMER_DIR = "transformer"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+META_FILE = "anchor_meta.json"
+FORMAT = "cvr-sdgm/generator/1"
+STORE_FORMAT = "cvr-sdgm/anchors/1"
+PROTOCOLS = ("query", "ssss")
+TEACHER_STEPS = 28  # FLUX.1-dev's default step count; the teacher's reference in the benchmark
+
+# peft target modules for LoRA on a FLUX transformer: diffusers' train_dreambooth_lora_flux.py
+# defaults (attention q/k/v/out, the context projections, both feed-forwards) plus the single-stream
+# blocks' MLP (proj_mlp), which that list misses.
+LORA_TARGETS = (
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp",
+)
+
+
+class AnchorError(ValueError):
+    """Bad input for the anchor generator (one-line message)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class BuiltinConfig:
+    """The built-in generator: transformer shape, image space and text conditioning.
+
+    Image space: **pixels folded into channels**, not a learned autoencoder. The anchor is
+    ``image_size`` pixels square in [-1, 1]; ``pixel_unshuffle(fold)`` turns it into a
+    (3*fold^2, S/fold, S/fold) "latent", which FLUX packs 2x2 into tokens exactly as it packs its
+    VAE latents. Why: (1) decoding is free (a reshape), so the step count is the whole cost and
+    few-step distillation pays off in full; (2) there is no autoencoder to train, ship or blame
+    for blur; (3) the built-in frames are flat-coloured shapes, for which 32 pixels keep colour,
+    shape and position, and the ResNet resizes anchors to its own input size anyway. The default
+    32 px with fold 2 gives 8x8 = 64 image tokens of 48 channels: less than the transformer width
+    (4 x 32 = 128), which keeps velocity prediction well posed (a token wider than the model,
+    e.g. 8x8-pixel patches = 192 channels, is where pixel-space DiTs start to fail).
+    """
+
+    image_size: int = 32
+    fold: int = 2
+    num_layers: int = 2
+    num_single_layers: int = 4
+    attention_head_dim: int = 32
+    num_attention_heads: int = 4
+    joint_attention_dim: int = 384
+    pooled_projection_dim: int = 384
+    axes_dims_rope: tuple[int, ...] = (8, 12, 12)
+    text_encoder: str | None = None  # None: the packaged MiniLM; else a local HF encoder folder
+    text_max_length: int = 32
+    default_steps: int = TEACHER_STEPS
+
+    def __post_init__(self):
+        self.axes_dims_rope = tuple(int(a) for a in self.axes_dims_rope)
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(a % 2 for a in self.axes_dims_rope):
+            raise AnchorError(
+                f"axes_dims_rope {self.axes_dims_rope} must be even and sum to "
+                f"attention_head_dim {self.attention_head_dim}"
+            )
+        if self.fold < 1 or self.image_size % (2 * self.fold):
+            raise AnchorError(f"image_size {self.image_size} must be divisible by 2*fold ({2 * self.fold})")
+        if self.default_steps < 1:
+            raise AnchorError(f"default_steps must be >= 1, got {self.default_steps}")
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 * self.fold * self.fold
+
+    @property
+    def in_channels(self) -> int:
+        return 4 * self.latent_channels  # FLUX packs 2x2 latent pixels into one token
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.fold
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.latent_size // 2) ** 2
+
+    def transformer_kwargs(self) -> dict:
+        return dict(
+            patch_size=1, in_channels=self.in_channels, num_layers=self.num_layers,
+            num_single_layers=self.num_single_layers, attention_head_dim=self.attention_head_dim,
+            num_attention_heads=self.num_attention_heads, joint_attention_dim=self.joint_attention_dim,
+            pooled_projection_dim=self.pooled_projection_dim, guidance_embeds=False,
+            axes_dims_rope=self.axes_dims_rope,
+        )
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["axes_dims_rope"] = list(self.axes_dims_rope)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BuiltinConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------
+# Image space: pixels <-> folded latents <-> FLUX tokens
+
+
+def images_to_latents(images, fold: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> (B, 3*fold^2, H/fold, W/fold) in [-1, 1]."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float() / 255.0
+    return F.pixel_unshuffle(images.float() * 2.0 - 1.0, fold)
+
+
+def latents_to_images(latents: torch.Tensor, fold: int) -> np.ndarray:
+    """Inverse of :func:`images_to_latents`, to uint8 (B, H, W, 3)."""
+    pixels = F.pixel_shuffle(latents.float(), fold).clamp(-1, 1)
+    pixels = ((pixels + 1.0) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2*w/2, 4C): FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2*w/2, 4C) -> (B, C, h, w): the inverse of :func:`pack_latents`."""
+    b, _, c4 = tokens.shape
+    x = tokens.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """RoPE positions (0, row, col) of the packed tokens, as FluxPipeline._prepare_latent_image_ids."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def build_transformer(config: BuiltinConfig):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**config.transformer_kwargs())
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow matching
+
+
+def flow_sigmas(steps: int) -> torch.Tensor:
+    """The Euler sigmas FluxPipeline uses with schnell's scheduler (shift 1, no dynamic shift):
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N))`` + the final 0,
+    i.e. linspace(1, 0, N+1). A test checks the two agree exactly."""
+    if int(steps) < 1:
+        raise AnchorError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, 0.0, int(steps) + 1)
+
+
+def rectified_flow_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
+    """(x_sigma, velocity target): x_sigma = (1 - sigma) x0 + sigma noise, v = noise - x0.
+
+    FLUX's convention: sigma = 1 is pure noise, and an Euler step is x += (sigma_next - sigma) v."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    return (1.0 - s) * x0 + s * noise, noise - x0
+
+
+def prompt_seed(prompt: str, seed: int = 0) -> int:
+    """A fixed seed per (prompt, seed): the same prompt always gets the same noise."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_noise(seeds: Sequence[int], shape: tuple, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """One noise tensor per seed, drawn on the CPU so every device gets the same anchors."""
+    rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch: token states, mask (True = real token) and pooled vector."""
+
+    tokens: torch.Tensor  # (B, L, joint_attention_dim)
+    mask: torch.Tensor  # (B, L) bool
+    pooled: torch.Tensor  # (B, pooled_projection_dim)
+
+    def index(self, idx) -> Conditioning:
+        return Conditioning(self.tokens[idx], self.mask[idx], self.pooled[idx])
+
+    def to(self, device, dtype=None) -> Conditioning:
+        dt = dtype or self.tokens.dtype
+        return Conditioning(self.tokens.to(device, dt), self.mask.to(device), self.pooled.to(device, dt))
+
+
+def flux_velocity(transformer, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, img_ids, txt_ids=None,
+                  guidance: float | None = None):
+    """One FLUX transformer call: packed tokens x (B, S, C) at noise level sigma (B,) -> velocity.
+
+    Padded text tokens are masked out of the joint attention (bool mask over [text, image]), so a
+    prompt's anchor does not depend on how long the other prompts in its batch are."""
+    b, length = cond.mask.shape
+    if txt_ids is None:
+        txt_ids = torch.zeros(length, 3, device=x.device, dtype=x.dtype)
+    full = torch.cat([cond.mask, torch.ones(b, x.shape[1], dtype=torch.bool, device=x.device)], dim=1)
+    extra = {}
+    if getattr(transformer.config, "guidance_embeds", False):  # FLUX.1-dev: guidance-distilled
+        extra["guidance"] = torch.full((b,), 3.5 if guidance is None else guidance, device=x.device, dtype=x.dtype)
+    return transformer(**extra,
+        hidden_states=x, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
+        timestep=sigma.to(x.dtype), img_ids=img_ids, txt_ids=txt_ids,
+        joint_attention_kwargs={"attention_mask": full[:, None, None, :]}, return_dict=False,
+    )[0]
+
+
+@torch.no_grad()
+def euler_sample(transformer, noise: torch.Tensor, cond: Conditioning, steps: int, img_ids) -> torch.Tensor:
+    """The flow-matching Euler sampler over :func:`flow_sigmas` (what FlowMatchEulerDiscreteScheduler.step does)."""
+    sigmas = flow_sigmas(steps).tolist()
+    x = noise
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        v = flux_velocity(transformer, x, torch.full((x.shape[0],), s, device=x.device), cond, img_ids)
+        x = x + (s_next - s) * v
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in pipeline
+
+
+class BuiltinFluxPipeline:
+    """Thin diffusers-style pipeline: text encoder + FluxTransformer2DModel + flow-matching Euler.
+
+    ``text_encoder`` is anything whose ``forward(texts)`` returns token states, a mask and a
+    sentence vector (engine.text.TextFeatures); by default the MiniLM named in the config, loaded on
+    first use (tests pass a tiny stand-in).
+    """
+
+    def __init__(self, transformer, config: BuiltinConfig, text_encoder=None, device="cpu"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = transformer.to(device).eval()
+        self.config = config
+        self.device = torch.device(device)
+        self._text_encoder = text_encoder
+        # Kept for the diffusers contract (and checked against flow_sigmas in the tests); sampling
+        # uses the equivalent explicit loop so that batching and ONNX sessions stay simple.
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from engine.text import MiniLMEncoder
+
+            self._text_encoder = MiniLMEncoder(self.config.text_encoder, max_length=self.config.text_max_length)
+        return self._text_encoder
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> Conditioning:
+        feats = self.text_encoder(list(prompts))
+        dtype = next(self.transformer.parameters()).dtype
+        return Conditioning(feats.tokens, feats.mask, feats.sentence).to(self.device, dtype)
+
+    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        c, s = self.config.latent_channels, self.config.latent_size
+        dtype = next(self.transformer.parameters()).dtype
+        return pack_latents(seeded_noise(seeds, (c, s, s), self.device, dtype))
+
+    @torch.no_grad()
+    def __call__(self, prompts=None, steps: int | None = None, seeds: Sequence[int] | None = None,
+                 cond: Conditioning | None = None) -> np.ndarray:
+        """uint8 anchors (B, S, S, 3) for prompts (or precomputed conditioning) and per-image seeds."""
+        if cond is None:
+            cond = self.encode_prompt(prompts)
+        steps = self.config.default_steps if steps is None else steps
+        n = cond.tokens.shape[0]
+        seeds = list(range(n)) if seeds is None else list(seeds)
+        s = self.config.latent_size
+        ids = image_ids(s, s, self.device, cond.tokens.dtype)
+        x = euler_sample(self.transformer, self.noise(seeds), cond, steps, ids)
+        return latents_to_images(unpack_latents(x, s, s), self.config.fold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders: save / load / ids
+
+
+def _file_sha(path: Path, n: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def _atomic_json(path: Path, value) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files: shipped configs must be readable by everyone
+    os.replace(tmp, path)
+
+
+def make_readable(folder: Path) -> None:
+    """mkdtemp / mkstemp create owner-only folders and files; a shipped model must be world-readable."""
+    os.chmod(folder, 0o755)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Move the finished folder ``tmp`` to ``folder``: the old one is renamed aside first and deleted
+    only after the new one is in place (both renames stay on one filesystem)."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_builtin(folder, transformer, config: BuiltinConfig, info: dict | None = None) -> Path:
+    """Write a built-in generator folder atomically: config.json + transformer/ (safetensors).
+
+    Built in a temporary sibling and renamed into place, so a crash never leaves half a model."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
+        _atomic_json(tmp / CONFIG_FILE, {"format": FORMAT, "kind": "builtin", "generator": config.to_dict(),
+                                         "info": info or {}})
+        make_readable(tmp)
+        if (folder / "samples").is_dir():  # keep the sample grids of earlier checkpoints
+            os.replace(folder / "samples", tmp / "samples")
+        replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def generator_kind(path) -> str:
+    """'builtin' or 'flux' for a generator folder; AnchorError for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AnchorError(f"generator folder not found: {path}")
+    if (path / "model_index.json").is_file():
+        return "flux"
+    if (path / CONFIG_FILE).is_file() and (path / TRANSFORMER_DIR).is_dir():
+        kind = json.loads((path / CONFIG_FILE).read_text()).get("kind")
+        if kind == "builtin":
+            return "builtin"
+    raise AnchorError(f"{path} is not a generator folder (no model_index.json, nor config.json + transformer/)")
+
+
+def read_builtin_config(path) -> tuple[BuiltinConfig, dict]:
+    data = json.loads((Path(path) / CONFIG_FILE).read_text())
+    return BuiltinConfig.from_dict(data["generator"]), data.get("info", {})
+
+
+def load_builtin_transformer(path, dtype=torch.float32):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(Path(path) / TRANSFORMER_DIR, local_files_only=True)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def generator_id(path) -> str:
+    """A short id of the weights (name + hash), for caches and anchor stores."""
+    path = Path(path)
+    if generator_kind(path) == "builtin":
+        weights = sorted((path / TRANSFORMER_DIR).glob("*.safetensors"))
+        digest = hashlib.sha256("".join(_file_sha(w) for w in weights).encode()).hexdigest()[:12]
+        return f"builtin:{path.name}@{digest}"
+    from engine.text import folder_fingerprint
+
+    return f"flux:{path.name}@{folder_fingerprint(path / TRANSFORMER_DIR)}"
+
+
+def lora_file(path) -> Path:
+    """The LoRA weights file of a path (a file, or a folder holding pytorch_lora_weights.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise AnchorError(f"LoRA weights not found: {path}")
+    return path
+
+
+def adapter_id(adapters: Sequence[tuple[str, float]] = ()) -> str:
+    if not adapters:
+        return "none"
+    parts = [f"{_file_sha(lora_file(p))}x{float(w):g}" for p, w in adapters]
+    return "+".join(parts)
+
+
+def fuse_lora_into(transformer, adapters: Sequence[tuple[str, float]]):
+    """Load each LoRA file into the transformer and fuse it (scaled), then drop the LoRA layers."""
+    for i, (path, scale) in enumerate(adapters):
+        name = f"adapter{i}"
+        transformer.load_lora_adapter(str(lora_file(path)), adapter_name=name, prefix="transformer")
+        transformer.fuse_lora(lora_scale=float(scale), adapter_names=[name])
+        transformer.unload_lora()
+    return transformer
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+class AnchorCache:
+    """Anchors on disk, one .npy (uint8 H x W x 3) per (prompt, generator, adapter, steps, size, seed).
+
+    Written atomically (temp file, then rename), read with allow_pickle=False."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(prompt: str, generator: str, adapter: str, steps: int, size: int, seed: int) -> str:
+        payload = json.dumps([prompt, generator, adapter, int(steps), int(size), int(seed)])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        path = self._path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return np.load(path, allow_pickle=False)
+
+    def put(self, key: str, image: np.ndarray) -> None:
+        path = self._path(key)
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator: one API over both kinds
+
+
+@dataclass
+class GeneratorOptions:
+    steps: int | None = None  # None: the folder's default (28 for a teacher, N for an N-step student)
+    seed: int = 0
+    batch_size: int = 32
+    size: int | None = None  # real FLUX only (the built-in size is fixed by its training)
+    adapters: list = field(default_factory=list)  # [(lora path, scale)], fused at load
+    guidance_scale: float | None = None  # real FLUX: None = 0 for schnell, 3.5 for dev (guidance-distilled)
+    max_sequence_length: int = 256
+
+
+class AnchorGenerator:
+    """Text -> anchor images (uint8 B x S x S x 3), batched, seeded per prompt, optionally cached.
+
+    >>> gen = AnchorGenerator.load("engine/weights/generator/student-4step")
+    >>> images = gen.generate(["a red circle moves left"])         # (1, 32, 32, 3) uint8
+    """
+
+    def __init__(self, backend, kind: str, gen_id: str, options: GeneratorOptions, default_steps: int,
+                 image_size: int, cache: AnchorCache | None = None):
+        self.backend = backend
+        self.kind = kind
+        self.generator_id = gen_id
+        self.options = options
+        self.default_steps = int(default_steps)
+        self.image_size = int(image_size)
+        self.adapter_id = adapter_id(options.adapters)
+        self.cache = cache
+
+    @classmethod
+    def load(cls, path, options: GeneratorOptions | None = None, device: str | None = None,
+             cache_dir=None, text_encoder=None) -> AnchorGenerator:
+        options = options or GeneratorOptions()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        kind = generator_kind(path)
+        cache = AnchorCache(cache_dir) if cache_dir else None
+        if kind == "builtin":
+            config, _ = read_builtin_config(path)
+            transformer = load_builtin_transformer(path)
+            fuse_lora_into(transformer, options.adapters)
+            backend = BuiltinFluxPipeline(transformer, config, text_encoder=text_encoder, device=device)
+            return cls(backend, kind, generator_id(path), options, config.default_steps, config.image_size, cache)
+        # text_encoder="skip": no CLIP / T5 in memory; call backend(prompt_embeds=..., pooled_prompt_embeds=...).
+        backend = RealFluxBackend(path, device=device, skip_text_encoders=text_encoder == "skip")
+        backend.fuse(options.adapters)
+        size = options.size or 512
+        return cls(backend, kind, generator_id(path), options, backend.default_steps, size, cache)
+
+    def _seeds(self, prompts: Sequence[str], seed: int) -> list[int]:
+        return [prompt_seed(p, seed) for p in prompts]
+
+    def _render(self, prompts: list[str], steps: int, seeds: list[int]) -> np.ndarray:
+        if self.kind == "builtin":
+            return self.backend(prompts, steps=steps, seeds=seeds)
+        guidance = self.options.guidance_scale
+        if guidance is None:
+            guidance = 3.5 if self.backend.pipe.transformer.config.guidance_embeds else 0.0
+        return self.backend(prompts, steps=steps, seeds=seeds, size=self.image_size, guidance_scale=guidance,
+                            max_sequence_length=self.options.max_sequence_length)
+
+    def generate(self, prompts: Sequence[str], steps: int | None = None, seed: int | None = None,
+                 progress: bool = False) -> np.ndarray:
+        """One anchor per prompt, in order; cached anchors are read, the rest generated in batches."""
+        if isinstance(prompts, str):
+            raise AnchorError("prompts must be a list of strings, not one string")
+        prompts = list(prompts)
+        if not prompts:
+            raise AnchorError("no prompts given")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise AnchorError(f"prompt {i} is empty")
+        steps = self.options.steps if steps is None else steps
+        steps = self.default_steps if steps is None else int(steps)
+        if steps < 1:
+            raise AnchorError(f"steps must be >= 1, got {steps}")
+        seed = self.options.seed if seed is None else int(seed)
+        seeds = self._seeds(prompts, seed)
+        out: list[np.ndarray | None] = [None] * len(prompts)
+        keys = [AnchorCache.key(p, self.generator_id, self.adapter_id, steps, self.image_size, seed) for p in prompts]
+        if self.cache is not None:
+            for i, k in enumerate(keys):
+                out[i] = self.cache.get(k)
+        todo = [i for i, img in enumerate(out) if img is None]
+        bs = max(1, int(self.options.batch_size))
+        from tqdm import tqdm
+
+        for start in tqdm(range(0, len(todo), bs), desc="anchors", unit="batch", disable=not progress):
+            idx = todo[start:start + bs]
+            images = self._render([prompts[i] for i in idx], steps, [seeds[i] for i in idx])
+            for i, img in zip(idx, images, strict=True):
+                out[i] = img
+                if self.cache is not None:
+                    self.cache.put(keys[i], img)
+        return np.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real FLUX.1 from a local diffusers folder
+
+
+class RealFluxBackend:
+    """FluxPipeline from a local folder: bf16 on a GPU (fp32 on a CPU, where bf16 matmuls are slow),
+    its own CLIP + T5 encoders, or none when called with prompt embeddings (skip_text_encoders)."""
+
+    def __init__(self, path, device="cpu", skip_text_encoders=False, dtype=None):
+        from diffusers import FluxPipeline
+
+        self.device = torch.device(device)
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        skip = {}
+        if skip_text_encoders:
+            skip = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+        try:
+            self.pipe = FluxPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, **skip)
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AnchorError(f"{path}: not a loadable FLUX pipeline folder: {first}") from exc
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.to(self.device)
+        # schnell (no guidance embedder) samples in 4 steps; dev in 28.
+        self.default_steps = TEACHER_STEPS if self.pipe.transformer.config.guidance_embeds else 4
+
+    def fuse(self, adapters: Sequence[tuple[str, float]]) -> None:
+        for i, (path, scale) in enumerate(adapters):
+            name = f"adapter{i}"
+            file = lora_file(path)
+            self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+            self.pipe.fuse_lora(components=["transformer"], lora_scale=float(scale), adapter_names=[name])
+            self.pipe.unload_lora_weights()
+
+    @torch.no_grad()
+    def __call__(self, prompts=None, steps=4, seeds=(), size=512, guidance_scale=0.0, max_sequence_length=256,
+                 prompt_embeds=None, pooled_prompt_embeds=None) -> np.ndarray:
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        if prompt_embeds is not None:
+            kwargs = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+        else:
+            kwargs = dict(prompt=list(prompts), max_sequence_length=max_sequence_length)
+        images = self.pipe(num_inference_steps=int(steps), height=size, width=size, guidance_scale=guidance_scale,
+                           generator=generators, output_type="np", **kwargs).images
+        return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The anchor store
+
+
+def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Sequence[str], prompts: Sequence[str],
+                       meta: dict, steps: int | None = None, seed: int = 0, batch_size: int = 32,
+                       png_dir=None, progress: bool = True) -> Path:
+    """Generate an anchor per (id, prompt), run the ResNet-50 and write the flattened region grids
+    as a BigFile (one row of R*2048 floats per id) plus anchor_meta.json. Streams in batches."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from engine.datasets import BigFileWriter
+
+    if len(ids) != len(prompts):
+        raise AnchorError(f"{len(ids)} ids but {len(prompts)} prompts")
+    if not ids:
+        raise AnchorError("nothing to generate: no ids")
+    r = extractor.grid_size() ** 2
+    dim = extractor.feature_dim
+    folder = Path(folder)
+    if png_dir:
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+    with BigFileWriter(folder, r * dim) as writer:
+        for start in tqdm(range(0, len(ids), batch_size), desc="anchor store", unit="batch", disable=not progress):
+            batch_ids = list(ids[start:start + batch_size])
+            images = generator.generate(prompts[start:start + batch_size], steps=steps, seed=seed)
+            regions = extractor.regions(images)
+            writer.add(batch_ids, regions.reshape(len(batch_ids), -1).numpy())
+            if png_dir:
+                for i, img in zip(batch_ids, images, strict=True):
+                    Image.fromarray(img).save(Path(png_dir) / f"{i.replace('#', '_')}.png")
+    full = {"format": STORE_FORMAT, "regions": r, "dim": dim, "image_size": extractor.config.image_size,
+            "anchor_size": generator.image_size, "generator_id": generator.generator_id,
+            "adapter_id": generator.adapter_id, "steps": steps or generator.default_steps, "seed": seed, **meta}
+    _atomic_json(folder / META_FILE, full)
+    return folder
+
+
+def read_anchor_store(folder):
+    """(ids, regions (N, R, 2048) float32 memmap view, meta) of an anchor store."""
+    from engine.datasets import FEATURE_DTYPE, FEATURE_FILE, BigFile
+
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise AnchorError(f"{folder} is not an anchor store (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    big = BigFile(folder)
+    n, dim = big.shape
+    r, d = int(meta["regions"]), int(meta["dim"])
+    if r * d != dim:
+        raise AnchorError(f"{folder}: rows have {dim} floats, but the meta says {r} regions x {d}")
+    regions = np.memmap(folder / FEATURE_FILE, dtype=FEATURE_DTYPE, mode="r", shape=(n, r, d))
+    return list(big.ids), regions, meta

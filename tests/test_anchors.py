@@ -1,0 +1,245 @@
+"""The anchor generator (engine/anchors.py) on tiny configs: sampler, image space, masking,
+seeding, cache, folders, the anchor store, and a real-FLUX diffusers folder (tiny random pipeline)."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine import anchors as A
+from engine.text import TextFeatures
+
+TINY = dict(image_size=8, fold=2, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4), default_steps=4)
+
+
+class TinyText:
+    """A deterministic stand-in for MiniLM: one hashed vector per word, zero-padded, masked."""
+
+    max_length = 8
+    model_id = "tiny-text"
+
+    def __call__(self, texts):
+        words = [t.split()[: self.max_length] for t in texts]
+        length = max(len(w) for w in words)
+        tokens = torch.zeros(len(texts), length, 16)
+        mask = torch.zeros(len(texts), length, dtype=torch.bool)
+        for i, ws in enumerate(words):
+            for j, w in enumerate(ws):
+                seed = int(hashlib.sha256(w.encode()).hexdigest()[:8], 16)
+                tokens[i, j] = torch.randn(16, generator=torch.Generator().manual_seed(seed))
+                mask[i, j] = True
+        sentence = torch.nn.functional.normalize(tokens.sum(1), dim=-1)
+        return TextFeatures(tokens=tokens, mask=mask, sentence=sentence)
+
+
+def tiny_folder(tmp_path, name="gen", seed=0):
+    torch.manual_seed(seed)
+    cfg = A.BuiltinConfig(**TINY)
+    model = A.build_transformer(cfg)
+    return A.save_builtin(tmp_path / name, model, cfg, {"note": "test"}), model, cfg
+
+
+def test_sigmas_match_flux_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for n in (1, 2, 4, 28):
+        sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n))  # what FluxPipeline passes
+        assert torch.allclose(sched.sigmas.float(), A.flow_sigmas(n), atol=1e-6)
+    with pytest.raises(A.AnchorError, match="steps"):
+        A.flow_sigmas(0)
+
+
+def test_euler_loop_equals_scheduler_step():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = A.BuiltinConfig(**TINY)
+    torch.manual_seed(0)
+    model = A.build_transformer(cfg).eval()
+    cond = A.Conditioning(torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 16))
+    ids = A.image_ids(4, 4)
+    noise = torch.randn(2, 4, 48)
+    ours = A.euler_sample(model, noise, cond, 3, ids)
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3))
+    x = noise
+    with torch.no_grad():
+        for t in sched.timesteps:
+            v = A.flux_velocity(model, x, (t / 1000).expand(2), cond, ids)
+            x = sched.step(v, t, x, return_dict=False)[0]
+    assert torch.allclose(ours, x, atol=1e-5)
+
+
+def test_pixels_fold_and_pack_like_flux():
+    from diffusers import FluxPipeline
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    lat = A.images_to_latents(images, 2)
+    assert lat.shape == (2, 12, 4, 4) and lat.min() >= -1 and lat.max() <= 1
+    packed = A.pack_latents(lat)
+    assert torch.equal(packed, FluxPipeline._pack_latents(lat, 2, 12, 4, 4))
+    assert torch.equal(A.image_ids(4, 4), FluxPipeline._prepare_latent_image_ids(2, 2, 2, "cpu", torch.float32))
+    back = A.latents_to_images(A.unpack_latents(packed, 4, 4), 2)
+    assert np.array_equal(back, images)
+
+
+def test_padding_is_masked_and_seed_is_per_prompt(tmp_path):
+    folder, _, _ = tiny_folder(tmp_path)
+    gen = A.AnchorGenerator.load(folder, device="cpu", text_encoder=TinyText())
+    alone = gen.generate(["red circle"])
+    batch = gen.generate(["a long prompt with many more words", "red circle"])
+    assert np.abs(alone[0].astype(int) - batch[1].astype(int)).max() <= 1  # same anchor in any batch
+    again = gen.generate(["red circle"], seed=0)
+    other = gen.generate(["red circle"], seed=1)
+    assert np.array_equal(alone, again) and not np.array_equal(alone, other)
+    assert alone.shape == (1, 8, 8, 3) and alone.dtype == np.uint8
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    folder, _, _ = tiny_folder(tmp_path)
+    gen = A.AnchorGenerator.load(folder, device="cpu", text_encoder=TinyText())
+    for bad, msg in (([""], "empty"), ([], "no prompts"), ("text", "list")):
+        with pytest.raises(A.AnchorError, match=msg):
+            gen.generate(bad)
+    with pytest.raises(A.AnchorError, match="steps"):
+        gen.generate(["x"], steps=0)
+    with pytest.raises(A.AnchorError, match="not found"):
+        A.AnchorGenerator.load(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(A.AnchorError, match="not a generator folder"):
+        A.AnchorGenerator.load(tmp_path / "junk")
+
+
+def test_cache_makes_repeats_free(tmp_path):
+    folder, _, _ = tiny_folder(tmp_path)
+    gen = A.AnchorGenerator.load(folder, device="cpu", cache_dir=tmp_path / "cache", text_encoder=TinyText())
+    first = gen.generate(["red circle", "blue square"], steps=2)
+    calls = []
+    render = gen._render
+    gen._render = lambda *a: calls.append(a) or render(*a)
+    second = gen.generate(["blue square", "red circle"], steps=2)
+    assert calls == [] and np.array_equal(first[::-1], second)
+    gen.generate(["blue square"], steps=3)  # another step count is another key
+    assert len(calls) == 1
+    assert gen.cache.hits == 2
+
+
+def test_folder_roundtrip_and_id(tmp_path):
+    folder, model, cfg = tiny_folder(tmp_path)
+    assert A.generator_kind(folder) == "builtin"
+    loaded = A.load_builtin_transformer(folder)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert A.read_builtin_config(folder)[0] == cfg
+    assert A.generator_id(folder).startswith("builtin:gen@")
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    other, _, _ = tiny_folder(tmp_path, "gen2", seed=1)
+    assert A.generator_id(folder).split("@")[1] != A.generator_id(other).split("@")[1]
+
+
+def test_anchor_store_roundtrip(tmp_path):
+    from engine.vision import RegionExtractor, VisionConfig
+
+    folder, _, _ = tiny_folder(tmp_path)
+    gen = A.AnchorGenerator.load(folder, device="cpu", text_encoder=TinyText())
+    extractor = RegionExtractor.from_config(VisionConfig(image_size=64, weights="random"))
+    ids = ["video1#enc#0", "video1#enc#1", "video2#enc#0"]
+    prompts = ["red circle", "a red circle", "blue square"]
+    out = A.write_anchor_store(tmp_path / "store", gen, extractor, ids, prompts, {"protocol": "query"}, steps=2,
+                               batch_size=2, png_dir=tmp_path / "png", progress=False)
+    got_ids, regions, meta = A.read_anchor_store(out)
+    assert got_ids == ids and regions.shape == (3, 4, 2048)
+    assert meta["regions"] == 4 and meta["dim"] == 2048 and meta["steps"] == 2 and meta["protocol"] == "query"
+    expect = extractor.regions(gen.generate(prompts[2:], steps=2))
+    assert np.allclose(regions[2], expect[0].numpy(), atol=1e-5)
+    assert len(list((tmp_path / "png").glob("*.png"))) == 3
+    with pytest.raises(A.AnchorError, match="anchor store"):
+        A.read_anchor_store(tmp_path / "png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real FLUX.1 layout: a tiny random FluxPipeline saved to disk in the diffusers layout
+
+
+def tiny_flux_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(0)
+    words = ["a", "red", "blue", "circle", "square", "moves", "left", "right"]
+    vocab = {w + "</w>": i for i, w in enumerate(words)}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    t5tok = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words],
+                        extra_ids=0, model_max_length=77)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=1,
+                                        vocab_size=len(vocab), max_position_embeddings=77, projection_dim=32,
+                                        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                        pad_token_id=vocab["<|endoftext|>"]))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(words) + 8, d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4))
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 16, 16, 16), latent_channels=16, norm_num_groups=8,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                axes_dims_rope=(4, 4, 8))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False), vae=vae,
+                        text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5tok, transformer=tr)
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flux") / "tiny-flux"
+    tiny_flux_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_real_flux_folder_generates_seeded_batches(flux_dir, tmp_path):
+    assert A.generator_kind(flux_dir) == "flux"
+    opts = A.GeneratorOptions(size=32, steps=2, max_sequence_length=16)
+    gen = A.AnchorGenerator.load(flux_dir, opts, device="cpu", cache_dir=tmp_path / "c")
+    assert gen.generator_id.startswith("flux:tiny-flux@") and gen.default_steps == 4
+    both = gen.generate(["a red circle", "blue square"])
+    assert both.shape == (2, 32, 32, 3) and both.dtype == np.uint8
+    gen2 = A.AnchorGenerator.load(flux_dir, opts, device="cpu")
+    alone = gen2.generate(["blue square"])
+    assert np.abs(alone[0].astype(int) - both[1].astype(int)).max() <= 2  # per-prompt seed, any batch
+
+
+def test_real_flux_lora_load_and_fuse(flux_dir, tmp_path):
+    from diffusers import FluxPipeline
+
+    from training.generator import add_lora, save_lora
+
+    pipe = FluxPipeline.from_pretrained(flux_dir, local_files_only=True)
+    add_lora(pipe.transformer, rank=4)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    kwargs = dict(height=32, width=32, num_inference_steps=2, guidance_scale=0.0, max_sequence_length=16,
+                  output_type="np")
+    with_lora = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    save_lora(tmp_path / "lora", pipe.transformer)
+    gen = A.AnchorGenerator.load(flux_dir, A.GeneratorOptions(size=32, steps=2, max_sequence_length=16,
+                                                              adapters=[(str(tmp_path / "lora"), 1.0)]), device="cpu")
+    fused = gen.backend.pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert not any("lora" in n for n, _ in gen.backend.pipe.transformer.named_parameters())  # fused, unloaded
+    assert np.abs(with_lora - fused).max() < 1e-4
+    assert json.loads((flux_dir / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+
+
+def test_real_flux_without_text_encoders(flux_dir):
+    gen = A.AnchorGenerator.load(flux_dir, A.GeneratorOptions(size=32, steps=2), device="cpu", text_encoder="skip")
+    assert gen.backend.pipe.text_encoder is None and gen.backend.pipe.text_encoder_2 is None
+    embeds, pooled = torch.randn(2, 5, 32), torch.randn(2, 32)
+    images = gen.backend(steps=2, seeds=[1, 2], size=32, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    again = gen.backend(steps=2, seeds=[1, 2], size=32, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    assert images.shape == (2, 32, 32, 3) and np.array_equal(images, again)

@@ -1,0 +1,192 @@
+"""Training the anchor generator on tiny configs: teacher, LoRA (save / load / fuse), progressive
+distillation, the CLI and the benchmark's --tiny run."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import anchors as A
+from tests.test_anchors import TINY, TinyText, tiny_folder
+from training import generator as G
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """A 6-video collection on disk: 3 frames of 16 px each, 2 captions per video."""
+    root = tmp_path_factory.mktemp("data")
+    col = root / "mini"
+    (col / "ImageData").mkdir(parents=True)
+    (col / "TextData").mkdir()
+    colours = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
+    lines = []
+    for v in range(6):
+        name = list(colours)[v % 3]
+        for f in range(3):
+            img = np.zeros((16, 16, 3), np.uint8)
+            img[4 + f:10 + f, 2 + v:8 + v] = colours[name]
+            Image.fromarray(img).save(col / "ImageData" / f"video{v}_{f}.png")
+        lines += [f"video{v}#enc#0 a {name} square", f"video{v}#enc#1 a small {name} square moves down"]
+    (col / "TextData" / "minitrain.caption.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_key_frames_and_pairs(collection):
+    from engine.datasets import Collection
+
+    col = Collection(collection, "mini")
+    paths = G.key_frame_paths(col, ["video0", "video3"])
+    assert [p.name for p in paths] == ["video0_1.png", "video3_1.png"]  # the middle of 3 frames
+    prompts, videos, vids = G.training_pairs(col, "train", "both", 8)
+    assert len(prompts) == 12 + 6 and vids[0] == "video0" and videos[-1] == 5
+    with pytest.raises(A.AnchorError, match="prompt"):
+        G.training_pairs(col, "train", "poem", 8)
+
+
+def test_train_teacher_writes_checkpoint_and_grid(collection, tmp_path):
+    cfg = G.TeacherConfig(root=str(collection), out=str(tmp_path / "teacher"), collection="mini", iterations=3,
+                          batch_size=4, checkpoint_every=2, grid_prompts=3, grid_steps=2,
+                          generator=A.BuiltinConfig(**TINY))
+    summary = G.train_teacher(cfg, encoder=TinyText(), progress=False)
+    assert summary["iterations"] == 3 and np.isfinite(summary["loss"])
+    grids = sorted(p.name for p in (tmp_path / "teacher" / "samples").glob("*.png"))
+    assert grids == ["step000002.png", "step000003.png"]  # kept across checkpoints
+    info = json.loads((tmp_path / "teacher" / "config.json").read_text())["info"]
+    assert info["iterations"] == 3 and info["pairs"] == 18
+    gen = A.AnchorGenerator.load(tmp_path / "teacher", device="cpu", text_encoder=TinyText())
+    assert gen.generate(["a red square"]).shape == (1, 8, 8, 3)
+
+
+def test_lora_save_load_fuse_reproduces(collection, tmp_path):
+    base, _, _ = tiny_folder(tmp_path)
+    cfg = G.LoraTrainConfig(base=str(base), root=str(collection), out=str(tmp_path / "lora"), collection="mini",
+                            rank=4, iterations=3, batch_size=4, lr=1e-2)
+    summary = G.train_lora(cfg, encoder=TinyText(), progress=False)
+    assert summary["trainable_parameters"] > 0 and (tmp_path / "lora" / A.LORA_FILE).is_file()
+    # The unfused peft model, rebuilt from the file, vs the fused generator.
+    from diffusers import FluxPipeline
+
+    keys = FluxPipeline.lora_state_dict(str(tmp_path / "lora"))
+    keys = keys[0] if isinstance(keys, tuple) else keys
+    assert all(k.startswith("transformer.") for k in keys)
+    assert any("proj_mlp" in k for k in keys) and any("add_q_proj" in k for k in keys)
+    text = TinyText()
+    plain = A.AnchorGenerator.load(base, device="cpu", text_encoder=text)
+    unfused = A.load_builtin_transformer(base)
+    unfused.load_lora_adapter(str(tmp_path / "lora" / A.LORA_FILE), adapter_name="a", prefix="transformer")
+    fused = A.AnchorGenerator.load(base, A.GeneratorOptions(adapters=[(str(tmp_path / "lora"), 1.0)]), device="cpu",
+                                   text_encoder=text)
+    assert not any("lora" in n for n, _ in fused.backend.transformer.named_parameters())
+    cond = fused.backend.encode_prompt(["a red square", "blue"])
+    noise = fused.backend.noise([1, 2])
+    ids = A.image_ids(4, 4)
+    with torch.no_grad():
+        v_fused = A.flux_velocity(fused.backend.transformer, noise, torch.tensor([0.7, 0.3]), cond, ids)
+        v_lora = A.flux_velocity(unfused.eval(), noise, torch.tensor([0.7, 0.3]), cond, ids)
+        v_base = A.flux_velocity(plain.backend.transformer, noise, torch.tensor([0.7, 0.3]), cond, ids)
+    assert torch.allclose(v_fused, v_lora, atol=1e-5)
+    assert (v_fused - v_base).abs().max() > 1e-4  # the adapter does something
+    assert fused.adapter_id != plain.adapter_id
+
+
+def test_progressive_distillation(collection, tmp_path):
+    from training.distill import DistillConfig, distill, two_step_target
+
+    teacher, model, _ = tiny_folder(tmp_path)
+    cfg = DistillConfig(teacher=str(teacher), out=str(tmp_path / "students"), steps=[2, 1], start_steps=4,
+                        iterations=2, batch_size=4, root=str(collection), collection="mini")
+    assert cfg.stages() == [2, 1]
+    summary = distill(cfg, encoder=TinyText(), progress=False)
+    assert [s["steps"] for s in summary["stages"]] == [2, 1]
+    for n in (2, 1):
+        gcfg, info = A.read_builtin_config(tmp_path / "students" / f"{n}step")
+        assert gcfg.default_steps == n and "progressive" in info["method"]
+    # The target is exactly two Euler half-steps of the teacher.
+    cond = A.Conditioning(torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.bool), torch.randn(1, 16))
+    x, ids = torch.randn(1, 4, 48), A.image_ids(4, 4)
+    s, s1 = torch.tensor([1.0]), torch.tensor([0.5])
+    v = two_step_target(model.eval(), x, s, s1, cond, ids)
+    ref = A.euler_sample(model, x, cond, 2, ids)  # the 2-step sampler over [1, 0.5, 0] ...
+    half = x + (s1 - s) * v  # ... lands where the target's single step from 1 to 0.5 would, via 0.75
+    mid = x - 0.25 * A.flux_velocity(model, x, s, cond, ids)
+    twice = mid - 0.25 * A.flux_velocity(model, mid, torch.tensor([0.75]), cond, ids)
+    assert torch.allclose(half, twice, atol=1e-5) and ref.shape == x.shape
+    for bad, msg in ((dict(steps=[3]), "halving"), (dict(root=None), "root"), (dict(steps=[0]), ">= 1")):
+        with pytest.raises(A.AnchorError, match=msg):
+            DistillConfig(**{**dict(teacher="t", out="o", root="r"), **bad}).stages()
+
+
+def _parser():
+    from training.generator_cli import add_anchors_command, add_generator_commands
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    add_generator_commands(sub)
+    add_anchors_command(sub)
+    return p
+
+
+def test_cli_errors_are_one_line(tmp_path, collection):
+    p = _parser()
+    cases = [
+        (["generator", "train", "--root", str(tmp_path), "--collection", "nope", "--out", "x"], "collection"),
+        (["generator", "lora", "--base", str(tmp_path / "none"), "--root", str(collection), "--out", "x"], "base"),
+        (["generator", "distill", "--teacher", str(tmp_path / "none"), "--out", "x"], "teacher"),
+        (["anchors", "--generator", str(tmp_path / "none"), "--root", str(collection), "--out", "x"], "generator"),
+    ]
+    for argv, word in cases:
+        args = p.parse_args(argv)
+        with pytest.raises(ValueError, match=word):
+            args.func(args)
+    teacher, _, _ = tiny_folder(tmp_path)
+    args = p.parse_args(["anchors", "--generator", str(teacher), "--root", str(collection), "--collection", "mini",
+                         "--prompt", "poem", "--out", "x"])
+    with pytest.raises(ValueError, match="query"):
+        args.func(args)
+    with pytest.raises(SystemExit):  # steps < 1 is refused by argparse
+        p.parse_args(["generator", "distill", "--teacher", "t", "--out", "o", "--steps", "0"])
+
+
+def test_cli_anchors_end_to_end(tmp_path, collection, monkeypatch):
+    """`cvr anchors` with the SSSS protocol on a tiny generator (the text encoder stubbed)."""
+    teacher, _, _ = tiny_folder(tmp_path)
+    monkeypatch.setattr(A.BuiltinFluxPipeline, "text_encoder", property(lambda self: TinyText()))
+    args = _parser().parse_args([
+        "anchors", "--generator", str(teacher), "--root", str(collection), "--collection", "mini", "--split",
+        "train", "--prompt", "ssss", "--steps", "2", "--out", str(tmp_path / "store"), "--vision-weights", "random",
+        "--png", str(tmp_path / "png"), "--quiet"])
+    monkeypatch.setattr(TinyText, "tokenizer", lambda self, t: {"input_ids": t.split()}, raising=False)
+    assert args.func(args) == 0
+    ids, regions, meta = A.read_anchor_store(tmp_path / "store")
+    assert ids == [f"video{v}" for v in range(6)] and regions.shape == (6, 4, 2048)
+    assert meta["protocol"] == "ssss" and meta["steps"] == 2 and meta["image_size"] == 64
+
+
+def test_bench_tiny(tmp_path):
+    from bench.generator import main
+
+    assert main(["--tiny", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "generator_bench.md").read_text()
+    assert "| teacher | 28 |" in table and "student-4step" in table
+    result = json.loads((tmp_path / "generator_bench.json").read_text())
+    assert {r["steps"] for r in result["rows"]} == {1, 2, 4, 8, 28}
+    assert (tmp_path / "generator_steps.png").is_file()
+
+
+def test_bench_downstream_hook(tmp_path):
+    from bench.generator import _tiny, run
+
+    teacher, students, prompts, encoder = _tiny(tmp_path)
+    seen = []
+
+    def downstream(generate):
+        images = generate(prompts[:3])
+        seen.append(images.shape)
+        return 0.5
+
+    result = run(teacher, students, prompts, tmp_path / "out", encoder=encoder, downstream=downstream, repeats=1,
+                 n_distance=4, batch=2, grid_prompts=2)
+    assert seen == [(3, 8, 8, 3)] * 6 and all(r["r_at_1"] == 0.5 for r in result["rows"])
+    assert "| 0.5 |" in (tmp_path / "out" / "generator_bench.md").read_text()

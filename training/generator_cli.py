@@ -1,0 +1,233 @@
+"""``cvr generator train|lora|distill`` and ``cvr anchors``: argparse sub-commands.
+
+engine/cli.py wires them in with :func:`add_generator_commands` and :func:`add_anchors_command`;
+each sub-command sets ``func=handler``, ``handler(args) -> int``, and raises ValueError (one-line
+message) on bad input. ``python -m training.generator_cli generator train ...`` runs them standalone.
+Heavy imports (torch, diffusers) happen inside the handlers, so building the parser is cheap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def _existing_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} folder not found: {path}")
+    return path
+
+
+def _threads(args) -> None:
+    import torch
+
+    # One thread by default: on a shared 2-core machine two threads are 10-40x noisier.
+    torch.set_num_threads(args.threads)
+
+
+def _print(summary: dict) -> None:
+    print(json.dumps(summary, indent=1, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# cvr generator train
+
+
+def _cmd_train(args) -> int:
+    from engine.anchors import BuiltinConfig
+    from training.generator import TeacherConfig, train_teacher
+
+    _existing_dir(os.path.join(args.root, args.collection), "collection")
+    _threads(args)
+    gcfg = BuiltinConfig(image_size=args.image_size, fold=args.fold, num_layers=args.double_blocks,
+                         num_single_layers=args.single_blocks, text_encoder=args.text_encoder)
+    cfg = TeacherConfig(root=args.root, out=args.out, collection=args.collection, split=args.split,
+                        prompt=args.prompt, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                        seed=args.seed, checkpoint_every=args.checkpoint_every, generator=gcfg)
+    _print(train_teacher(cfg, progress=not args.quiet))
+    return 0
+
+
+def _cmd_lora(args) -> int:
+    from training.generator import LoraTrainConfig, train_lora
+
+    _existing_dir(args.base, "base generator")
+    _existing_dir(os.path.join(args.root, args.collection), "collection")
+    _threads(args)
+    cfg = LoraTrainConfig(base=args.base, root=args.root, out=args.out, collection=args.collection, split=args.split,
+                          prompt=args.prompt, rank=args.rank, iterations=args.iterations, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed, image_size=args.image_size)
+    _print(train_lora(cfg, progress=not args.quiet))
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from training.distill import DistillConfig, distill
+
+    _existing_dir(args.teacher, "teacher")
+    _threads(args)
+    cfg = DistillConfig(teacher=args.teacher, out=args.out, steps=sorted(set(args.steps), reverse=True),
+                        start_steps=args.start_steps, iterations=args.iterations, batch_size=args.batch_size,
+                        lr=args.lr, seed=args.seed, root=args.root, collection=args.collection, split=args.split)
+    _print(distill(cfg, progress=not args.quiet))
+    return 0
+
+
+def add_generator_commands(subparsers) -> argparse.ArgumentParser:
+    """Add ``generator`` with sub-commands train, lora and distill."""
+    gen = subparsers.add_parser("generator", help="train, LoRA-finetune and distill the anchor generator")
+    sub = gen.add_subparsers(dest="generator_command", required=True)
+
+    def common(p, iterations, batch, lr):
+        p.add_argument("--iterations", type=_positive("--iterations"), default=iterations)
+        p.add_argument("--batch-size", type=_positive("--batch-size"), default=batch)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=_positive("--threads"), default=1)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def data(p, prompt, required=True):
+        p.add_argument("--root", required=required, help="data root holding the collection")
+        p.add_argument("--collection", default="synth")
+        p.add_argument("--split", default="train")
+        p.add_argument("--prompt", choices=("caption", "ssss", "both"), default=prompt)
+
+    t = sub.add_parser("train", help="train the built-in FLUX teacher with the rectified-flow loss")
+    data(t, "both")
+    t.add_argument("--out", required=True, help="generator folder to write (config.json + transformer/)")
+    t.add_argument("--image-size", type=_positive("--image-size"), default=32)
+    t.add_argument("--fold", type=_positive("--fold"), default=2, help="pixel_unshuffle factor (image space)")
+    t.add_argument("--double-blocks", type=_positive("--double-blocks"), default=2)
+    t.add_argument("--single-blocks", type=_positive("--single-blocks"), default=4)
+    t.add_argument("--text-encoder", default=None, help="local HF encoder folder (default: packaged MiniLM)")
+    t.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"), default=500)
+    common(t, 2000, 32, 1e-3)
+    t.set_defaults(func=_cmd_train)
+
+    lo = sub.add_parser("lora", help="LoRA-finetune a FLUX transformer (built-in or FLUX.1) with peft")
+    lo.add_argument("--base", required=True, help="built-in generator folder or FLUX.1 diffusers folder")
+    data(lo, "ssss")
+    lo.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
+    lo.add_argument("--rank", type=_positive("--rank"), default=8)
+    lo.add_argument("--image-size", type=_positive("--image-size"), default=None,
+                    help="real FLUX only: training resolution (default 512)")
+    common(lo, 300, 16, 1e-3)
+    lo.set_defaults(func=_cmd_lora)
+
+    d = sub.add_parser("distill", help="progressive distillation of a built-in teacher to few steps")
+    d.add_argument("--teacher", required=True)
+    d.add_argument("--steps", type=_positive("--steps"), nargs="+", default=[4])
+    d.add_argument("--start-steps", type=_positive("--start-steps"), default=32,
+                   help="the teacher's fine grid: halved each stage down to the smallest --steps")
+    d.add_argument("--out", required=True, help="folder: one student sub-folder per step count")
+    data(d, "both", required=False)
+    common(d, 200, 32, 3e-4)
+    d.set_defaults(func=_cmd_distill)
+    return gen
+
+
+# ---------------------------------------------------------------------------------------------
+# cvr anchors
+
+
+def _cmd_anchors(args) -> int:
+    from engine.anchors import AnchorGenerator, GeneratorOptions, write_anchor_store
+    from engine.datasets import Collection, video_id_of
+    from engine.vision import RegionExtractor, VisionConfig
+
+    _existing_dir(args.generator, "generator")
+    _existing_dir(os.path.join(args.root, args.collection), "collection")
+    if args.protocol not in ("query", "ssss"):
+        raise ValueError(f"--prompt must be 'query' or 'ssss', got {args.protocol!r}")
+    _threads(args)
+    collection = Collection(args.root, args.collection)
+    captions = collection.captions(args.split)
+    if not captions:
+        raise ValueError(f"split {args.split!r} has no captions")
+    options = GeneratorOptions(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                               adapters=[(p, 1.0) for p in args.lora or []])
+    generator = AnchorGenerator.load(args.generator, options, device=args.device, cache_dir=args.cache)
+    if args.protocol == "query":
+        ids = [c for c, _ in captions]
+        prompts = [t for _, t in captions]
+    else:
+        from training.ssss import super_sentences
+
+        by_video: dict[str, list[str]] = {}
+        for cap_id, text in captions:
+            by_video.setdefault(video_id_of(cap_id), []).append(text)
+        count = None
+        max_tokens = 32
+        if generator.kind == "builtin":
+            enc = generator.backend.text_encoder
+            count, max_tokens = (lambda t: len(enc.tokenizer(t)["input_ids"])), enc.max_length
+        sentences = super_sentences(by_video, max_tokens, count)
+        ids, prompts = list(sentences), list(sentences.values())
+    if args.limit:
+        ids, prompts = ids[: args.limit], prompts[: args.limit]
+    weights = args.vision_weights
+    vision = VisionConfig(image_size=args.image_size, weights=weights)
+    extractor = RegionExtractor.from_config(vision, device=args.device or "cpu")
+    meta = {"protocol": args.protocol, "collection": args.collection, "split": args.split,
+            "generator": os.path.abspath(args.generator), "vision_weights": weights or "builtin"}
+    write_anchor_store(args.out, generator, extractor, ids, prompts, meta, steps=args.steps, seed=args.seed,
+                       batch_size=args.batch_size, png_dir=args.png, progress=not args.quiet)
+    print(f"wrote {len(ids)} anchors ({args.protocol} protocol) to {args.out}")
+    return 0
+
+
+def add_anchors_command(subparsers) -> argparse.ArgumentParser:
+    a = subparsers.add_parser("anchors", help="generate the anchor store (region grids of anchor images)")
+    a.add_argument("--generator", required=True, help="generator folder (built-in or FLUX.1 diffusers)")
+    a.add_argument("--root", required=True)
+    a.add_argument("--collection", default="synth")
+    a.add_argument("--split", default="test")
+    a.add_argument("--prompt", dest="protocol", default="query",
+                   help="query: one anchor per caption (fair); ssss: one per video from all its captions")
+    a.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the generator's own")
+    a.add_argument("--out", required=True, help="anchor store folder (BigFile + anchor_meta.json)")
+    a.add_argument("--png", default=None, help="also write each anchor as a PNG into this folder")
+    a.add_argument("--lora", nargs="*", default=None, help="LoRA files or folders to fuse")
+    a.add_argument("--cache", default=None, help="on-disk anchor cache folder")
+    a.add_argument("--image-size", type=_positive("--image-size"), default=64, help="ResNet-50 input size")
+    a.add_argument("--vision-weights", default=None, help="None: built-in extractor; 'random'; a path")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--batch-size", type=_positive("--batch-size"), default=32)
+    a.add_argument("--limit", type=int, default=0, help="only the first N ids (smoke tests)")
+    a.add_argument("--device", default=None)
+    a.add_argument("--threads", type=_positive("--threads"), default=1)
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=_cmd_anchors)
+    return a
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.generator_cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generator_commands(sub)
+    add_anchors_command(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
