@@ -155,7 +155,9 @@ def _cmd_anchors(args) -> int:
         raise ValueError(f"--prompt must be 'query' or 'ssss', got {args.protocol!r}")
     _threads(args)
     collection = Collection(args.root, args.collection)
-    captions = collection.captions(args.split)
+    # One store may cover several splits ("train,val,test"): training reads train and val anchors
+    # from the store it is given, evaluation the test ones.
+    captions = [pair for split in args.split.split(",") for pair in collection.captions(split.strip())]
     if not captions:
         raise ValueError(f"split {args.split!r} has no captions")
     options = GeneratorOptions(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
@@ -195,7 +197,7 @@ def add_anchors_command(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--generator", required=True, help="generator folder (built-in or FLUX.1 diffusers)")
     a.add_argument("--root", required=True)
     a.add_argument("--collection", default="synth")
-    a.add_argument("--split", default="test")
+    a.add_argument("--split", default="test", help="a split, or several joined by commas (train,val,test)")
     a.add_argument("--prompt", dest="protocol", default="query",
                    help="query: one anchor per caption (fair); ssss: one per video from all its captions")
     a.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the generator's own")
