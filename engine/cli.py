@@ -317,54 +317,89 @@ def _add_demo(sub) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+SHIPPED_STUDENT = os.path.join(os.path.dirname(__file__), "weights", "generator", "students", "4step")
+
+
 def _cmd_demo(args) -> int:
-    """Built-in data set -> text-only model -> test metrics (later: anchors, index, search, latency)."""
+    """Built-in data set -> text-only model and full model (anchors from the shipped 4-step student)
+    -> test metrics of both -> gallery -> search with per-stage latency."""
     import torch
 
+    torch.set_num_threads(1)  # one thread: on a small shared machine more threads are slower and noisier
+    print("== 1. the built-in data set ==", flush=True)
+    root, collection = _demo_data(args)
+    quiet = ["--quiet"] if args.quiet else []
+    common = ["--root", root, "--collection", collection]
+    train = ["train", *common, "--epochs", str(args.epochs), "--seed", str(args.seed), *quiet]
+
+    print("\n== 2. the text-only model (MiniLM text encoder, RIVRL video tower) ==", flush=True)
+    text_only = os.path.join(args.out, "text_only")
+    if code := main([*train, "--out", text_only]):
+        return code
+
+    print("\n== 3. anchors from the shipped 4-step student (fair query protocol), then the full model ==",
+          flush=True)
+    anchors = os.path.join(args.out, "anchors_student4")
+    if code := main(["anchors", "--generator", SHIPPED_STUDENT, *common, "--split", "train,val,test",
+                     "--prompt", "query", "--out", anchors, "--cache", os.path.join(args.out, "anchor_cache"),
+                     *quiet]):
+        return code
+    full = os.path.join(args.out, "full")
+    if code := main([*train, "--out", full, "--anchors", anchors]):
+        return code
+
+    print("\n== 4. test metrics ==", flush=True)
+    rows = _demo_metrics(args.out, root, collection, [("text-only", text_only, None), ("full", full, anchors)])
+    print(rows)
+
+    print("\n== 5. index the test split, then search with the full model ==", flush=True)
+    gallery = os.path.join(args.out, "gallery_full")
+    if code := main(["index", "--checkpoint", full, *common, "--split", "test", "--out", gallery, "--quiet"]):
+        return code
+    test_captions = _collection(root, collection).captions("test")
+    examples = [caption for _, caption in test_captions[:: max(1, len(test_captions) // 3)]][:3]
+    k = str(min(5, len(_collection(root, collection).split_video_ids("test"))))
+    return main(["search", "--gallery", gallery, "--checkpoint", full, "-k", k,
+                 "--anchor-cache", os.path.join(args.out, "anchor_cache"), *examples])
+
+
+def _collection(root: str, name: str):
     from engine.datasets import Collection
-    from engine.metrics import format_metrics_table
+
+    return Collection(root, name)
+
+
+def _demo_data(args) -> tuple:
     from training.synthetic import SynthConfig, write_collection
 
     config = SynthConfig(videos=args.videos, seed=args.seed)
     root = os.path.join(args.out, "data")
     collection_dir = os.path.join(root, config.collection)
-    torch.set_num_threads(1)  # one thread: on a small shared machine more threads are slower and noisier
-    print("== 1. the built-in data set ==", flush=True)
     if _same_synth_config(collection_dir, config):
         print(f"reusing {collection_dir} (same configuration)")
-        summary = Collection(root, config.collection).summary(config.feature)
+        summary = _collection(root, config.collection).summary(config.feature)
     else:
         summary = write_collection(root, config, progress=not args.quiet)
     print(format_summary(summary, collection_dir))
+    return root, config.collection
 
-    print("\n== 2. the text-only model (MiniLM text encoder, RIVRL video tower) ==", flush=True)
-    checkpoint = os.path.join(args.out, "text_only")
-    argv = ["train", "--root", root, "--collection", config.collection, "--out", checkpoint,
-            "--epochs", str(args.epochs), "--seed", str(args.seed)] + (["--quiet"] if args.quiet else [])
-    code = main(argv)
-    if code:
-        return code
-    print("\n== 3. test metrics ==", flush=True)
+
+def _demo_metrics(out: str, root: str, collection: str, models: list) -> str:
+    """One Markdown table, a row per model, with the chance level of the split."""
     from training.retrieval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, root, config.collection, "test",
-                                 out=os.path.join(args.out, "text_only_test"))
-    chance_r1 = 100.0 / result["videos"]
-    print(f"built-in test split: {result['queries']} queries, {result['videos']} videos "
-          f"(chance: t2v R@1 {chance_r1:.1f}, R@10 {min(100.0, 10 * chance_r1):.1f})")
-    print(format_metrics_table(result["metrics"]))
-
-    print("\n== 4. index the test split, then search ==", flush=True)
-    gallery = os.path.join(args.out, "gallery_text_only")
-    index_argv = ["index", "--checkpoint", checkpoint, "--root", root, "--collection", config.collection,
-                  "--split", "test", "--out", gallery, "--quiet"]
-    code = main(index_argv)
-    if code:
-        return code
-    test_captions = Collection(root, config.collection).captions("test")
-    examples = [caption for _, caption in test_captions[:: max(1, len(test_captions) // 3)]][:3]
-    k = str(min(5, result["videos"]))
-    return main(["search", "--gallery", gallery, "--checkpoint", checkpoint, "-k", k, *examples])
+    lines = ["| model | t2v R@1 | R@5 | R@10 | MedR | mAP | v2t R@1 | R@5 | R@10 | SumR |", "|---" * 10 + "|"]
+    for name, checkpoint, anchors in models:
+        result = evaluate_checkpoint(checkpoint, root, collection, "test", anchors=anchors,
+                                     out=os.path.join(out, f"{os.path.basename(checkpoint)}_test"))
+        m = result["metrics"]
+        lines.append(f"| {name} | {m['t2v_r1']:.1f} | {m['t2v_r5']:.1f} | {m['t2v_r10']:.1f} | {m['t2v_medr']:.1f} "
+                     f"| {m['t2v_map']:.3f} | {m['v2t_r1']:.1f} | {m['v2t_r5']:.1f} | {m['v2t_r10']:.1f} "
+                     f"| {m['sumr']:.1f} |")
+    chance = 100.0 / result["videos"]
+    lines.append(f"| chance | {chance:.1f} | {min(100, 5 * chance):.1f} | {min(100, 10 * chance):.1f} | | | | | | |")
+    header = f"built-in test split: {result['queries']} queries, {result['videos']} videos"
+    return header + "\n" + "\n".join(lines)
 
 
 def _same_synth_config(collection_dir: str, config) -> bool:

@@ -129,11 +129,12 @@ class Retriever:
         clock = time.perf_counter()
         features = self.model.text(texts)
         timings.text += time.perf_counter() - clock
-        regions = None
+        regions, anchor_paths = None, [None] * len(texts)
         if self.generator is not None:
             clock = time.perf_counter()
             images = self.generator.generate(texts)
             timings.anchor += time.perf_counter() - clock
+            anchor_paths = self._save_anchor_pngs(texts, images)
             clock = time.perf_counter()
             regions = self.extractor.regions(images).to(self.device)
             timings.vision += time.perf_counter() - clock
@@ -146,12 +147,27 @@ class Retriever:
         ids = self.gallery.ids
         return [
             SearchResult(text, [(ids[j], float(v)) for v, j in zip(row_v.tolist(), row_i.tolist(), strict=True)],
-                         anchor=self._anchor_path(text))
-            for text, row_v, row_i in zip(texts, values, indices, strict=True)
+                         anchor=path)
+            for text, row_v, row_i, path in zip(texts, values, indices, anchor_paths, strict=True)
         ]
 
-    def _anchor_path(self, text: str) -> str | None:
-        cache = getattr(self.generator, "cache", None) if self.generator is not None else None
-        if cache is None or not hasattr(cache, "path_of"):
-            return None
-        return cache.path_of(text, self.generator)
+    def _save_anchor_pngs(self, texts: list, images) -> list:
+        """With an anchor cache, each query's anchor is also kept as a PNG a person can open."""
+        if not self.anchor_cache:
+            return [None] * len(texts)
+        import hashlib
+        import os
+
+        from PIL import Image
+
+        folder = os.path.join(self.anchor_cache, "png")
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for text, image in zip(texts, images, strict=True):
+            name = hashlib.sha256(f"{self.generator.generator_id}|{self.steps}|{text}".encode()).hexdigest()[:16]
+            path = os.path.join(folder, f"{name}.png")
+            if not os.path.exists(path):
+                Image.fromarray(image).save(path + ".tmp.png")
+                os.replace(path + ".tmp.png", path)
+            paths.append(path)
+        return paths

@@ -9,8 +9,12 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     assert main(["demo", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "== 1. the built-in data set ==" in printed
-    assert "| t2v |" in printed and "chance: t2v R@1" in printed
-    assert os.path.exists(os.path.join(out, "text_only", "model.safetensors"))
+    for row in ("| text-only |", "| full |", "| chance |", "| rank | video id | score | anchor |",
+                "latency per query (ms): text"):
+        assert row in printed, row
+    for checkpoint in ("text_only", "full"):
+        assert os.path.exists(os.path.join(out, checkpoint, "model.safetensors"))
+    assert os.path.exists(os.path.join(out, "anchors_student4", "anchor_meta.json"))
     # A second run reuses the data set instead of drawing it again.
     assert main(["demo", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
     assert "reusing" in capsys.readouterr().out
