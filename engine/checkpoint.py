@@ -8,7 +8,6 @@ or mis-shaped tensors fails with one line naming the tensor.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ import tempfile
 import torch
 from torch import nn
 
-from engine.config import ModelConfig, write_json_atomic
+from engine.config import ModelConfig, read_format_json, write_json_atomic
 from engine.model import Embeddings, Matcher, QueryTower, VideoTower
 
 FORMAT = "cvr-sdgm/checkpoint/1"
@@ -112,19 +111,7 @@ def checkpoint_id(folder: str) -> str:
 
 
 def read_checkpoint_config(folder: str) -> dict:
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
-    path = os.path.join(folder, CONFIG)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{folder}: not a checkpoint (no {CONFIG})")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error.msg if hasattr(error, 'msg') else error})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a CVR-SDGM checkpoint config (format {config.get('format')!r})")
-    return config
+    return read_format_json(folder, CONFIG, FORMAT, CheckpointError, "checkpoint")
 
 
 def load_checkpoint(folder: str, device: str = "cpu") -> CVRModel:

@@ -83,3 +83,22 @@ def write_json_atomic(path: str, value) -> None:
         json.dump(value, handle, indent=1, sort_keys=True)
         handle.write("\n")
     os.replace(temporary, path)
+
+
+def read_format_json(folder: str, name: str, fmt: str, error: type, kind: str) -> dict:
+    """Read `folder/name`, a JSON object whose "format" is `fmt`; anything else raises `error`
+    with one line (missing folder, missing file, bad JSON, another format)."""
+    if not os.path.isdir(folder):
+        raise error(f"{folder}: no such {kind} folder")
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise error(f"{folder}: not a {kind} (no {name})")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        raise error(f"{path}: not valid JSON ({getattr(bad, 'msg', bad)})") from None
+    found = value.get("format") if isinstance(value, dict) else None
+    if found != fmt:
+        raise error(f"{path}: not a CVR-SDGM {kind} file (format {found!r})")
+    return value

@@ -195,19 +195,10 @@ class Gallery:
 
 
 def _read_manifest(folder: str) -> dict:
-    if not os.path.isdir(folder):
-        raise GalleryError(f"{folder}: no gallery folder")
+    from engine.config import read_format_json
+
+    manifest = read_format_json(folder, MANIFEST, FORMAT, GalleryError, "gallery")
     path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        raise GalleryError(f"{folder}: not a gallery (no {MANIFEST})")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GalleryError(f"{path}: not valid JSON ({getattr(error, 'msg', error)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise GalleryError(f"{path}: not a CVR-SDGM gallery manifest (format {found!r})")
     if manifest.get("version") != VERSION:
         raise GalleryError(f"{path}: gallery format version {manifest.get('version')!r}, this engine reads {VERSION}")
     _check_manifest_fields(manifest, path)

@@ -169,7 +169,7 @@ def test_append_refuses_a_gallery_of_another_checkpoint(msrvtt, ckpt, model, tmp
     write_gallery(out, ["a", "b", "c"], emb.lat, emb.con, {"id": "f" * 64})
     with pytest.raises(GalleryError, match="built with checkpoint ffffffffffff"):
         build_gallery(ckpt, msrvtt, "msrvtt10k", split="val", out=out, append=True, model=model, progress=False)
-    with pytest.raises(GalleryError, match="no gallery folder"):
+    with pytest.raises(GalleryError, match="no such gallery folder"):
         build_gallery(ckpt, msrvtt, "msrvtt10k", out=str(tmp_path / "none"), append=True, model=model)
 
 
@@ -220,7 +220,7 @@ def test_load_refuses_missing_damaged_and_foreign_galleries(built, model, tmp_pa
             Gallery.load(folder, **kwargs)
         assert "\n" not in str(info.value)
 
-    refused(str(tmp_path / "nowhere"), "no gallery folder")
+    refused(str(tmp_path / "nowhere"), "no such gallery folder")
     refused(str(tmp_path), "not a gallery")
     refused(built, "built with checkpoint", checkpoint_id="0" * 64)
 
@@ -262,7 +262,7 @@ def test_load_refuses_missing_damaged_and_foreign_galleries(built, model, tmp_pa
 
     g = _copy(built, tmp_path / "format")
     _edit_manifest(g, format="someone-else/gallery")
-    refused(g, "not a CVR-SDGM gallery manifest")
+    refused(g, "not a CVR-SDGM gallery file")
 
     g = _copy(built, tmp_path / "version")
     _edit_manifest(g, version=2)
