@@ -8,7 +8,6 @@ weights, so that test scores never depend on other test items.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from engine import datasets
-from engine.checkpoint import CVRModel, load_checkpoint, save_checkpoint
+from engine.checkpoint import CVRModel, load_checkpoint, read_checkpoint_config, save_checkpoint
 from engine.config import ModelConfig, TrainConfig, write_json_atomic
 from engine.metrics import format_metrics_table, retrieval_metrics
 from engine.model import Embeddings
@@ -314,7 +313,7 @@ def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str 
                         out: str | None = None, backend: str = "torch") -> dict:
     """Metrics of a checkpoint on one split; writes `<out>.json` and `<out>.md` when `out` is given."""
     model = load_checkpoint(checkpoint)
-    config = json.load(open(os.path.join(checkpoint, "config.json"), encoding="utf-8"))
+    config = read_checkpoint_config(checkpoint)
     job = config.get("train", {}).get("job", {})
     coll = datasets.Collection(root, collection)
     vocab = config.get("tag_vocab", [])
