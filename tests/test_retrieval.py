@@ -170,3 +170,15 @@ def test_anchor_store_missing_a_caption_is_one_line(msrvtt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no anchor for caption" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_rivrl_encoder_initialised_from_a_word2vec_bigfile(msrvtt, tmp_path, capsys):
+    words = ["man", "dog", "car", "zebra"]  # "zebra" is not in the captions
+    vectors = np.arange(len(words) * 500, dtype=np.float32).reshape(len(words), 500) / 1000.0
+    datasets.write_bigfile(str(tmp_path / "w2v"), words, vectors)
+    out = str(tmp_path / "rivrl_w2v")
+    argv = ["train", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", "resnext101-resnet152",
+            "--out", out, "--text-encoder", "rivrl", "--vocab-min-count", "1", "--word2vec", str(tmp_path / "w2v"),
+            "--epochs", "1"] + TINY[2:]
+    assert main(argv) == 0
+    assert "word2vec: 3 of" in capsys.readouterr().out
