@@ -124,6 +124,12 @@ def load_checkpoint(folder: str, device: str = "cpu") -> CVRModel:
     config = read_checkpoint_config(folder)
     model_config = ModelConfig.from_dict(config["model"], where=os.path.join(folder, CONFIG))
     text = build_text_encoder(config["text_encoder"])
+    saved_id, found_id = config["text_encoder"].get("model_id"), text.describe().get("model_id")
+    frozen = not any(p.requires_grad for p in text.parameters())
+    if frozen and saved_id and found_id != saved_id:
+        # A frozen encoder's weights are not in the checkpoint: a different one would silently
+        # change every query's features.
+        raise CheckpointError(f"{folder}: trained with text encoder {saved_id}, but {found_id} is installed")
     model = CVRModel(model_config, text)
     weights = os.path.join(folder, WEIGHTS)
     if not os.path.exists(weights):

