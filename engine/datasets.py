@@ -149,7 +149,7 @@ def _check_token(value: object, what: str) -> str:
     return value
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable; a no-op where directories cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -186,7 +186,7 @@ def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -456,7 +456,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     """
     if not os.path.lexists(target):
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
     os.rename(target, old)
@@ -465,7 +465,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -570,7 +570,7 @@ class BigFileWriter:
                     raise ValueError(f"frame {_show(missing)} of video {_show(video_id)} has no row")
             # repr of a plain dict of lists of str: what RIVRL writes and literal_eval reads.
             _write_file(self._tmp / VIDEO2FRAMES_FILE, repr(self._video2frames).encode("utf-8"))
-        _fsync_dir(self._tmp)
+        fsync_dir(self._tmp)
 
     def close(self) -> Path:
         """Finish the folder and rename it into place; returns the target path."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.datasets import fsync_dir
 from engine.model import Embeddings, topk_stable
 
 FORMAT = "cvr-sdgm/gallery"
@@ -385,7 +386,7 @@ def write_gallery(out: str, ids: list, lat: torch.Tensor, con: torch.Tensor, che
             "sources": sources or [],
         }
         _write_manifest(work, manifest)  # last: a folder without it is never taken for a gallery
-        _fsync_dir(work)
+        fsync_dir(work)
         _swap_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -467,7 +468,7 @@ def _swap_into_place(work: str, target: str) -> None:
     deleted only once the new one is in place; if the second rename fails it is put back."""
     if not os.path.exists(target):
         os.replace(work, target)
-        _fsync_dir(os.path.dirname(target))
+        fsync_dir(os.path.dirname(target))
         return
     parent, name = os.path.split(target)
     old = tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}-", dir=parent)
@@ -478,7 +479,7 @@ def _swap_into_place(work: str, target: str) -> None:
     except BaseException:
         os.replace(old, target)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -530,20 +531,6 @@ def _sha256(path: str) -> str:
 def _fsync_file(path: str) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    """Make renames durable (directories cannot be opened for fsync on every platform)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

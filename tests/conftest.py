@@ -16,3 +16,15 @@ import torch  # noqa: E402
 
 # One thread: two threads on a busy 2-core machine are far noisier and no faster for tiny tensors.
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+from msrvtt_fixture import write_msrvtt_fixture  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def msrvtt(tmp_path_factory):
+    """Root folder of a tiny collection `msrvtt10k` in the exact MSR-VTT layout (read-only)."""
+    root = str(tmp_path_factory.mktemp("msrvtt"))
+    write_msrvtt_fixture(root)
+    return root

@@ -1,7 +1,6 @@
 """Galleries: building (`cvr index`), loading and every refusal, crash safety, `--append`, and the
 FAISS first stage with two-stage reranking."""
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from msrvtt_fixture import write_msrvtt_fixture
 
 from engine import datasets
 from engine.checkpoint import CheckpointError, load_checkpoint
@@ -39,22 +39,6 @@ TINY = ["--epochs", "1", "--batch-size", "16", "--latent-dim", "32", "--attn-dim
         "--video-local-dim", "32", "--quiet"]
 
 
-def _fixture_writer():
-    """tests/ is not a package: load test_retrieval's MSR-VTT fixture writer from its file."""
-    spec = importlib.util.spec_from_file_location("_retrieval_fixture", os.path.join(HERE, "test_retrieval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_msrvtt_fixture
-
-
-write_msrvtt_fixture = _fixture_writer()
-
-
-@pytest.fixture(scope="module")
-def msrvtt(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("msrvtt"))
-    write_msrvtt_fixture(root)
-    return root
 
 
 @pytest.fixture(scope="module")

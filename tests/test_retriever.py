@@ -5,7 +5,8 @@ import os
 
 import pytest
 import torch
-from test_retrieval import TINY, write_msrvtt_fixture
+from msrvtt_fixture import write_msrvtt_fixture
+from test_retrieval import TINY
 
 from engine.cli import main
 from engine.retriever import QueryError, Retriever
