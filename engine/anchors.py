@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from engine.datasets import move_into_place
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -364,20 +366,6 @@ def make_readable(folder: Path) -> None:
             os.chmod(os.path.join(root, f), 0o644)
 
 
-def replace_folder(tmp: Path, folder: Path) -> None:
-    """Move the finished folder ``tmp`` to ``folder``: the old one is renamed aside first and deleted
-    only after the new one is in place (both renames stay on one filesystem)."""
-    if not folder.exists():
-        os.replace(tmp, folder)
-        return
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    os.replace(folder, old)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        os.replace(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_builtin(folder, transformer, config: BuiltinConfig, info: dict | None = None) -> Path:
@@ -394,7 +382,7 @@ def save_builtin(folder, transformer, config: BuiltinConfig, info: dict | None =
         make_readable(tmp)
         if (folder / "samples").is_dir():  # keep the sample grids of earlier checkpoints
             os.replace(folder / "samples", tmp / "samples")
-        replace_folder(tmp, folder)
+        move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig, read_format_json, write_json_atomic
+from engine.datasets import move_into_place
 from engine.model import Embeddings, Matcher, QueryTower, VideoTower
 
 FORMAT = "cvr-sdgm/checkpoint/1"
@@ -82,22 +83,11 @@ def save_checkpoint(model: CVRModel, folder: str, log: list | None = None, extra
         }
         write_json_atomic(os.path.join(work, CONFIG), config)
         write_json_atomic(os.path.join(work, LOG), log or [])
-        _replace_folder(work, folder)
+        move_into_place(work, folder)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return checkpoint_id(folder)
-
-
-def _replace_folder(work: str, target: str) -> None:
-    if os.path.exists(target):
-        old = tempfile.mkdtemp(prefix=".ckpt-old-", dir=os.path.dirname(os.path.abspath(target)))
-        os.rmdir(old)
-        os.replace(target, old)
-        os.replace(work, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, target)
 
 
 def checkpoint_id(folder: str) -> str:

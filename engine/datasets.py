@@ -448,12 +448,14 @@ def _check_video2frames(mapping: object) -> dict[str, list[str]]:
     return plain
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``target``, replacing an existing folder.
+def move_into_place(tmp, target) -> None:
+    """Rename the finished folder ``tmp`` to ``target``, replacing an existing folder (the one
+    folder swap that BigFiles, checkpoints, anchor stores and collections all use).
 
     An existing target is first moved aside under a hidden name, the new folder renamed in, and
     only then the old one deleted; if the second rename fails, the old folder is moved back.
     """
+    tmp, target = Path(tmp), Path(target)
     if not os.path.lexists(target):
         os.rename(tmp, target)
         fsync_dir(target.parent)
@@ -580,7 +582,7 @@ class BigFileWriter:
             if not self.ids:
                 raise ValueError(f"no rows were added for {self.folder}; a feature folder needs N > 0")
             self._finish_files()
-            _move_into_place(self._tmp, self.folder)
+            move_into_place(self._tmp, self.folder)
         except BaseException:
             self.abort()
             raise

@@ -42,11 +42,11 @@ from engine.anchors import (
     prompt_seed,
     read_builtin_config,
     rectified_flow_pair,
-    replace_folder,
     save_builtin,
     seeded_noise,
     unpack_latents,
 )
+from engine.datasets import move_into_place
 
 PROMPT_KINDS = ("caption", "ssss", "both")
 
@@ -359,7 +359,7 @@ def save_lora(folder, transformer, meta: dict | None = None) -> Path:
         if meta is not None:
             (tmp / "lora_config.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         make_readable(tmp)
-        replace_folder(tmp, folder)
+        move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -390,14 +390,7 @@ def write_collection(root: str, config: SynthConfig, vision=None, progress: bool
     _write_json(os.path.join(work, "synth_scenes.json"), [asdict(s) for s in scenes])
     _write_json(os.path.join(work, "synth_config.json"), asdict(config))
 
-    if os.path.exists(target):
-        old = target + ".old-synth"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(work, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, target)
+    datasets.move_into_place(work, target)
     return datasets.Collection(root, config.collection).summary(config.feature)
 
 
