@@ -160,9 +160,11 @@ def _generate_fn(pipe, sampler, steps: int, seed: int, batch: int):
 
 def run(teacher: str, students: dict, prompts: list, out_dir, encoder=None, downstream=None, repeats: int = 5,
         n_distance: int = 64, batch: int = 32, onnx: bool = False, grid_prompts: int = 8, seed: int = 0,
-        frames: np.ndarray | None = None) -> dict:
+        frames: np.ndarray | None = None, measured_r1: dict | None = None) -> dict:
     """Benchmark; returns {"rows": [...], "machine": ..., "paths": ...}. ``downstream(generate)`` -> R@1
-    (or None), called per row when given (see the module docstring)."""
+    (or None), called per row when given (see the module docstring). ``measured_r1`` maps
+    "model@steps" (e.g. "teacher@28", "student-4step@4") to an R@1 measured elsewhere (a full
+    model trained and evaluated on that row's anchors, see ``read_r1``)."""
     from training.generator import save_grid
 
     out_dir = Path(out_dir)
@@ -204,6 +206,8 @@ def run(teacher: str, students: dict, prompts: list, out_dir, encoder=None, down
                                                   max(1, repeats // 2)) * 1000 / batch, 2)
         if downstream is not None:
             row["r_at_1"] = downstream(_generate_fn(pipe, sampler, steps, seed, batch))
+        elif measured_r1 and f"{name}@{steps}" in measured_r1:
+            row["r_at_1"] = measured_r1[f"{name}@{steps}"]
         rows.append(row)
         grid[f"{name}@{steps}"] = images[:grid_prompts]
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -249,6 +253,21 @@ def markdown(result: dict, columns) -> str:
     return "\n".join(lines) + "\n" + notes
 
 
+def read_r1(specs: list) -> dict:
+    """``["teacher@28=runs/eval_teacher28.json", ...]`` -> {"teacher@28": t2v R@1}: the JSON files are
+    what ``cvr evaluate --out`` writes for a full model trained and tested on that row's anchors."""
+    r1 = {}
+    for spec in specs:
+        row, sep, path = spec.partition("=")
+        if not sep or "@" not in row:
+            raise SystemExit(f"--downstream wants MODEL@STEPS=EVAL_JSON, got {spec!r}")
+        try:
+            r1[row] = round(float(json.loads(Path(path).read_text())["metrics"]["t2v_r1"]), 1)
+        except (OSError, ValueError, KeyError) as error:
+            raise SystemExit(f"--downstream {spec}: cannot read t2v R@1 ({error})") from None
+    return r1
+
+
 def _tiny(tmp: Path):
     """Random tiny teacher + 'student' folders and a hashed text stand-in (for tests, seconds)."""
     from engine.anchors import build_transformer, save_builtin
@@ -292,6 +311,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--onnx", action="store_true", help="also time the transformer in ONNX Runtime")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--downstream", action="append", default=[], metavar="MODEL@STEPS=EVAL_JSON",
+                   help="fill the R@1 column of a row from `cvr evaluate --out` JSON of a full model trained "
+                        "on that row's anchors (e.g. teacher@28=runs/eval_teacher28.json)")
     p.add_argument("--tiny", action="store_true", help="random tiny models: a seconds-long smoke run")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -319,7 +341,7 @@ def main(argv=None) -> int:
         size = read_builtin_config(args.teacher)[0].image_size
         frames = load_frames(key_frame_paths(collection, [video_id_of(c) for c, _ in picked[:8]]), size)
         run(args.teacher, students, prompts, args.out, repeats=args.repeats, n_distance=args.prompts,
-            batch=args.batch, onnx=args.onnx, frames=frames)
+            batch=args.batch, onnx=args.onnx, frames=frames, measured_r1=read_r1(args.downstream))
     print((Path(args.out) / "generator_bench.md").read_text())
     return 0
 

@@ -190,3 +190,22 @@ def test_bench_downstream_hook(tmp_path):
                  n_distance=4, batch=2, grid_prompts=2)
     assert seen == [(3, 8, 8, 3)] * 6 and all(r["r_at_1"] == 0.5 for r in result["rows"])
     assert "| 0.5 |" in (tmp_path / "out" / "generator_bench.md").read_text()
+
+
+def test_bench_r1_column_from_evaluation_files(tmp_path):
+    from bench.generator import _tiny, read_r1, run
+
+    evaluation = tmp_path / "eval_teacher28.json"
+    evaluation.write_text(json.dumps({"metrics": {"t2v_r1": 61.234}}))
+    measured = read_r1([f"teacher@28={evaluation}"])
+    assert measured == {"teacher@28": 61.2}
+    teacher, students, prompts, encoder = _tiny(tmp_path)
+    result = run(teacher, students, prompts, tmp_path / "out", encoder=encoder, repeats=1, n_distance=4, batch=2,
+                 grid_prompts=2, measured_r1=measured)
+    by_row = {(r["model"], r["steps"]): r["r_at_1"] for r in result["rows"]}
+    assert by_row[("teacher", 28)] == 61.2 and by_row[("student-4step", 4)] is None
+    assert "| 61.2 |" in (tmp_path / "out" / "generator_bench.md").read_text()
+    with pytest.raises(SystemExit, match="MODEL@STEPS"):
+        read_r1(["teacher28.json"])
+    with pytest.raises(SystemExit, match="cannot read"):
+        read_r1([f"teacher@28={tmp_path / 'missing.json'}"])
