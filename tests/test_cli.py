@@ -10,11 +10,12 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "== 1. the built-in data set ==" in printed
     for row in ("| text-only |", "| full |", "| chance |", "| rank | video id | score | anchor |",
-                "latency per query (ms): text"):
+                "latency per query (ms): text", "demo wall time:", "text-only model (waited"):
         assert row in printed, row
     for checkpoint in ("text_only", "full"):
         assert os.path.exists(os.path.join(out, checkpoint, "model.safetensors"))
     assert os.path.exists(os.path.join(out, "anchors_student4", "anchor_meta.json"))
+    assert "best validation criterion" in open(os.path.join(out, "text_only.log")).read()  # the background log
     # A second run reuses the data set instead of drawing it again.
     assert main(["demo", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
     assert "reusing" in capsys.readouterr().out
