@@ -256,7 +256,9 @@ def _add_search(sub) -> None:
     search.add_argument("-k", type=int, default=10, help="videos per query (default 10)")
     search.add_argument("--queries", default=None, help="a UTF-8 file with one query per line")
     search.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    search.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    search.add_argument("--backend", default="torch", choices=["torch", "triton", "onnxruntime", "tensorrt"])
+    search.add_argument("--export", default=None,
+                        help="export folder for onnxruntime / tensorrt (default: made or reused in CHECKPOINT/onnx)")
     search.add_argument("--generator", default=None, help="anchor generator folder (full model only)")
     search.add_argument("--steps", type=int, default=None, help="anchor sampling steps (default: the generator's)")
     search.add_argument("--anchor-cache", default=None, help="folder for the on-disk anchor cache")
@@ -285,7 +287,7 @@ def _cmd_search(args) -> int:
     texts = _read_queries(args)
     Retriever.clean_queries(texts)  # reject empty queries before loading anything
     retriever = Retriever(args.checkpoint, args.gallery, backend=args.backend, generator=args.generator,
-                          device=args.device, steps=args.steps, anchor_cache=args.anchor_cache)
+                          device=args.device, steps=args.steps, anchor_cache=args.anchor_cache, export_dir=args.export)
     results = retriever.search(texts, k=args.k)
     if args.json:
         print(json.dumps([{"query": r.query, "anchor": r.anchor,
@@ -301,6 +303,8 @@ def _cmd_search(args) -> int:
         print()
     per_query = retriever.last_timings.per_query_ms()
     print("latency per query (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in per_query.items()))
+    if retriever.engine is not None:  # onnxruntime-gpu may fall back to the CPU: say what ran
+        print(f"{args.backend}: {retriever.engine.provider}")
     return 0
 
 
@@ -497,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_command(sub)
     _add_search(sub)
+    from export.cli import add_export_command
+
+    add_export_command(sub)
     # The generator's sub-commands live with the generator's training code (imported lazily there).
     from training.generator_cli import add_anchors_command, add_generator_commands
 
