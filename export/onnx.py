@@ -62,7 +62,6 @@ from engine.backends.onnxruntime import (
 )
 from engine.checkpoint import WEIGHTS, CheckpointError, checkpoint_id, load_checkpoint, read_checkpoint_config
 from engine.datasets import move_into_place
-from engine.model import _stack, masked_mean
 
 DEFAULT_OPSET = 18
 PRECISIONS = ("fp32", "fp16")
@@ -307,13 +306,8 @@ class VideoTowerGraph(nn.Module):
         self.gru = MaskedBiGRU(tower.gru)
 
     def forward(self, frames, frame_mask):
-        tower, mask = self.tower, frame_mask.bool()
-        preview = masked_mean(self.gru(frames, mask), mask)
-        x = torch.relu(tower.frame_fc(frames)) * mask.unsqueeze(-1).to(frames.dtype)
-        conv = torch.relu(tower.conv(x.transpose(1, 2))).transpose(1, 2)
-        conv_mask = mask[:, ::2][:, : conv.shape[1]]
-        local = torch.cat([tower.attend_frames(preview, x, mask), tower.attend_conv(preview, conv, conv_mask)], -1)
-        emb = _stack(tower.heads, preview, local)
+        mask = frame_mask.bool()
+        emb = self.tower.from_gru_states(frames, mask, self.gru(frames, mask))
         return emb.lat, emb.con
 
 

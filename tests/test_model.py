@@ -55,6 +55,21 @@ def test_video_tower_ignores_padding_frames():
     assert ((out.con > 0) & (out.con < 1)).all()
 
 
+@pytest.mark.parametrize("frames", [1, 2, 7, 8, 13])
+def test_temporal_conv_equals_the_conv1d_it_replaces(frames):
+    """VideoTower.temporal_conv computes self.conv as a matrix product: same values and gradients."""
+    tower = VideoTower(_config()).double()
+    x = torch.randn(3, frames, SMALL["video_local_dim"], dtype=torch.float64, requires_grad=True)
+    got = tower.temporal_conv(x)
+    want = tower.conv(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, [x, tower.conv.weight, tower.conv.bias], grad)
+    want_grads = torch.autograd.grad(want, [x, tower.conv.weight, tower.conv.bias], grad)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("use_anchor", [False, True])
 def test_query_tower_ignores_padding_tokens(use_anchor):
     tower = _eval(QueryTower(_config(use_anchor=use_anchor), SENT, TOK))

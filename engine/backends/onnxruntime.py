@@ -29,7 +29,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "cvr-sdgm/export/1"
-EXPORT_VERSION = 1  # bump when graphs or the manifest change: every cached export is then redone
+EXPORT_VERSION = 2  # bump when graphs or the manifest change: every cached export is then redone
 MANIFEST = "manifest.json"
 # Scoring materialises (queries x videos x K) twice for the Jaccard passes; galleries are scored in
 # chunks of videos so that this stays near 64 M floats whatever the gallery size.
