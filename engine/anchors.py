@@ -680,6 +680,27 @@ def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Seque
     return folder
 
 
+def merge_anchor_stores(parts: Sequence, folder) -> Path:
+    """Concatenate anchor stores drawn in parallel (`cvr anchors --workers N`: one contiguous shard
+    of the ids each, same generator and settings) into one store, in the order given."""
+    from engine.datasets import BigFileWriter
+
+    metas = []
+    first = read_anchor_store(parts[0])
+    row_floats = int(first[2]["regions"]) * int(first[2]["dim"])
+    with BigFileWriter(Path(folder), row_floats) as writer:
+        for part in parts:
+            ids, regions, meta = read_anchor_store(part)
+            if meta != first[2]:
+                raise AnchorError(f"{part}: drawn with other settings than {parts[0]}; cannot merge")
+            for start in range(0, len(ids), 1024):
+                chunk = np.asarray(regions[start : start + 1024]).reshape(-1, row_floats)
+                writer.add(ids[start : start + 1024], chunk)
+            metas.append(meta)
+    _atomic_json(Path(folder) / META_FILE, metas[0])
+    return Path(folder)
+
+
 def read_anchor_store(folder):
     """(ids, regions (N, R, 2048) float32 memmap view, meta) of an anchor store."""
     from engine.datasets import FEATURE_DTYPE, FEATURE_FILE, BigFile

@@ -243,3 +243,35 @@ def test_real_flux_without_text_encoders(flux_dir):
     images = gen.backend(steps=2, seeds=[1, 2], size=32, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
     again = gen.backend(steps=2, seeds=[1, 2], size=32, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
     assert images.shape == (2, 32, 32, 3) and np.array_equal(images, again)
+
+
+def test_anchors_with_worker_processes_write_the_single_process_store(tmp_path, msrvtt):
+    """`cvr anchors --workers 2`: shards drawn by two processes, merged into the same store."""
+    from engine.cli import main
+
+    torch.manual_seed(0)
+    config = A.BuiltinConfig(image_size=8, fold=2, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                             num_attention_heads=2, joint_attention_dim=384, pooled_projection_dim=384,
+                             axes_dims_rope=(2, 2, 4), default_steps=2)  # MiniLM-conditioned, so workers need no stub
+    generator = str(A.save_builtin(tmp_path / "generator", A.build_transformer(config), config))
+    common = ["anchors", "--generator", generator, "--root", msrvtt, "--collection", "msrvtt10k", "--split",
+              "train,test", "--image-size", "32", "--batch-size", "4", "--limit", "11", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
+    ids_one, regions_one, meta_one = A.read_anchor_store(tmp_path / "one")
+    ids_two, regions_two, meta_two = A.read_anchor_store(tmp_path / "two")
+    assert len(ids_one) == 11 and ids_two == ids_one and meta_two == meta_one
+    # Same anchors; only float rounding differs, as shards batch the ids differently.
+    np.testing.assert_allclose(np.asarray(regions_two), np.asarray(regions_one), atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generator", "one", "two"]  # no parts left behind
+
+
+def test_merging_stores_drawn_with_other_settings_is_refused(tmp_path):
+    from engine.datasets import write_bigfile
+
+    for name, steps in (("a", 2), ("b", 4)):
+        write_bigfile(tmp_path / name, ["x" + name], np.zeros((1, 8), np.float32))
+        (tmp_path / name / A.META_FILE).write_text(json.dumps({"regions": 2, "dim": 4, "steps": steps}))
+    with pytest.raises(A.AnchorError, match="other settings"):
+        A.merge_anchor_stores([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -181,6 +181,10 @@ def _cmd_anchors(args) -> int:
         ids, prompts = list(sentences), list(sentences.values())
     if args.limit:
         ids, prompts = ids[: args.limit], prompts[: args.limit]
+    if args.workers > 1:
+        return _anchors_in_parallel(args, len(ids))
+    if args.shard:
+        ids, prompts = _shard(ids, args.shard), _shard(prompts, args.shard)
     weights = args.vision_weights
     vision = VisionConfig(image_size=args.image_size, weights=weights)
     extractor = RegionExtractor.from_config(vision, device=args.device or "cpu")
@@ -190,6 +194,84 @@ def _cmd_anchors(args) -> int:
                        batch_size=args.batch_size, png_dir=args.png, progress=not args.quiet)
     print(f"wrote {len(ids)} anchors ({args.protocol} protocol) to {args.out}")
     return 0
+
+
+def _shard(items: list, shard: tuple) -> list:
+    """The `index`-th of `count` contiguous, near-equal slices (shard order = id order)."""
+    index, count = shard
+    bounds = [len(items) * i // count for i in range(count + 1)]
+    return items[bounds[index] : bounds[index + 1]]
+
+
+def _parse_shard(text: str) -> tuple:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants I/N, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: I must be in 0..N-1")
+    return index, count
+
+
+def _anchors_in_parallel(args, n_ids: int) -> int:
+    """`--workers N`: N processes of one thread each draw contiguous shards of the ids into temporary
+    stores next to --out, which are then concatenated into --out: the store a single process would
+    write (same ids and anchors; the floats differ only by the rounding of other batch groupings). Worth it on a multi-core CPU, where one thread per process is also the
+    least noisy way to use the cores."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from engine.anchors import merge_anchor_stores
+
+    workers = min(args.workers, n_ids)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    parts_dir = tempfile.mkdtemp(prefix=os.path.basename(args.out) + ".parts-", dir=parent)
+    parts = [os.path.join(parts_dir, str(i)) for i in range(workers)]
+    children = []
+    print(f"drawing {n_ids} anchors in {workers} worker processes", flush=True)
+    try:
+        for i in range(workers):
+            argv = [sys.executable, "-m", "engine.cli", "anchors", *_anchor_argv(args), "--shard", f"{i}/{workers}",
+                    "--out", parts[i], "--quiet"]
+            log = open(parts[i] + ".log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+            children.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL),
+                             log))
+        _wait_all(children, parts)
+        merge_anchor_stores(parts, args.out)
+    finally:
+        for child, log in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            log.close()
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    print(f"wrote {n_ids} anchors ({args.protocol} protocol) to {args.out} ({workers} worker processes)")
+    return 0
+
+
+def _wait_all(children: list, parts: list) -> None:
+    for (child, _), part in zip(children, parts, strict=True):
+        if child.wait():
+            with open(part + ".log", encoding="utf-8", errors="replace") as handle:
+                lines = [line.strip() for line in handle if line.strip()]
+            raise ValueError(f"an anchors worker failed: {lines[-1] if lines else 'exit ' + str(child.returncode)}")
+
+
+def _anchor_argv(args) -> list:
+    """The command line of one worker: the same settings, one thread, no progress bars."""
+    argv = ["--generator", args.generator, "--root", args.root, "--collection", args.collection, "--split",
+            args.split, "--prompt", args.protocol, "--image-size", str(args.image_size), "--seed", str(args.seed),
+            "--batch-size", str(args.batch_size), "--threads", "1"]
+    for flag, value in (("--steps", args.steps), ("--png", args.png), ("--cache", args.cache),
+                        ("--vision-weights", args.vision_weights), ("--limit", args.limit or None),
+                        ("--device", args.device)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.lora:
+        argv += ["--lora", *args.lora]
+    return argv
 
 
 def add_anchors_command(subparsers) -> argparse.ArgumentParser:
@@ -212,6 +294,9 @@ def add_anchors_command(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--limit", type=int, default=0, help="only the first N ids (smoke tests)")
     a.add_argument("--device", default=None)
     a.add_argument("--threads", type=_positive("--threads"), default=1)
+    a.add_argument("--workers", type=_positive("--workers"), default=1,
+                   help="processes of one thread each drawing shards of the ids in parallel (default 1)")
+    a.add_argument("--shard", type=_parse_shard, default=None, help=argparse.SUPPRESS)  # I/N: a worker's part
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=_cmd_anchors)
     return a
