@@ -253,6 +253,28 @@ def markdown(result: dict, columns) -> str:
     return "\n".join(lines) + "\n" + notes
 
 
+def refill(folder, measured_r1: dict) -> None:
+    """Fill the R@1 column of an earlier run's table (its latencies are kept as measured): the
+    downstream R@1 needs full models trained on each row's anchors, which takes far longer than the
+    timing runs, so it is measured separately and joined here."""
+    folder = Path(folder)
+    result = json.loads((folder / "generator_bench.json").read_text())
+    for row in result["rows"]:
+        row["r_at_1"] = measured_r1.get(f"{row['model']}@{row['steps']}", row.get("r_at_1"))
+    old_md = (folder / "generator_bench.md").read_text()
+    columns = old_md.split("PNG columns: ", 1)[1].strip().rstrip(".").split(", ") if "PNG columns: " in old_md else []
+    if measured_r1:
+        result["r_at_1_source"] = "t2v R@1 on the test split of a full model trained on that row's anchors"
+    _write_text_atomic(folder / "generator_bench.json", json.dumps(result, indent=1) + "\n")
+    _write_text_atomic(folder / "generator_bench.md", markdown(result, columns))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def read_r1(specs: list) -> dict:
     """``["teacher@28=runs/eval_teacher28.json", ...]`` -> {"teacher@28": t2v R@1}: the JSON files are
     what ``cvr evaluate --out`` writes for a full model trained and tested on that row's anchors."""
@@ -315,9 +337,13 @@ def main(argv=None) -> int:
                    help="fill the R@1 column of a row from `cvr evaluate --out` JSON of a full model trained "
                         "on that row's anchors (e.g. teacher@28=runs/eval_teacher28.json)")
     p.add_argument("--tiny", action="store_true", help="random tiny models: a seconds-long smoke run")
+    p.add_argument("--refill", metavar="DIR",
+                   help="no timing: re-render DIR/generator_bench.{json,md} with the --downstream R@1 values")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.tiny:
+    if args.refill:
+        refill(args.refill, read_r1(args.downstream))
+    elif args.tiny:
         tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
         teacher, students, prompts, encoder = _tiny(tmp)
         run(teacher, students, prompts, args.out, encoder=encoder, repeats=1, n_distance=8,
@@ -342,7 +368,7 @@ def main(argv=None) -> int:
         frames = load_frames(key_frame_paths(collection, [video_id_of(c) for c, _ in picked[:8]]), size)
         run(args.teacher, students, prompts, args.out, repeats=args.repeats, n_distance=args.prompts,
             batch=args.batch, onnx=args.onnx, frames=frames, measured_r1=read_r1(args.downstream))
-    print((Path(args.out) / "generator_bench.md").read_text())
+    print((Path(args.refill or args.out) / "generator_bench.md").read_text())
     return 0
 
 

@@ -209,3 +209,18 @@ def test_bench_r1_column_from_evaluation_files(tmp_path):
         read_r1(["teacher28.json"])
     with pytest.raises(SystemExit, match="cannot read"):
         read_r1([f"teacher@28={tmp_path / 'missing.json'}"])
+
+
+def test_bench_refill_joins_measured_r1_to_an_earlier_run(tmp_path):
+    from bench.generator import main
+
+    assert main(["--tiny", "--out", str(tmp_path)]) == 0
+    before = json.loads((tmp_path / "generator_bench.json").read_text())
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"metrics": {"t2v_r1": 42.04}}))
+    assert main(["--refill", str(tmp_path), "--downstream", f"student-4step@4={evaluation}"]) == 0
+    after = json.loads((tmp_path / "generator_bench.json").read_text())
+    rows = {(r["model"], r["steps"]): r for r in after["rows"]}
+    assert rows[("student-4step", 4)]["r_at_1"] == 42.0 and rows[("teacher", 28)]["r_at_1"] is None
+    assert [r["ms_b1"] for r in after["rows"]] == [r["ms_b1"] for r in before["rows"]]  # timings kept
+    assert "| 42.0 |" in (tmp_path / "generator_bench.md").read_text()
