@@ -277,16 +277,20 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def read_r1(specs: list) -> dict:
     """``["teacher@28=runs/eval_teacher28.json", ...]`` -> {"teacher@28": t2v R@1}: the JSON files are
-    what ``cvr evaluate --out`` writes for a full model trained and tested on that row's anchors."""
+    what ``cvr evaluate --out`` writes for a full model trained and tested on that row's anchors.
+    Several files joined by commas (one per training seed) give their mean."""
     r1 = {}
     for spec in specs:
-        row, sep, path = spec.partition("=")
-        if not sep or "@" not in row:
-            raise SystemExit(f"--downstream wants MODEL@STEPS=EVAL_JSON, got {spec!r}")
-        try:
-            r1[row] = round(float(json.loads(Path(path).read_text())["metrics"]["t2v_r1"]), 1)
-        except (OSError, ValueError, KeyError) as error:
-            raise SystemExit(f"--downstream {spec}: cannot read t2v R@1 ({error})") from None
+        row, sep, paths = spec.partition("=")
+        if not sep or "@" not in row or not paths:
+            raise SystemExit(f"--downstream wants MODEL@STEPS=EVAL_JSON[,EVAL_JSON...], got {spec!r}")
+        values = []
+        for path in paths.split(","):
+            try:
+                values.append(float(json.loads(Path(path).read_text())["metrics"]["t2v_r1"]))
+            except (OSError, ValueError, KeyError) as error:
+                raise SystemExit(f"--downstream {spec}: cannot read t2v R@1 from {path} ({error})") from None
+        r1[row] = round(statistics.mean(values), 1)
     return r1
 
 

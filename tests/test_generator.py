@@ -199,6 +199,9 @@ def test_bench_r1_column_from_evaluation_files(tmp_path):
     evaluation.write_text(json.dumps({"metrics": {"t2v_r1": 61.234}}))
     measured = read_r1([f"teacher@28={evaluation}"])
     assert measured == {"teacher@28": 61.2}
+    second_seed = tmp_path / "eval_teacher28_s1.json"
+    second_seed.write_text(json.dumps({"metrics": {"t2v_r1": 63.0}}))
+    assert read_r1([f"teacher@28={evaluation},{second_seed}"]) == {"teacher@28": 62.1}  # mean over seeds
     teacher, students, prompts, encoder = _tiny(tmp_path)
     result = run(teacher, students, prompts, tmp_path / "out", encoder=encoder, repeats=1, n_distance=4, batch=2,
                  grid_prompts=2, measured_r1=measured)
