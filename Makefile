@@ -25,6 +25,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Recall over seeds and ablations, then latency, at sizes that fit 30 minutes on 2 cores; results in
+# bench/results/<machine>/, then the README's benchmark section regenerated from them.
+# RECALL_ARGS=--full runs recall at the demo's size (hours on 2 cores).
+bench: $(STAMP)
+	$(BIN)/python -m bench.recall $(RECALL_ARGS)
+	$(BIN)/python -m bench.latency $(LATENCY_ARGS)
+	$(BIN)/python -m bench.report
+
 lint: $(STAMP)
 	$(BIN)/ruff check engine kernels export training bench tests
 

@@ -1,0 +1,434 @@
+"""Recall over seeds: baselines, both prompt protocols, ablations and anchor sources, as a table and a plot.
+
+Every row is trained with `cvr train` (RIVRL's recipe) and evaluated on the test split with frozen
+normalisation, once per seed; the table shows mean +- sample standard deviation over the seeds, the
+JSON keeps every seed's metrics. Rows:
+
+- baselines: the text-only twin (MiniLM encoder) and the RIVRL-parity text-only model (BoW + BiGRU +
+  CNN encoder);
+- prompt protocols: the full model under the fair query protocol (each caption's anchor is drawn
+  from that caption alone, by the shipped 4-step student) and under the paper's SSSS protocol (one
+  anchor per video, drawn from the super sentence of all its captions, at training *and* test time:
+  the test anchor is made from the answer, so that row leaks it);
+- ablations of the full model: anchor regions mean-pooled instead of the hybrid attention, spatial
+  attention only, channel attention only, no local branch, no concept space;
+- anchor sources: the fair-protocol model evaluated with test anchors from the teacher at 28 steps
+  and from the student at 4, 2 and 1 steps (a test-time swap: the model is trained once, on the
+  student's 4-step anchors, which is what a deployment that changes its step count does).
+
+Anchor stores are drawn once per (generator, steps, protocol) and shared by every seed and ablation;
+the built-in collection is written once per size; both are reused by later runs when unchanged.
+`make bench` runs this at a reduced size that fits its time budget (the table says which); `--full`
+runs the demo's size. Runs go to `--jobs` worker processes of one torch thread each.
+
+    python -m bench.recall                       # default size, bench/results/<machine>/recall.*
+    python -m bench.recall --full --jobs 2       # 600 videos x 10 captions, 10 epochs
+    python -m bench.recall --root ~/VisualSearch --collection msrvtt10k --feature resnext101-resnet152
+    python -m bench.recall --tiny --out /tmp/r   # seconds: a smoke run (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import common
+
+METRICS = ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "t2v_mnr", "t2v_map",
+           "v2t_r1", "v2t_r5", "v2t_r10", "v2t_medr", "v2t_mnr", "v2t_map", "sumr")
+HEADERS = ["model", "t2v R@1", "R@5", "R@10", "MedR", "MnR", "mAP",
+           "v2t R@1", "R@5", "R@10", "MedR", "MnR", "mAP", "SumR"]
+# Model widths and batch of the smoke run (--tiny), as tests/test_retrieval.py's TINY flags.
+TINY_DIMS = ["--latent-dim", "32", "--attn-dim", "16", "--video-gru-hidden", "16", "--video-local-dim", "32",
+             "--batch-size", "16"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What is measured
+
+
+@dataclass
+class Store:
+    """One anchor store: which generator draws it, at how many steps, for which prompts and splits."""
+
+    name: str
+    generator: str
+    steps: int
+    protocol: str  # query | ssss
+    splits: str
+    label: str
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    group: str
+    train_flags: list = field(default_factory=list)  # `cvr train` flags beyond the shared ones
+    anchors: str | None = None  # Store name used for training and evaluation; None: text-only
+    leaks_answer: bool = False
+    trained_by: str | None = None  # an evaluation-only row: the row whose checkpoints it evaluates
+    test_anchors: str | None = None  # ... with this store's test anchors
+    cost: float = 1.0  # training time relative to the others, to start the longest runs first
+
+
+def student_store(name: str, steps: int, splits: str, protocol: str = "query") -> Store:
+    folder, label = common.student_source(steps)
+    return Store(name, str(folder), steps, protocol, splits, label)
+
+
+def stores() -> dict:
+    every = "train,val,test"
+    found = [student_store("student4", 4, every), student_store("ssss", 4, every, "ssss"),
+             Store("teacher28", str(common.TEACHER), 28, "query", "test", "teacher at 28 steps"),
+             student_store("student2", 2, "test"), student_store("student1", 1, "test")]
+    return {s.name: s for s in found}
+
+
+def rows(store: dict) -> list:
+    s4 = store["student4"].label
+    ablation = "ablation of the full model (fair protocol)"
+    source = "anchor source at test time (full model trained on the 4-step student's anchors)"
+    return [
+        Row("text-minilm", "text-only twin (MiniLM encoder)", "baselines"),
+        Row("text-rivrl", "text-only, RIVRL parity (BoW + BiGRU + CNN encoder)", "baselines",
+            ["--text-encoder", "rivrl"], cost=2.5),  # its text encoder trains: no cached MiniLM features
+        Row("full", f"full model, fair query protocol ({s4})", "prompt protocol", anchors="student4"),
+        Row("full-ssss", "full model, SSSS protocol (anchor from all of a video's captions: LEAKS THE ANSWER)",
+            "prompt protocol", anchors="ssss", leaks_answer=True),
+        Row("meanpool", "anchor regions mean-pooled instead of the hybrid attention", ablation,
+            ["--attention", "meanpool"], anchors="student4"),
+        Row("spatial", "spatial attention only", ablation, ["--attention", "spatial"], anchors="student4"),
+        Row("channel", "channel attention only", ablation, ["--attention", "channel"], anchors="student4"),
+        Row("no-local", "no local branch", ablation, ["--no-local-branch"], anchors="student4"),
+        Row("no-concept", "no concept space", ablation, ["--no-concept-space"], anchors="student4"),
+    ] + [Row(f"anchors-{name}", f"test anchors: {store[name].label}", source, trained_by="full",
+             test_anchors=name) for name in ("teacher28", "student4", "student2", "student1")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and folders
+
+
+@dataclass
+class Plan:
+    root: str
+    collection: str
+    feature: str
+    work: str
+    seeds: list
+    epochs: int
+    tiny: bool
+    synth: dict | None  # SynthConfig fields of the built-in collection, None for --root
+    jobs: int
+    reuse: bool
+
+    def train_flags(self) -> list:
+        dims = TINY_DIMS if self.tiny else []
+        return ["--root", self.root, "--collection", self.collection, "--feature", self.feature,
+                "--epochs", str(self.epochs), "--quiet", *dims]
+
+
+def make_plan(args) -> Plan:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.root:
+        tag = f"{args.collection}-{hashlib.sha256(os.path.abspath(args.root).encode()).hexdigest()[:8]}"
+        work = os.path.join(args.work, tag)
+        return Plan(args.root, args.collection, args.feature, work, seeds, args.epochs, args.tiny, None,
+                    args.jobs, args.reuse)
+    synth = {"videos": args.videos, "captions_per_video": args.captions, "frames": args.frames, "seed": 0}
+    work = os.path.join(args.work, f"synth-v{args.videos}-c{args.captions}-f{args.frames}")
+    return Plan(os.path.join(work, "data"), "synth", "resnet50", work, seeds, args.epochs, args.tiny, synth,
+                args.jobs, args.reuse)
+
+
+def ensure_collection(plan: Plan) -> None:
+    """Write the built-in collection once per size (same configuration: reused)."""
+    if plan.synth is None:
+        return
+    from training.synthetic import SynthConfig, write_collection
+
+    config = SynthConfig(**plan.synth)
+    stored = Path(plan.root, config.collection, "synth_config.json")
+    if stored.is_file() and json.loads(stored.read_text()) == json.loads(json.dumps(asdict(config))):
+        return
+    print(f"writing the built-in collection ({config.videos} videos) to {plan.root}", flush=True)
+    write_collection(plan.root, config, progress=not plan.tiny)
+
+
+def sizes(plan: Plan) -> dict:
+    from engine.datasets import Collection
+
+    collection = Collection(plan.root, plan.collection)
+    split = {s: {"videos": len(collection.split_video_ids(s)), "captions": len(collection.captions(s))}
+             for s in ("train", "val", "test")}
+    batch = 16 if plan.tiny else 128
+    return {"collection": plan.collection, "builtin": plan.synth, "splits": split, "epochs": plan.epochs,
+            "seeds": plan.seeds, "batch_size": batch,
+            "max_steps": plan.epochs * -(-split["train"]["captions"] // batch),  # early stopping may stop sooner
+            "model": "tiny widths (smoke run)" if plan.tiny else "the `cvr train` default widths",
+            "chance_t2v_r1": round(100 / split["test"]["videos"], 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks (run in worker processes: plain dicts in, plain dicts out)
+
+
+def anchor_task(plan: Plan, store: Store) -> dict | None:
+    """The `cvr anchors` run for a store, or None when an identical store is already there."""
+    from engine.anchors import generator_id
+
+    folder = os.path.join(plan.work, "anchors", store.name)
+    meta_path = Path(folder, "anchor_meta.json")
+    wanted = {"generator_id": generator_id(store.generator), "steps": store.steps, "protocol": store.protocol,
+              "split": store.splits, "collection": plan.collection}
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if {k: meta.get(k) for k in wanted} == wanted:
+            return None
+    argv = ["anchors", "--generator", store.generator, "--root", plan.root, "--collection", plan.collection,
+            "--split", store.splits, "--prompt", store.protocol, "--steps", str(store.steps), "--out", folder,
+            "--quiet"]
+    return {"kind": "anchors", "name": store.name, "argv": argv, "log": log_path(plan, f"anchors_{store.name}")}
+
+
+def train_task(plan: Plan, row: Row, seed: int, evaluations: dict, store_dir) -> dict:
+    """Train one row at one seed, then evaluate it with each {row name: anchor store or None}."""
+    checkpoint = os.path.join(plan.work, "checkpoints", f"{row.name}_s{seed}")
+    anchors = ["--anchors", store_dir(row.anchors) if row.anchors else "none"]
+    argv = ["train", *plan.train_flags(), "--seed", str(seed), "--out", checkpoint, *anchors, *row.train_flags]
+    return {"kind": "train", "name": row.name, "seed": seed, "argv": argv, "checkpoint": checkpoint,
+            "reuse": plan.reuse, "evaluations": evaluations, "root": plan.root, "collection": plan.collection,
+            "log": log_path(plan, f"{row.name}_s{seed}"), "cost": row.cost + 0.05 * len(evaluations)}
+
+
+def log_path(plan: Plan, name: str) -> str:
+    os.makedirs(os.path.join(plan.work, "logs"), exist_ok=True)
+    return os.path.join(plan.work, "logs", f"{name}.log")
+
+
+def run_task(task: dict) -> dict:
+    """Run one task with its output in its log file (workers run side by side)."""
+    import torch
+
+    torch.set_num_threads(1)  # one thread per worker: the workers share the machine's cores
+    with open(task["log"], "w", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        if task["kind"] == "anchors":
+            _cli(task)
+            return {"kind": "anchors", "name": task["name"]}
+        return _train_and_evaluate(task)
+
+
+def _cli(task: dict) -> None:
+    from engine.cli import main
+
+    if main(task["argv"]) != 0:
+        raise RuntimeError(f"`cvr {' '.join(task['argv'])}` failed: see {task['log']}")
+
+
+def _train_and_evaluate(task: dict) -> dict:
+    from training.retrieval import evaluate_checkpoint
+
+    marker = Path(task["checkpoint"], "bench_task.json")
+    if not (task["reuse"] and marker.is_file() and json.loads(marker.read_text()) == task["argv"]):
+        start = time.perf_counter()
+        _cli(task)
+        common.write_json_atomic(marker, task["argv"])
+        print(f"trained in {time.perf_counter() - start:.1f} s", flush=True)
+    metrics = {}
+    for name, store in task["evaluations"].items():
+        result = evaluate_checkpoint(task["checkpoint"], task["root"], task["collection"], "test", anchors=store)
+        metrics[name] = result["metrics"]
+    return {"kind": "train", "name": task["name"], "seed": task["seed"], "metrics": metrics}
+
+
+def run_tasks(tasks: list, jobs: int, desc: str) -> list:
+    """Every task, in `jobs` spawned worker processes (in this process when jobs is 1)."""
+    from tqdm import tqdm
+
+    if not tasks:
+        return []
+    if jobs <= 1:
+        return [run_task(t) for t in tqdm(tasks, desc=desc, unit="run")]
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(run_task, t) for t in tasks]
+        done = concurrent.futures.as_completed(futures)
+        return [f.result() for f in tqdm(done, total=len(futures), desc=desc, unit="run")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and output
+
+
+def aggregate(all_rows: list, results: list, seeds: list) -> list:
+    """One dict per row: per-seed metrics and their mean and sample standard deviation."""
+    per_seed = {}
+    for result in results:
+        for name, metrics in result.get("metrics", {}).items():
+            per_seed.setdefault(name, {})[str(result["seed"])] = metrics
+    out = []
+    for row in all_rows:
+        found = per_seed.get(row.name, {})
+        missing = [s for s in seeds if str(s) not in found]
+        if missing:
+            raise RuntimeError(f"row {row.name}: no result for seeds {missing}")
+        values = {m: [found[str(s)][m] for s in seeds] for m in METRICS}
+        stats = {m: common.mean_std(v) for m, v in values.items()}
+        out.append({**asdict(row), "per_seed": found,
+                    "mean": {m: s[0] for m, s in stats.items()}, "std": {m: s[1] for m, s in stats.items()}})
+    return out
+
+
+def _cell(row: dict, metric: str) -> str:
+    digits = 3 if metric.endswith("map") else 1
+    mean, std = row["mean"][metric], row["std"][metric]
+    text = f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+    return f"**{text}**" if row["leaks_answer"] else text
+
+
+def markdown(result: dict) -> str:
+    """The table, a heading row per group of rows, then the notes that say what was measured."""
+    table_rows, group = [], None
+    for row in result["rows"]:
+        if row["group"] != group:
+            group = row["group"]
+            table_rows.append([f"*{group}*"] + [""] * (len(HEADERS) - 1))
+        table_rows.append([row["label"]] + [_cell(row, m) for m in METRICS])
+    return common.markdown_table(HEADERS, table_rows) + "\n" + notes(result)
+
+
+def notes(result: dict) -> str:
+    s = result["sizes"]
+    test, train = s["splits"]["test"], s["splits"]["train"]
+    built = s["builtin"]
+    data = (f"the built-in collection at {built['videos']} videos x {built['captions_per_video']} captions, "
+            f"{built['frames']} frames" if built else f"collection {s['collection']} (--root)")
+    seeds = ", ".join(str(x) for x in s["seeds"])
+    return (f"Test split: {test['captions']} queries x {test['videos']} videos (chance t2v R@1 "
+            f"{s['chance_t2v_r1']}%); trained on {train['captions']} captions of {train['videos']} videos "
+            f"of {data}; {s['epochs']} epochs at most ({s['max_steps']} steps of batch {s['batch_size']}, "
+            f"{s['model']}), model selected on the validation split, so models are far from converged at "
+            f"small sizes; seeds {seeds}: mean ± sample standard deviation. R@K in %, mAP in [0, 1], SumR = "
+            f"t2v R@1 + R@5 + R@10. The SSSS row (bold) draws each test anchor from all captions of the "
+            f"answer video: it leaks the answer and is not comparable with the others. Anchor-source rows "
+            f"evaluate the fair-protocol checkpoints with other test anchors (no retraining). "
+            f"Machine: {common.describe_machine(result['machine'])}. Wall time {result['wall_seconds']:.0f} s "
+            f"with {result['jobs']} worker process(es) of one thread, {result['cpu_seconds']:.0f} CPU-seconds.\n")
+
+
+def plot(result: dict, path) -> None:
+    plt = common.pyplot()
+    data = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.42 * len(data) + 1.5), sharey=True)
+    colours = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(r["group"] for r in data))}
+    positions = list(range(len(data)))[::-1]
+    for axis, metric, title in zip(axes, ("t2v_r1", "sumr"), ("t2v R@1 (%)", "SumR (t2v R@1+5+10)"), strict=True):
+        means = [r["mean"][metric] for r in data]
+        errors = [r["std"][metric] or 0.0 for r in data]
+        bars = axis.barh(positions, means, xerr=errors, color=[colours[r["group"]] for r in data], capsize=3)
+        for bar, r in zip(bars, data, strict=True):
+            if r["leaks_answer"]:
+                bar.set_hatch("//")
+        axis.set_title(title)
+        axis.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(positions, [r["name"] + (" (leaks)" if r["leaks_answer"] else "") for r in data])
+    fig.suptitle(f"Test recall, mean ± std over seeds {result['sizes']['seeds']} "
+                 f"({result['sizes']['splits']['test']['videos']} test videos)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    fig.legend(handles, list(colours), loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, -0.08))
+    common.save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path) -> dict:
+    paths = {"md": out / "recall.md", "json": out / "recall.json", "png": out / "recall.png"}
+    common.write_json_atomic(paths["json"], result)
+    common.write_text_atomic(paths["md"], markdown(result))
+    plot(result, paths["png"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def run(plan: Plan) -> dict:
+    store = stores()
+    all_rows = rows(store)
+    ensure_collection(plan)
+    store_dir = lambda name: os.path.join(plan.work, "anchors", name)
+    anchor_tasks = [t for s in store.values() if (t := anchor_task(plan, s)) is not None]
+    run_tasks(anchor_tasks, plan.jobs, "anchor stores")
+    tasks = []
+    for row in (r for r in all_rows if r.trained_by is None):
+        evaluations = {row.name: store_dir(row.anchors) if row.anchors else None}
+        evaluations.update({r.name: store_dir(r.test_anchors) for r in all_rows if r.trained_by == row.name})
+        tasks += [train_task(plan, row, seed, evaluations, store_dir) for seed in plan.seeds]
+    tasks.sort(key=lambda t: -t["cost"])  # the longest first, so that the workers finish together
+    results = run_tasks(tasks, plan.jobs, "trainings")
+    return {"format": "cvr-sdgm/bench-recall/1", "rows": aggregate(all_rows, results, plan.seeds),
+            "sizes": sizes(plan), "stores": {k: asdict(v) for k, v in store.items()}}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.recall", description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=None, help="a collection in the MSR-VTT layout (default: the built-in set)")
+    p.add_argument("--collection", default="msrvtt10k", help="collection name under --root")
+    p.add_argument("--feature", default="resnext101-resnet152", help="frame feature folder under --root")
+    p.add_argument("--videos", type=int, default=200, help="built-in set: clips (default 200; demo 600)")
+    p.add_argument("--captions", type=int, default=5, help="built-in set: captions per clip (default 5; demo 10)")
+    p.add_argument("--frames", type=int, default=8, help="built-in set: frames per clip")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs at most (default 5; demo 10)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    p.add_argument("--full", action="store_true", help="the demo's size: 600 videos x 10 captions, 10 epochs")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                   help="worker processes of one thread each (default: the cores, at most 4)")
+    p.add_argument("--work", default="runs/bench", help="data, anchor stores, checkpoints and logs")
+    p.add_argument("--reuse", action="store_true", help="keep checkpoints trained by an identical earlier run")
+    p.add_argument("--out", default=None, help="result folder (default: bench/results/<machine>/)")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tiny collection and model)")
+    args = p.parse_args(argv)
+    if args.full:
+        args.videos, args.captions, args.epochs = 600, 10, 10
+    if args.tiny:  # tiny model, one epoch, two seeds (a standard deviation needs two), in-process
+        args.epochs, args.jobs = 1, 1
+        args.seeds = ",".join(args.seeds.split(",")[:2])
+        if not args.root:
+            args.videos, args.captions, args.frames = 12, 2, 2
+        args.work = os.path.join(args.out or args.work, "work")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    plan = make_plan(args)
+    info = common.machine_info()
+    result = run(plan)
+    result["rows"] = common.stamp(result["rows"], info)
+    result.update(machine=info, machine_slug=common.machine_slug(info), jobs=plan.jobs,
+                  wall_seconds=round(time.perf_counter() - start, 1), cpu_seconds=common.cpu_seconds(),
+                  tiny=plan.tiny)
+    out = common.results_dir(args.out or (os.path.join(plan.work, "results") if args.tiny else None), info)
+    paths = write_outputs(result, out)
+    print(Path(paths["md"]).read_text())
+    print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
