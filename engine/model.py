@@ -234,18 +234,26 @@ class QueryTower(nn.Module):
 # Matching
 
 
-def jaccard(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def jaccard(x: torch.Tensor, y: torch.Tensor, budget: int = 1 << 24) -> torch.Tensor:
     """sum_k min(x_k, y_k) / sum_k max(x_k, y_k) for every pair: (Q, K) x (N, K) -> (Q, N).
 
-    Chunked over queries so that memory stays bounded at chunk x N x K; a pair whose sum of maxima
-    is 0 (both all-zero) scores 0."""
-    out = []
-    for start in range(0, x.shape[0], chunk):
-        xs = x[start : start + chunk].unsqueeze(1)
-        minimum = torch.minimum(xs, y.unsqueeze(0)).sum(-1)
-        maximum = torch.maximum(xs, y.unsqueeze(0)).sum(-1)
-        out.append(torch.where(maximum > 0, minimum / maximum.clamp_min(1e-12), torch.zeros_like(minimum)))
-    return torch.cat(out)
+    Tiled over queries and videos so that no temporary holds more than `budget` elements (the
+    whole Q x N x K broadcast would be 52 GB for 256 queries against 100k videos); a pair whose
+    sum of maxima is 0 (both all-zero) scores 0."""
+    n, k = y.shape
+    video_tile = max(1, min(n, budget // max(1, k)))
+    query_tile = max(1, budget // (video_tile * max(1, k)))
+    rows = []
+    for q in range(0, x.shape[0], query_tile):
+        xs = x[q : q + query_tile].unsqueeze(1)
+        tiles = []
+        for v in range(0, n, video_tile):
+            ys = y[v : v + video_tile].unsqueeze(0)
+            minimum = torch.minimum(xs, ys).sum(-1)
+            maximum = torch.maximum(xs, ys).sum(-1)
+            tiles.append(torch.where(maximum > 0, minimum / maximum.clamp_min(1e-12), torch.zeros_like(minimum)))
+        rows.append(torch.cat(tiles, 1))
+    return torch.cat(rows)
 
 
 def similarities(query: Embeddings, video: Embeddings) -> torch.Tensor:

@@ -115,8 +115,10 @@ def test_jaccard_matches_its_definition_and_guards_zero():
     # (min: 0.2 + 0.1 + 0) / (max: 0.4 + 0.5 + 0.3) = 0.3 / 1.2 = 0.25; all-zero pairs score 0.
     expected = torch.tensor([[0.25, 0.0], [0.0, 0.0]])
     torch.testing.assert_close(jaccard(x, y), expected)
-    x, y = torch.rand(7, 5), torch.rand(4, 5)
-    torch.testing.assert_close(jaccard(x, y, chunk=2), jaccard(x, y, chunk=256))
+    x, y = torch.rand(7, 5, dtype=torch.float64), torch.rand(4, 5, dtype=torch.float64)
+    by_definition = torch.minimum(x[:, None], y[None]).sum(-1) / torch.maximum(x[:, None], y[None]).sum(-1)
+    for budget in (1, 7, 3 * x.shape[1], 10**9):  # every tiling, down to one element per temporary
+        torch.testing.assert_close(jaccard(x, y, budget=budget), by_definition)
 
 
 def _embeddings(n, d=6, k=5, seed=0):
