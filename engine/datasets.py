@@ -149,6 +149,17 @@ def _check_token(value: object, what: str) -> str:
     return value
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (galleries, exports and engines record these)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable; a no-op where directories cannot be opened."""
     try:

@@ -20,7 +20,6 @@ from the global latent vector alone, then the full fused score reranks exactly t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.datasets import fsync_dir
+from engine.datasets import fsync_dir, sha256_file
 from engine.model import Embeddings, topk_stable
 
 FORMAT = "cvr-sdgm/gallery"
@@ -160,7 +159,7 @@ class Gallery:
         lat, con = _read_embeddings(folder, manifest)
         if verify:  # after the structural checks, whose messages are more specific
             for name, expected in manifest["files"].items():
-                if _sha256(os.path.join(folder, name)) != expected:
+                if sha256_file(os.path.join(folder, name)) != expected:
                     raise GalleryError(f"{os.path.join(folder, name)}: checksum mismatch (file damaged or edited)")
         index = _read_faiss(folder, manifest) if manifest.get("faiss") else None
         return cls(folder, ids, lat, con, manifest, index)
@@ -433,7 +432,7 @@ def _write_ids(work: str, ids: list) -> str:
         handle.write("".join(f"{v}\n" for v in ids))
         handle.flush()
         os.fsync(handle.fileno())
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def _write_embeddings(work: str, lat: torch.Tensor, con: torch.Tensor) -> str:
@@ -442,7 +441,7 @@ def _write_embeddings(work: str, lat: torch.Tensor, con: torch.Tensor) -> str:
     path = os.path.join(work, EMBEDDINGS)
     save_file({"lat": lat, "con": con}, path, metadata={"format": FORMAT, "version": str(VERSION)})
     _fsync_file(path)
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def _write_faiss(work: str, vectors: np.ndarray, params: dict) -> str:
@@ -451,7 +450,7 @@ def _write_faiss(work: str, vectors: np.ndarray, params: dict) -> str:
     path = os.path.join(work, FAISS_FILE)
     faiss.write_index(build_faiss_index(vectors, params), path)
     _fsync_file(path)
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def _write_manifest(work: str, manifest: dict) -> None:
@@ -520,12 +519,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: str) -> None:

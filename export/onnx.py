@@ -61,7 +61,7 @@ from engine.backends.onnxruntime import (
     session_options,
 )
 from engine.checkpoint import WEIGHTS, CheckpointError, checkpoint_id, load_checkpoint, read_checkpoint_config
-from engine.datasets import move_into_place
+from engine.datasets import move_into_place, sha256_file
 
 DEFAULT_OPSET = 18
 PRECISIONS = ("fp32", "fp16")
@@ -614,12 +614,6 @@ def cache_key(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def reusable(out: str, plan: ExportPlan) -> dict | None:

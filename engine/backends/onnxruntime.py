@@ -42,18 +42,11 @@ class ExportedModelError(ValueError):
 
 def read_export_manifest(folder: str) -> dict:
     """The manifest of an export folder, checked for format and code version (one-line errors)."""
-    path = os.path.join(folder, MANIFEST)
+    from engine.config import read_format_json  # standard library only: this module stays torch-free
+
     if not os.path.isdir(folder):
         raise ExportedModelError(f"{folder}: no such export folder (run `cvr export`)")
-    if not os.path.isfile(path):
-        raise ExportedModelError(f"{folder}: not an export folder (no {MANIFEST})")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
-        raise ExportedModelError(f"{path}: not valid JSON ({getattr(bad, 'msg', bad)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
-        raise ExportedModelError(f"{path}: not a CVR-SDGM export manifest")
+    manifest = read_format_json(folder, MANIFEST, EXPORT_FORMAT, ExportedModelError, "export")
     if manifest.get("code_version") != EXPORT_VERSION:
         raise ExportedModelError(f"{folder}: exported by another version of the export code: export again")
     return manifest
