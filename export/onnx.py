@@ -937,16 +937,22 @@ def export_onnx(checkpoint: str, out: str, options: ExportOptions | None = None)
             with open(os.path.join(work, name), "w", encoding="utf-8") as handle:
                 handle.write(text)
         manifest = _manifest(plan, parts, modules)
-        with open(os.path.join(work, MANIFEST), "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-        os.chmod(work, 0o755)  # mkdtemp makes an owner-only folder
-        move_into_place(work, out)
+        publish(work, out, MANIFEST, manifest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     log(f"wrote {out} ({len(modules)} modules, key {plan.key[:12]})")
     return ExportResult(out, manifest, False)
+
+
+def publish(work: str, out: str, name: str, record: dict) -> None:
+    """Write `record` as work/name, then swap the finished temporary folder into place at `out`
+    (ONNX exports and TensorRT engines alike: a crash never leaves a half-written folder)."""
+    with open(os.path.join(work, name), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.chmod(work, 0o755)  # mkdtemp makes an owner-only folder
+    move_into_place(work, out)
 
 
 def _check_replaceable(out: str) -> None:

@@ -18,7 +18,6 @@ once with one line saying so.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -34,7 +33,6 @@ from engine.backends.tensorrt import (
     read_engines,
     tensorrt_unavailable,
 )
-from engine.datasets import move_into_place
 from export.onnx import (
     DEFAULT_OPSET,
     ExportError,
@@ -48,6 +46,7 @@ from export.onnx import (
     load_parts,
     parity_sizes,
     plan_export,
+    publish,
     sha256_file,
 )
 
@@ -113,11 +112,7 @@ def export_tensorrt(checkpoint: str, out: str, options: TensorRTOptions | None =
                 "tensorrt": trt.__version__, "device": device["name"], "capability": device["capability"],
                 "workspace_gb": options.workspace_gb, "shapes": manifest["shapes"], "timing_cache": TIMING_CACHE,
                 "modules": modules}
-        with open(os.path.join(work, ENGINES_FILE), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-        os.chmod(work, 0o755)
-        move_into_place(work, folder)
+        publish(work, folder, ENGINES_FILE, meta)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
