@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import datetime
 import importlib
-import json
 import math
 import os
 import platform
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -129,39 +127,11 @@ def student_source(steps: int) -> tuple:
 # Writing results
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write beside the target, then rename: a reader (or an interrupted run) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600 files: keep the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode(path: Path) -> int:
-    """The existing file's permissions, else what a plain open() would give (0666 less the umask)."""
-    if path.exists():
-        return path.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_json_atomic(path, value) -> None:
-    write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True, allow_nan=False) + "\n")
-
-
 def save_figure_atomic(figure, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    from engine import files
+
+    with files.atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, bbox_inches="tight")
 
 
 def pyplot():

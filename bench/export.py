@@ -126,12 +126,12 @@ def main(argv=None) -> int:
               f"{ {k: v for k, v in _sizes(0, manifest['shapes']).items() if k != 'batch'} }.")
     text = header + "\n\n" + table(rows) + "\n"
     print("\n" + text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".md", "w", encoding="utf-8") as handle:
-        handle.write(text)
-    with open(args.out + ".json", "w", encoding="utf-8") as handle:
-        json.dump({"checkpoint": os.path.abspath(args.checkpoint), "export": os.path.abspath(folder),
-                   "tensorrt": trt_note, "versions": manifest["versions"], "rows": rows}, handle, indent=1)
+    from engine import files
+
+    files.atomic_write(args.out + ".md", text)
+    files.write_json(args.out + ".json", {"checkpoint": os.path.abspath(args.checkpoint),
+                                          "export": os.path.abspath(folder), "tensorrt": trt_note,
+                                          "versions": manifest["versions"], "rows": rows})
     return 0
 
 

@@ -36,20 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine import files
 from engine.anchors import (
     BuiltinConfig,
     BuiltinFluxPipeline,
     Conditioning,
     euler_sample,
     image_ids,
-    latents_to_images,
     load_builtin_transformer,
-    pack_latents,
-    prompt_seed,
     read_builtin_config,
-    seeded_noise,
-    unpack_latents,
 )
+from engine.portable import initial_noise, latents_to_images, pack_latents, prompt_seed, unpack_latents
 
 TEACHER_STEPS = (1, 2, 4, 8, 28)
 
@@ -88,12 +85,12 @@ class Sampler:
 
     def noise(self, seeds):
         c, s = self.config.latent_channels, self.config.latent_size
-        return pack_latents(seeded_noise(seeds, (c, s, s)))
+        return torch.from_numpy(pack_latents(initial_noise(seeds, (c, s, s))))
 
     def __call__(self, cond: Conditioning, seeds, steps: int) -> np.ndarray:
         s = self.config.latent_size
         x = euler_sample(self.model, self.noise(seeds), cond, steps, self.ids)
-        return latents_to_images(unpack_latents(x, s, s), self.config.fold)
+        return latents_to_images(unpack_latents(x, s, s).float().numpy(), self.config.fold)
 
 
 def _batch(cond: Conditioning, n: int) -> Conditioning:
@@ -224,8 +221,8 @@ def run(teacher: str, students: dict, prompts: list, out_dir, encoder=None, down
     cols = list(grid)
     rows_png = [[grid[c][i] for c in cols] for i in range(min(grid_prompts, len(seeds)))]
     save_grid(out_dir / "generator_steps.png", rows_png, 3)
-    (out_dir / "generator_bench.md").write_text(markdown(result, cols))
-    (out_dir / "generator_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    files.atomic_write(out_dir / "generator_bench.md", markdown(result, cols))
+    files.atomic_write(out_dir / "generator_bench.json", json.dumps(result, indent=1) + "\n")
     result["paths"] = {k: str(out_dir / v) for k, v in
                        (("png", "generator_steps.png"), ("md", "generator_bench.md"), ("json", "generator_bench.json"))}
     return result
@@ -265,14 +262,8 @@ def refill(folder, measured_r1: dict) -> None:
     columns = old_md.split("PNG columns: ", 1)[1].strip().rstrip(".").split(", ") if "PNG columns: " in old_md else []
     if measured_r1:
         result["r_at_1_source"] = "t2v R@1 on the test split of a full model trained on that row's anchors"
-    _write_text_atomic(folder / "generator_bench.json", json.dumps(result, indent=1) + "\n")
-    _write_text_atomic(folder / "generator_bench.md", markdown(result, columns))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    files.atomic_write(folder / "generator_bench.json", json.dumps(result, indent=1) + "\n")
+    files.atomic_write(folder / "generator_bench.md", markdown(result, columns))
 
 
 def read_r1(specs: list) -> dict:

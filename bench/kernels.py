@@ -131,16 +131,9 @@ def attention_inputs(sz, dtype, seed=0):
 
 def implementations(case: Case, use_compile: bool, chunk_elems: int):
     """name -> zero-argument callable factory taking the inputs."""
-    from kernels.global_local_score import (
-        _score_block_ref,
-        global_local_score,
-        global_local_score_ref,
-    )
-    from kernels.hybrid_attention import (
-        _hybrid_block_ref,
-        hybrid_attention,
-        hybrid_attention_ref,
-    )
+    from kernels import reference
+    from kernels.global_local_score import global_local_score, global_local_score_ref
+    from kernels.hybrid_attention import hybrid_attention, hybrid_attention_ref
 
     impls = {}
     if case.name.startswith("score"):
@@ -148,14 +141,16 @@ def implementations(case: Case, use_compile: bool, chunk_elems: int):
         impls["triton"] = lambda x: global_local_score(*x, k=k)
         impls["eager"] = lambda x: global_local_score_ref(*x, k=k, chunk_elems=chunk_elems)
         if use_compile:
-            block = torch.compile(_score_block_ref, dynamic=False)
+            fused = torch.compile(reference.fused_score, dynamic=False)
+            block = lambda q_lat, q_con, v_lat, v_con, norm, w_lat, w_con: fused(  # noqa: E731
+                q_lat, q_con, v_lat, v_con, norm, (w_lat, w_con))
             impls["compile"] = lambda x: global_local_score_ref(
                 *x, k=k, chunk_elems=chunk_elems, score_block=block)
     else:
         impls["triton"] = lambda x: hybrid_attention(*x)
         impls["eager"] = lambda x: hybrid_attention_ref(*x, chunk=8192)
         if use_compile:
-            block = torch.compile(_hybrid_block_ref, dynamic=False)
+            block = torch.compile(reference.hybrid_attention, dynamic=False)
             impls["compile"] = lambda x: hybrid_attention_ref(*x, chunk=8192,
                                                               attention_block=block)
     return impls
@@ -296,13 +291,14 @@ def _sig(x: float) -> float:
 
 
 def write_csv(path, rows, gpu, peaks=None):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    from engine import files
+
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     extra = {"gpu": gpu, "peak_tensor_tflops": peaks.tensor_tflops if peaks else "",
              "peak_fp32_tflops": peaks.fp32_tflops if peaks else "",
              "peak_tbps": peaks.tbps if peaks else "", **versions(), "date_utc": stamp}
     fields = list(dict.fromkeys(k for r in rows for k in r)) + list(extra)
-    with open(path, "w", newline="") as f:
+    with files.atomic_path(path) as temporary, open(temporary, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:

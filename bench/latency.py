@@ -1,26 +1,26 @@
-"""Latency: per stage, end to end, and scoring time against gallery size (exhaustive vs FAISS first stage).
+"""Latency: per stage, end to end, and search time against gallery size (exhaustive vs two-stage).
 
 Three parts, written as one Markdown file, one JSON file and two PNG plots:
 
 1. **Stages** at batch 1 and 32, p50/p95 over warm runs: the text encoder, anchor generation per
    step count (teacher at 28 steps, student at 4, 2 and 1), the ResNet-50 over the anchors, the
-   query tower and the scoring against a gallery of `--gallery` videos, the last two per backend.
-   Text, ResNet, tower and scoring come from `engine.retriever.Retriever.last_timings`, so they are
-   the stages of a real search; anchor rows call the generator directly, once per step count.
+   query tower and the gallery search over `--gallery` videos, the last two per backend. Text,
+   ResNet, tower and search come from `engine.retriever.Retriever.last_timings`, so they are the
+   stages of a real search; anchor rows call the generator directly, once per step count.
 2. **End to end**: `Retriever.search` wall time per batch and queries per second, per backend.
-3. **Gallery size** (1k, 10k, 100k, 1M by default): top-10 of a batch of queries and of one query,
-   exhaustive (every video through the fused score, in chunks of fp16 rows cast to fp32) and in two
-   stages (`engine.gallery.two_stage_search`: a FAISS IVF index over the global latent vectors
-   proposes m candidates per query, the full fused score reranks them exactly), with the recall@10
-   of the two-stage top-10 against the exhaustive top-10, the index build time and the memory.
+3. **Gallery size** (1k, 10k, 100k, 1M by default; bench/gallery_sizes.py): the search stage of
+   `Retriever.search` (warm, batch 1 and 16), exhaustive and two-stage (FAISS IVF first stage,
+   exact rerank of M candidates per query) over galleries written as `cvr index` writes them, with
+   the recall@10 of two stages against exhaustive, the index build time and the process's peak
+   memory over its memory with the models loaded.
 
-Timings need no trained weights, so the model is the default architecture at random init, saved as
-a checkpoint; the galleries are synthetic (see `synthetic_gallery`). On a GPU the end-to-end times
-are exact, but the retriever does not synchronise between stages, so its per-stage split there is
-approximate. Backends are the retriever's
-(`engine.retriever.BACKENDS`, plus any module under engine/backends/): each one that constructs
-is timed, the others are listed with the reason; triton only with CUDA (on a CPU only Triton's
-interpreter runs, which is far too slow to time). CPU timings use one thread (torch and FAISS).
+Timings need no trained weights, so the models are the default architecture at random init, saved
+as checkpoints; the galleries are synthetic (bench/gallery_sizes.py, `aimed_gallery`). On a GPU
+the end-to-end times are exact, but the retriever does not synchronise between stages, so its
+per-stage split there is approximate. Backends are engine.retriever.BACKENDS: each one that
+constructs is timed, the others are listed with the reason; triton only with CUDA (on a CPU only
+Triton's interpreter runs, which is far too slow to time). CPU timings use one thread (torch and
+FAISS).
 
     python -m bench.latency                   # bench/results/<machine>/latency.*
     python -m bench.latency --sizes 1000,100000 --queries 32
@@ -29,9 +29,7 @@ interpreter runs, which is far too slow to time). CPU timings use one thread (to
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import pkgutil
 import sys
 import tempfile
 import time
@@ -40,14 +38,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from bench import common
+from engine import files
 
 STUDENT = common.STUDENTS / "4step"
-STAGES = ("text", "vision", "tower", "scoring")
+STAGES = ("text", "vision", "tower", "search")
 STAGE_LABELS = {"text": "text encoder (MiniLM)", "vision": "ResNet-50 regions of the anchors",
-                "tower": "query tower (hybrid attention + heads)", "scoring": "scoring + top-10"}
+                "tower": "query tower (hybrid attention + heads)", "search": "gallery search, top-10"}
 TINY_MODEL = {"latent_dim": 32, "concept_dim": 16, "attn_dim": 16, "video_gru_hidden": 16, "video_local_dim": 32}
 
 
@@ -59,7 +57,7 @@ class Settings:
     gallery: int = 1000  # videos in the gallery of the stage timings
     sizes: tuple = (1_000, 10_000, 100_000, 1_000_000)
     queries: int = 16  # queries per batch in the gallery-size part
-    two_stage: tuple = ((16, 100), (64, 100))  # (FAISS nprobe, candidates m) of the two-stage search
+    two_stage: tuple = ((16, 100), (64, 100))  # (FAISS nprobe, candidates M) of the two-stage search
     device: str = "cpu"
     backends: str = "all"  # or comma-separated names
     tiny: bool = False
@@ -69,18 +67,21 @@ class Settings:
 # The model, the queries, the galleries
 
 
-def make_checkpoint(folder: str, tiny: bool) -> str:
+def make_checkpoint(folder: str, tiny: bool, use_anchor: bool = True) -> str:
     """The default architecture (tiny widths with --tiny) at random init, with the anchor meta a
-    trained full model carries, saved as a checkpoint folder."""
-    from engine.checkpoint import CVRModel, save_checkpoint
+    trained full model carries (`use_anchor`), saved as a checkpoint folder."""
+    from engine import paths
+    from engine.checkpoint import save_checkpoint
     from engine.config import ModelConfig
+    from engine.model import CVRModel
 
     torch.manual_seed(0)
-    model = CVRModel(ModelConfig(use_anchor=True, **(TINY_MODEL if tiny else {})))
+    model = CVRModel(ModelConfig(use_anchor=use_anchor, **(TINY_MODEL if tiny else {})))
     # Plausible frozen constants (cosines around 0, Jaccards around 0.3): they only scale scores.
     model.matcher.norm.copy_(torch.tensor([[-0.2, 1.0], [-0.2, 1.0], [0.0, 1.0], [0.0, 1.0]]))
-    anchors = {"generator": str(STUDENT), "steps": 4, "seed": 0, "image_size": 64, "protocol": "query"}
-    save_checkpoint(model, folder, [], {"anchors": anchors})
+    anchors = {"generator": paths.reference(STUDENT, folder), "steps": 4, "seed": 0, "image_size": 64,
+               "protocol": "query"}
+    save_checkpoint(model, folder, [], {"anchors": anchors if use_anchor else None})
     return folder
 
 
@@ -98,67 +99,16 @@ def captions(n: int, seed: int = 0) -> list:
     return out
 
 
-@dataclass
-class Synthetic:
-    lat: torch.Tensor  # (N, 2, D) float16
-    con: torch.Tensor  # (N, 2, K) float16
-    query_lat: torch.Tensor  # (Q, 2, D) float32
-    query_con: torch.Tensor  # (Q, 2, K) float32
-    seconds: float
-
-
-def _views(z: torch.Tensor, noise: torch.Tensor, k: int) -> tuple:
-    """Both branches' latent and concept vectors of identities z (n, D). Each branch sees z plus its
-    own view of the noise: the noise rolled along the features by a branch's own shift, which is
-    nearly orthogonal to the unrolled noise and far cheaper than drawing fresh noise at 1M rows.
-    Concept probabilities squash fixed coordinates of the view (mostly small, as tag
-    probabilities are): the first k for the global branch, the last k for the local one."""
-    d = z.shape[1]
-    lat, con = [], []
-    for branch in (0, 1):
-        view = z + 0.4 * torch.roll(noise, branch + 1, dims=1)
-        lat.append(F.normalize(view, dim=-1))
-        coordinates = view[:, :k] if branch == 0 else view[:, d - k :]
-        con.append(torch.sigmoid(2.0 * math.sqrt(d) * coordinates - 2.0))
-    return torch.stack(lat, 1), torch.stack(con, 1)
-
-
-def synthetic_gallery(n: int, d: int, k: int, queries: int, seed: int = 0, chunk: int = 2048) -> Synthetic:
-    """A clustered gallery with queries aimed at some of its videos.
-
-    Identity of video i: z_i = c_{cluster(i)} + 0.6 u_i with n/100 cluster centres c and u_i
-    Gaussian (both of norm ~1); each branch adds its own noise (0.4) and is L2-normalised; concept
-    vectors are squashed coordinates of the same views. A query aims at a random video t:
-    z_q = z_t + 0.5 u_q, so its exhaustive top-10 is mostly t and t's cluster mates. Recall of the
-    first stage depends on this structure (engine.md section 4): it is a stand-in, not real data.
-    Stored fp16, generated in small chunks (temporaries that stay in the allocator's reused memory:
-    256 MB chunks run 2x slower here, in page faults), so 1M videos need 6 GB and no float32 copy."""
-    start = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(max(1, n // 100), d, generator=g) / math.sqrt(d)
-    targets = torch.randint(n, (queries,), generator=g)
-    lat, con = torch.empty(n, 2, d, dtype=torch.float16), torch.empty(n, 2, k, dtype=torch.float16)
-    target_z = torch.empty(queries, d)
-    for s in range(0, n, chunk):
-        rows = min(chunk, n - s)
-        noise = torch.randn(rows, d, generator=g) / math.sqrt(d)
-        z = centres[torch.randint(len(centres), (rows,), generator=g)] + 0.6 * noise
-        chunk_lat, chunk_con = _views(z, noise, k)
-        lat[s : s + rows], con[s : s + rows] = chunk_lat.half(), chunk_con.half()
-        inside = (targets >= s) & (targets < s + rows)
-        target_z[inside] = z[targets[inside] - s]
-    z_q = target_z + 0.5 * torch.randn(queries, d, generator=g) / math.sqrt(d)
-    q_lat, q_con = _views(z_q, torch.randn(queries, d, generator=g) / math.sqrt(d), k)
-    return Synthetic(lat, con, q_lat, q_con, time.perf_counter() - start)
-
-
 def write_stage_gallery(folder: str, checkpoint: str, n: int) -> str:
-    from engine.checkpoint import checkpoint_id, load_checkpoint
-    from engine.gallery import write_gallery
+    """A background-only synthetic gallery of n videos for the stage timings."""
+    from bench.gallery_sizes import aimed_gallery
+    from engine.checkpoint import checkpoint_id, read_checkpoint_config
+    from engine.indexing import write_gallery
 
-    config = load_checkpoint(checkpoint).config
-    data = synthetic_gallery(n, config.latent_dim, config.concept_dim, 1)
-    write_gallery(folder, [f"video{i}" for i in range(n)], data.lat, data.con, {"id": checkpoint_id(checkpoint)})
+    config = read_checkpoint_config(checkpoint)["model"]
+    d, k = config["latent_dim"], config["concept_dim"]
+    lat, con = aimed_gallery(n, np.zeros((0, 2, d), np.float32), np.zeros((0, 2, k), np.float32))
+    write_gallery(folder, [f"video{i}" for i in range(n)], lat, con, {"id": checkpoint_id(checkpoint)})
     return folder
 
 
@@ -167,22 +117,16 @@ def write_stage_gallery(folder: str, checkpoint: str, n: int) -> str:
 
 
 def backends(device: str, wanted: str = "all") -> dict:
-    """Backend name -> None when worth timing here, else why not: the retriever's list plus any
-    module under engine/backends/ (a backend added there is picked up without editing this file).
+    """Backend name -> None when worth timing here, else why not (engine.retriever.BACKENDS).
     `wanted`: "all", or the comma-separated names to time."""
-    import engine.backends
-    from engine import retriever
+    from engine.retriever import BACKENDS
 
-    names = list(dict.fromkeys([*getattr(retriever, "BACKENDS", ("torch",)),
-                                *(m.name for m in pkgutil.iter_modules(engine.backends.__path__))]))
     out = {}
-    for name in names:
+    for name in BACKENDS:
         if wanted != "all" and name not in wanted.split(","):
             out[name] = "not requested (--backends)"
         elif name == "triton" and not device.startswith("cuda"):
             out[name] = "needs CUDA (on a CPU only Triton's interpreter runs: far too slow to time)"
-        elif name not in getattr(retriever, "BACKENDS", ()):
-            out[name] = f"engine/backends/{name}.py exists but engine.retriever does not offer it"
         else:
             out[name] = None
     return out
@@ -197,9 +141,11 @@ def _row(stage: str, variant: str, backend: str, batch: int, seconds: list, devi
 
 def time_retriever(checkpoint: str, gallery: str, backend: str, texts: list, s: Settings) -> tuple:
     """(stage rows, end-to-end rows) of one backend, batch 1 and the larger batch."""
-    from engine.retriever import Retriever
+    from engine.retriever import EXPORTED, Retriever
 
-    retriever = Retriever(checkpoint, gallery, backend=backend, generator=str(STUDENT), device=s.device)
+    export_dir = export_search_modules(checkpoint, backend) if backend in EXPORTED else None
+    retriever = Retriever(checkpoint, gallery, backend=backend, generator=str(STUDENT), device=s.device,
+                          export_dir=export_dir)
     stage_rows, e2e_rows = [], []
     for batch, repeats in ((1, s.repeats), (s.batch, s.batch_repeats)):
         runs = []
@@ -210,7 +156,7 @@ def time_retriever(checkpoint: str, gallery: str, backend: str, texts: list, s: 
             runs.append((wall, {k: getattr(retriever.last_timings, k) for k in STAGES}))
         runs = runs[1:]
         for stage in STAGES:
-            variant = f"gallery of {len(retriever.gallery)}" if stage == "scoring" else ""
+            variant = f"gallery of {len(retriever.gallery)}" if stage == "search" else ""
             stage_rows.append(_row(STAGE_LABELS[stage], variant, backend, batch, [r[1][stage] for r in runs],
                                    s.device))
         row = _row("end to end (Retriever.search)", "4-step student", backend, batch, [r[0] for r in runs],
@@ -218,6 +164,19 @@ def time_retriever(checkpoint: str, gallery: str, backend: str, texts: list, s: 
         row["queries_per_second"] = round(1000 * batch / row["p50_ms"], 2)
         e2e_rows.append(row)
     return stage_rows, e2e_rows
+
+
+def export_search_modules(checkpoint: str, backend: str) -> str:
+    """The export an exported backend runs (made once in CHECKPOINT/onnx, as `cvr search` does)."""
+    from export.onnx import SEARCH_MODULES, ExportOptions, export_onnx
+
+    out = os.path.join(checkpoint, "onnx")
+    if backend == "tensorrt":
+        from export.tensorrt import TensorRTOptions, export_tensorrt
+
+        export_tensorrt(checkpoint, out, TensorRTOptions(modules=SEARCH_MODULES, generator=str(STUDENT)))
+        return out
+    return export_onnx(checkpoint, out, ExportOptions(modules=SEARCH_MODULES, generator=str(STUDENT))).folder
 
 
 def anchor_sources() -> list:
@@ -248,122 +207,28 @@ def time_anchors(texts: list, s: Settings) -> list:
 # Part 3: gallery size
 
 
-# Elements of the largest temporary of one exhaustive scoring call: the Jaccard passes materialise
-# (queries x rows x K) twice, the fp32 copy of the rows is rows x (2D + 2K). Temporaries of a few MB
-# are reused by the allocator; at 256 MB every call pays fresh page faults (5-10x slower here).
-SCORE_BLOCK = 1 << 21
+def time_gallery_size(checkpoint: str, texts: list, n: int, s: Settings, work: str) -> list:
+    """Rows for one gallery size (bench/gallery_sizes.py): the gallery is written here, then timed
+    and measured in a fresh process, then deleted."""
+    from bench import gallery_sizes
 
-
-def chunk_rows(queries: int, d: int, k: int) -> int:
-    return max(64, SCORE_BLOCK // max(queries * k, 2 * d + 2 * k))
-
-
-def exhaustive_topk(model, lat, con, query, k: int) -> tuple:
-    """Top-k of the fused score over every gallery row, scoring a few fp16 rows at a time in fp32
-    (a 1M gallery in fp32 would need 12 GB); ties go to the lower row, as in one pass."""
-    from engine.model import Embeddings, topk_stable
-
-    chunk = chunk_rows(len(query), lat.shape[2], con.shape[2])
-    best_values = best_rows = None
-    for start in range(0, lat.shape[0], chunk):
-        part = Embeddings(lat[start : start + chunk].float(), con[start : start + chunk].float())
-        values, rows = model.score(query, part, k=min(k, len(part)))
-        rows = rows + start
-        if best_values is not None:  # earlier (lower) rows first, so the stable top-k keeps them on ties
-            values, rows = torch.cat([best_values, values], 1), torch.cat([best_rows, rows], 1)
-        top, order = topk_stable(values, min(k, values.shape[1]))
-        best_values, best_rows = top, rows.gather(1, order)
-    return best_values, best_rows
-
-
-def ivf_index(vectors: torch.Tensor) -> tuple:
-    """An IVF index with fp16 codes (IndexIVFScalarQuantizer, QT_fp16) over (N, D) fp16 vectors:
-    nlist = sqrt(N) lists, k-means on a 40 x nlist sample (FAISS's own minimum per centroid),
-    vectors added in chunks, so no float32 copy of the gallery is ever made. Returns (index,
-    build seconds, parameters). fp16 codes halve the index (2 GB at 1M) and lose nothing that
-    matters: the first stage only proposes candidates, which the fused score reranks exactly."""
-    import faiss
-
-    n, d = vectors.shape
-    nlist = max(1, round(math.sqrt(n)))
-    start = time.perf_counter()
-    sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
-    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)
-    index.cp.min_points_per_centroid = 1  # tiny galleries: no warning when the sample is small
-    index.train(np.ascontiguousarray(vectors[torch.from_numpy(np.sort(sample))].float().numpy()))
-    for s in range(0, n, 16384):
-        index.add(np.ascontiguousarray(vectors[s : s + 16384].float().numpy()))
-    params = {"kind": "IVF,SQfp16", "nlist": nlist, "train_points": len(sample)}
-    return index, time.perf_counter() - start, params
-
-
-def _runs(n: int, repeats: int) -> tuple:
-    """(timed runs, warm-up runs) of an exhaustive search over n videos: one pass over 1M videos
-    takes seconds, and a gallery that large gains nothing from a warm-up pass."""
-    return (repeats, 1) if n <= 10_000 else (3, 1) if n <= 100_000 else (1, 0)
-
-
-def time_gallery_size(model, n: int, s: Settings) -> list:
-    """Rows for one gallery size: exhaustive and two-stage, one query and a batch, with recall."""
-    from engine.model import Embeddings
-
-    config = model.config
-    data = synthetic_gallery(n, config.latent_dim, config.concept_dim, s.queries, seed=n)
-    queries = {1: Embeddings(data.query_lat[:1], data.query_con[:1]),
-               s.queries: Embeddings(data.query_lat, data.query_con)}
-    base = {"gallery": n, "generate_s": round(data.seconds, 1),
-            "gallery_gb": round((data.lat.numel() + data.con.numel()) * 2 / 1e9, 3)}
-    rows, exact = _exhaustive_rows(model, data, queries, s)
-    rows += _two_stage_rows(model, data, queries, exact[s.queries], s)
-    return [{**base, **r} for r in rows]
-
-
-def _exhaustive_rows(model, data: Synthetic, queries: dict, s: Settings) -> tuple:
-    """Timed rows and each batch's exhaustive top-10 (the reference of the recall)."""
-    rows, exact = [], {}
-    runs, warm = _runs(data.lat.shape[0], s.repeats)
-    for size, query in queries.items():
-        def search(query=query, size=size):  # keeps the last top-10
-            exact[size] = exhaustive_topk(model, data.lat, data.con, query, 10)[1]
-
-        seconds = common.timed_runs(search, runs, warmup=warm)
-        rows.append(_row("exhaustive", "fused score, chunked", "torch", size, seconds, "cpu"))
-    return rows, exact
-
-
-def _two_stage_rows(model, data: Synthetic, queries: dict, exact: torch.Tensor, s: Settings) -> list:
-    from engine.gallery import Gallery, two_stage_search
-
-    n, d = data.lat.shape[0], data.lat.shape[2]
-    index, build_s, params = ivf_index(data.lat[:, 0])
-    manifest = {"dims": {"latent": d, "concept": data.con.shape[2]}, "dtype": "float16"}
-    gallery = Gallery(f"<synthetic {n}>", [str(i) for i in range(n)], data.lat, data.con, manifest, index)
-    extra = {"build_s": round(build_s, 1), "index_gb": round(index.ntotal * (2 * d + 8) / 1e9, 3),  # fp16 + ids
-             "faiss": params}
+    folder = os.path.join(work, f"gallery-{n}")
+    built = gallery_sizes.write_size_gallery(folder, checkpoint, texts, n)
+    try:
+        measured = gallery_sizes.run_size(checkpoint, folder, texts, [list(p) for p in s.two_stage], s.repeats)
+    finally:
+        files.remove(folder)
+    peak = measured["peak_over_models_mb"] * 2**20  # bytes
+    base = {"gallery": n, "generate_s": built["generate_s"], "build_s": built["write_s"],
+            "gallery_gb": round(measured["gallery_bytes"] / 1e9, 3),
+            "index_gb": round(measured["index_bytes"] / 1e9, 3), "peak_over_models_gb": round(peak / 1e9, 3),
+            "peak_over_gallery": round(peak / measured["gallery_bytes"], 2),
+            "load_s": measured["load_s"], "faiss": built["faiss"]}
     rows = []
-    for nprobe, m in s.two_stage:
-        index.nprobe = min(nprobe, params["nlist"])  # a small gallery has fewer lists than asked for
-        for size, query in queries.items():
-            found = {}
-
-            def search(query=query, m=m, found=found):  # keeps the last top-10
-                found["rows"] = two_stage_search(model, gallery, query, 10, m)[1]
-
-            seconds = common.timed_runs(search, s.repeats)
-            variant = f"FAISS {params['kind']} nprobe={nprobe}, m={m}"
-            row = {**_row("two-stage", variant, "torch", size, seconds, "cpu"), **extra, "candidates": m,
-                   "nprobe": index.nprobe}
-            if size == exact.shape[0]:
-                row["recall_at_10"] = recall_at_10(found["rows"], exact)
-            rows.append(row)
+    for row in measured["rows"]:
+        timed = _row(row["stage"], row["variant"], "torch", row["batch"], row["seconds"], "cpu")
+        rows.append({**base, **timed, **{k: row[k] for k in ("nprobe", "candidates", "recall_at_10") if k in row}})
     return rows
-
-
-def recall_at_10(found: torch.Tensor, exact: torch.Tensor) -> float:
-    """Mean fraction of each query's exhaustive top-10 that the two-stage top-10 contains."""
-    hits = [len(set(f.tolist()) & set(e.tolist())) / e.numel() for f, e in zip(found, exact, strict=True)]
-    return round(float(np.mean(hits)), 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,17 +251,20 @@ def markdown(result: dict) -> str:
     e2e_rows = [[r["backend"], r["batch"], r["p50_ms"], r["p95_ms"], r["queries_per_second"], r["runs"]]
                 for r in result["end_to_end"]]
     size_rows = [[r["gallery"], r["stage"], r["variant"], r["batch"], r["p50_ms"], r["p95_ms"], r["per_query_p50_ms"],
-                  r.get("recall_at_10", ""), r.get("build_s", ""), r["gallery_gb"], r.get("index_gb", ""), r["runs"]]
+                  r.get("recall_at_10", ""), r["build_s"], r["gallery_gb"], r["index_gb"], r["peak_over_models_gb"],
+                  r["peak_over_gallery"], r["runs"]]
                  for r in result["gallery_size"]]
     return "\n".join([
         "**Stages** (p50/p95 over warm runs; ms/query = p50 / batch)\n",
         _table(["stage", "variant", "backend", "batch", "p50 ms", "p95 ms", "ms/query", "runs"], stage_rows),
-        "\n**End to end** (`Retriever.search`: text, anchor, ResNet-50, tower, scoring)\n",
+        "\n**End to end** (`Retriever.search`: text, anchor, ResNet-50, tower, search)\n",
         _table(["backend", "batch", "p50 ms", "p95 ms", "queries/s", "runs"], e2e_rows),
-        f"\n**Gallery size** (top-10; batch = 1 query or {s['queries']} queries; recall@10 of the two-stage "
-        "top-10 against the exhaustive top-10)\n",
+        "\n**Gallery size** (the search stage of `Retriever.search`, warm, top-10; batch = 1 query or "
+        f"{s['queries']} queries; recall@10 of the two-stage top-10 against the exhaustive top-10; peak = the "
+        "process's peak memory over its memory with the models loaded, also as a multiple of the gallery's "
+        "bytes)\n",
         _table(["videos", "search", "variant", "batch", "p50 ms", "p95 ms", "ms/query", "recall@10",
-                "index build s", "gallery GB", "index GB", "runs"], size_rows),
+                "write + index s", "gallery GB", "index GB", "peak GB", "peak / gallery", "runs"], size_rows),
         notes(result),
     ])
 
@@ -408,12 +276,15 @@ def notes(result: dict) -> str:
     return (
         f"\nMachine: {common.describe_machine(result['machine'])}. Device {s['device']}, {result['threads']} torch "
         f"thread, 1 FAISS thread. Model: the default architecture at random init ({result['model']}); the stage "
-        f"gallery holds {s['gallery']} synthetic videos. Backends not timed: {missing}. Gallery-size rows run on "
-        "the CPU over a synthetic clustered gallery (fp16; `synthetic_gallery` in bench/latency.py); exhaustive "
-        "search scores a few rows at a time (fp16 cast to fp32); the two-stage search is "
-        "`engine.gallery.two_stage_search` over a FAISS IVF index (nlist = sqrt(N), k-means on 40 x nlist "
-        "points, fp16 codes). HNSW is not timed: building it over 1M vectors takes tens of minutes on 2 cores "
-        f"(engine.md section 4). Wall time {result['wall_seconds']:.0f} s ({parts}), "
+        f"gallery holds {s['gallery']} synthetic videos. Backends not timed: {missing}. Gallery-size rows time "
+        "`Retriever.search` (torch backend, the text-only twin of the same architecture: the search stage does "
+        "not depend on anchors) in a fresh process per size, over a synthetic gallery written by "
+        "`engine.indexing.write_gallery` (fp16, clustered, with each query's own cluster; `aimed_gallery` in "
+        "bench/gallery_sizes.py); exhaustive search scores blocks of fp16 rows cast to fp32 "
+        "(`engine.search.exhaustive`); two-stage search is a FAISS `IVF<sqrt N>,SQfp16` first stage (k-means "
+        "on 40 x nlist points) and the exact fused score of each query's own M candidates "
+        "(`engine.search.two_stage`). HNSW is not timed: building it over 1M vectors takes tens of minutes on "
+        f"2 cores (engine.md section 4). Wall time {result['wall_seconds']:.0f} s ({parts}), "
         f"{result['cpu_seconds']:.0f} CPU-seconds.\n")
 
 
@@ -465,8 +336,8 @@ def plot_sizes(result: dict, path) -> None:
 def write_outputs(result: dict, out: Path) -> dict:
     paths = {"md": out / "latency.md", "json": out / "latency.json", "stages_png": out / "latency_stages.png",
              "sizes_png": out / "latency_sizes.png"}
-    common.write_json_atomic(paths["json"], result)
-    common.write_text_atomic(paths["md"], markdown(result))
+    files.write_json(paths["json"], result)
+    files.atomic_write(paths["md"], markdown(result))
     plot_stages(result, paths["stages_png"])
     plot_sizes(result, paths["sizes_png"])
     return {k: str(v) for k, v in paths.items()}
@@ -494,8 +365,6 @@ def time_backends(checkpoint: str, gallery: str, texts: list, s: Settings) -> tu
 def run(s: Settings, work: str) -> dict:
     from tqdm import tqdm
 
-    from engine.checkpoint import load_checkpoint
-
     checkpoint = make_checkpoint(os.path.join(work, "checkpoint"), s.tiny)
     gallery = write_stage_gallery(os.path.join(work, "gallery"), checkpoint, s.gallery)
     texts = captions(max(s.batch * (s.batch_repeats + 1), s.repeats + 1))
@@ -505,10 +374,11 @@ def run(s: Settings, work: str) -> dict:
     part_seconds = {"anchors": lap()}
     backend_stages, e2e, available = time_backends(checkpoint, gallery, texts, s)
     part_seconds["backends (exports included)"] = lap()
-    model = load_checkpoint(checkpoint)
+    text_only = make_checkpoint(os.path.join(work, "text_only"), s.tiny, use_anchor=False)
+    size_texts = captions(s.queries, seed=1)
     sizes = []
     for n in tqdm(s.sizes, desc="gallery sizes", unit="size", disable=s.tiny):
-        sizes += time_gallery_size(model, n, s)
+        sizes += time_gallery_size(text_only, size_texts, n, s, work)
     part_seconds["gallery sizes"] = lap()
     model_desc = "tiny widths" if s.tiny else "D=1024, K=512, cvr train defaults"
     return {"format": "cvr-sdgm/bench-latency/1", "stages": stages + backend_stages, "end_to_end": e2e,

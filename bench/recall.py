@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import common
+from engine import files
 
 METRICS = ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "t2v_mnr", "t2v_map",
            "v2t_r1", "v2t_r5", "v2t_r10", "v2t_medr", "v2t_mnr", "v2t_map", "sumr")
@@ -240,7 +241,7 @@ def _train_and_evaluate(task: dict) -> dict:
     if not (task["reuse"] and marker.is_file() and json.loads(marker.read_text()) == task["argv"]):
         start = time.perf_counter()
         _cli(task)
-        common.write_json_atomic(marker, task["argv"])
+        files.write_json(marker, task["argv"])
         print(f"trained in {time.perf_counter() - start:.1f} s", flush=True)
     metrics = {}
     for name, store in task["evaluations"].items():
@@ -353,8 +354,8 @@ def plot(result: dict, path) -> None:
 
 def write_outputs(result: dict, out: Path) -> dict:
     paths = {"md": out / "recall.md", "json": out / "recall.json", "png": out / "recall.png"}
-    common.write_json_atomic(paths["json"], result)
-    common.write_text_atomic(paths["md"], markdown(result))
+    files.write_json(paths["json"], result)
+    files.atomic_write(paths["md"], markdown(result))
     plot(result, paths["png"])
     return {k: str(v) for k, v in paths.items()}
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from bench import common
+from engine import files
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as error:
         print(f"bench/report.py: {error}", file=sys.stderr)
         return 2
-    common.write_text_atomic(readme, text)
+    files.atomic_write(readme, text)
     print(f"updated {readme} from {args.results}")
     return 0
 

@@ -21,18 +21,14 @@ Every prompt gets its own fixed seed (``prompt_seed``), so the same prompt gives
 whatever batch it is in, and an optional :class:`AnchorCache` on disk, keyed by (prompt, generator
 id, adapter id, steps, size, seed), makes repeated queries free.
 
-The anchor store (``cvr anchors``) is a BigFile with one row per caption or video: the anchor's
-ResNet-50 region grid flattened to R*2048 floats, plus ``anchor_meta.json``; read it back with
-:func:`read_anchor_store`.
+Real FLUX.1 folders are run by engine/flux_real.py; the anchor store (``cvr anchors``) is
+engine/anchor_store.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -41,16 +37,30 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from engine.datasets import move_into_place
+from engine import files
+from engine.fingerprints import (
+    GENERATOR_CONFIG,
+    TRANSFORMER_DIR,
+    adapter_id,
+    generator_id,
+    generator_kind,
+    lora_file,
+)
+from engine.portable import (
+    AnchorCache,
+    AnchorError,
+    flow_sigmas,
+    initial_noise,
+    latents_to_images,
+    pack_latents,
+    prompt_seed,
+    unpack_latents,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-TRANSFORMER_DIR = "transformer"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-META_FILE = "anchor_meta.json"
+CONFIG_FILE = GENERATOR_CONFIG
 FORMAT = "cvr-sdgm/generator/1"
-STORE_FORMAT = "cvr-sdgm/anchors/1"
 PROTOCOLS = ("query", "ssss")
 TEACHER_STEPS = 28  # FLUX.1-dev's default step count; the teacher's reference in the benchmark
 
@@ -63,10 +73,6 @@ LORA_TARGETS = (
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     "proj_mlp",
 )
-
-
-class AnchorError(ValueError):
-    """Bad input for the anchor generator (one-line message)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,27 +169,6 @@ def images_to_latents(images, fold: int) -> torch.Tensor:
     return F.pixel_unshuffle(images.float() * 2.0 - 1.0, fold)
 
 
-def latents_to_images(latents: torch.Tensor, fold: int) -> np.ndarray:
-    """Inverse of :func:`images_to_latents`, to uint8 (B, H, W, 3)."""
-    pixels = F.pixel_shuffle(latents.float(), fold).clamp(-1, 1)
-    pixels = ((pixels + 1.0) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2*w/2, 4C): FluxPipeline._pack_latents."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h/2*w/2, 4C) -> (B, C, h, w): the inverse of :func:`pack_latents`."""
-    b, _, c4 = tokens.shape
-    x = tokens.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c4 // 4, h, w)
-
-
 def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """RoPE positions (0, row, col) of the packed tokens, as FluxPipeline._prepare_latent_image_ids."""
     ids = torch.zeros(h // 2, w // 2, 3)
@@ -202,33 +187,12 @@ def build_transformer(config: BuiltinConfig):
 # Flow matching
 
 
-def flow_sigmas(steps: int) -> torch.Tensor:
-    """The Euler sigmas FluxPipeline uses with schnell's scheduler (shift 1, no dynamic shift):
-    ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N))`` + the final 0,
-    i.e. linspace(1, 0, N+1). A test checks the two agree exactly."""
-    if int(steps) < 1:
-        raise AnchorError(f"steps must be >= 1, got {steps}")
-    return torch.linspace(1.0, 0.0, int(steps) + 1)
-
-
 def rectified_flow_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
     """(x_sigma, velocity target): x_sigma = (1 - sigma) x0 + sigma noise, v = noise - x0.
 
     FLUX's convention: sigma = 1 is pure noise, and an Euler step is x += (sigma_next - sigma) v."""
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
     return (1.0 - s) * x0 + s * noise, noise - x0
-
-
-def prompt_seed(prompt: str, seed: int = 0) -> int:
-    """A fixed seed per (prompt, seed): the same prompt always gets the same noise."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seeded_noise(seeds: Sequence[int], shape: tuple, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """One noise tensor per seed, drawn on the CPU so every device gets the same anchors."""
-    rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -316,9 +280,11 @@ class BuiltinFluxPipeline:
         return Conditioning(feats.tokens, feats.mask, feats.sentence).to(self.device, dtype)
 
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """The packed starting noise of each seed (engine.portable.initial_noise: the same draw on
+        every device and in every backend)."""
         c, s = self.config.latent_channels, self.config.latent_size
         dtype = next(self.transformer.parameters()).dtype
-        return pack_latents(seeded_noise(seeds, (c, s, s), self.device, dtype))
+        return torch.from_numpy(pack_latents(initial_noise(seeds, (c, s, s)))).to(self.device, dtype)
 
     @torch.no_grad()
     def __call__(self, prompts=None, steps: int | None = None, seeds: Sequence[int] | None = None,
@@ -332,40 +298,11 @@ class BuiltinFluxPipeline:
         s = self.config.latent_size
         ids = image_ids(s, s, self.device, cond.tokens.dtype)
         x = euler_sample(self.transformer, self.noise(seeds), cond, steps, ids)
-        return latents_to_images(unpack_latents(x, s, s), self.config.fold)
+        return latents_to_images(unpack_latents(x, s, s).float().cpu().numpy(), self.config.fold)
 
 
 # ---------------------------------------------------------------------------------------------
 # Folders: save / load / ids
-
-
-def _file_sha(path: Path, n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
-
-
-def _atomic_json(path: Path, value) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files: shipped configs must be readable by everyone
-    os.replace(tmp, path)
-
-
-def make_readable(folder: Path) -> None:
-    """mkdtemp / mkstemp create owner-only folders and files; a shipped model must be world-readable."""
-    os.chmod(folder, 0o755)
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
-
-
 
 
 def save_builtin(folder, transformer, config: BuiltinConfig, info: dict | None = None) -> Path:
@@ -373,34 +310,13 @@ def save_builtin(folder, transformer, config: BuiltinConfig, info: dict | None =
 
     Built in a temporary sibling and renamed into place, so a crash never leaves half a model."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with files.staged_folder(folder) as tmp:
         transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
-        _atomic_json(tmp / CONFIG_FILE, {"format": FORMAT, "kind": "builtin", "generator": config.to_dict(),
-                                         "info": info or {}})
-        make_readable(tmp)
+        files.write_json(tmp / CONFIG_FILE, {"format": FORMAT, "kind": "builtin", "generator": config.to_dict(),
+                                             "info": info or {}})
         if (folder / "samples").is_dir():  # keep the sample grids of earlier checkpoints
             os.replace(folder / "samples", tmp / "samples")
-        move_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def generator_kind(path) -> str:
-    """'builtin' or 'flux' for a generator folder; AnchorError for anything else."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AnchorError(f"generator folder not found: {path}")
-    if (path / "model_index.json").is_file():
-        return "flux"
-    if (path / CONFIG_FILE).is_file() and (path / TRANSFORMER_DIR).is_dir():
-        kind = json.loads((path / CONFIG_FILE).read_text()).get("kind")
-        if kind == "builtin":
-            return "builtin"
-    raise AnchorError(f"{path} is not a generator folder (no model_index.json, nor config.json + transformer/)")
 
 
 def read_builtin_config(path) -> tuple[BuiltinConfig, dict]:
@@ -415,35 +331,6 @@ def load_builtin_transformer(path, dtype=torch.float32):
     return model if dtype == torch.float32 else model.to(dtype)
 
 
-def generator_id(path) -> str:
-    """A short id of the weights (name + hash), for caches and anchor stores."""
-    path = Path(path)
-    if generator_kind(path) == "builtin":
-        weights = sorted((path / TRANSFORMER_DIR).glob("*.safetensors"))
-        digest = hashlib.sha256("".join(_file_sha(w) for w in weights).encode()).hexdigest()[:12]
-        return f"builtin:{path.name}@{digest}"
-    from engine.text import folder_fingerprint
-
-    return f"flux:{path.name}@{folder_fingerprint(path / TRANSFORMER_DIR)}"
-
-
-def lora_file(path) -> Path:
-    """The LoRA weights file of a path (a file, or a folder holding pytorch_lora_weights.safetensors)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LORA_FILE
-    if not path.is_file():
-        raise AnchorError(f"LoRA weights not found: {path}")
-    return path
-
-
-def adapter_id(adapters: Sequence[tuple[str, float]] = ()) -> str:
-    if not adapters:
-        return "none"
-    parts = [f"{_file_sha(lora_file(p))}x{float(w):g}" for p, w in adapters]
-    return "+".join(parts)
-
-
 def fuse_lora_into(transformer, adapters: Sequence[tuple[str, float]]):
     """Load each LoRA file into the transformer and fuse it (scaled), then drop the LoRA layers."""
     for i, (path, scale) in enumerate(adapters):
@@ -452,46 +339,6 @@ def fuse_lora_into(transformer, adapters: Sequence[tuple[str, float]]):
         transformer.fuse_lora(lora_scale=float(scale), adapter_names=[name])
         transformer.unload_lora()
     return transformer
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache
-
-
-class AnchorCache:
-    """Anchors on disk, one .npy (uint8 H x W x 3) per (prompt, generator, adapter, steps, size, seed).
-
-    Written atomically (temp file, then rename), read with allow_pickle=False."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(prompt: str, generator: str, adapter: str, steps: int, size: int, seed: int) -> str:
-        payload = json.dumps([prompt, generator, adapter, int(steps), int(size), int(seed)])
-        return hashlib.sha256(payload.encode()).hexdigest()
-
-    def _path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.npy"
-
-    def get(self, key: str) -> np.ndarray | None:
-        path = self._path(key)
-        if not path.is_file():
-            self.misses += 1
-            return None
-        self.hits += 1
-        return np.load(path, allow_pickle=False)
-
-    def put(self, key: str, image: np.ndarray) -> None:
-        path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
-        os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +387,8 @@ class AnchorGenerator:
             fuse_lora_into(transformer, options.adapters)
             backend = BuiltinFluxPipeline(transformer, config, text_encoder=text_encoder, device=device)
             return cls(backend, kind, generator_id(path), options, config.default_steps, config.image_size, cache)
+        from engine.flux_real import RealFluxBackend
+
         # text_encoder="skip": no CLIP / T5 in memory; call backend(prompt_embeds=..., pooled_prompt_embeds=...).
         backend = RealFluxBackend(path, device=device, skip_text_encoders=text_encoder == "skip")
         backend.fuse(options.adapters)
@@ -592,128 +441,3 @@ class AnchorGenerator:
                 if self.cache is not None:
                     self.cache.put(keys[i], img)
         return np.stack(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Real FLUX.1 from a local diffusers folder
-
-
-class RealFluxBackend:
-    """FluxPipeline from a local folder: bf16 on a GPU (fp32 on a CPU, where bf16 matmuls are slow),
-    its own CLIP + T5 encoders, or none when called with prompt embeddings (skip_text_encoders)."""
-
-    def __init__(self, path, device="cpu", skip_text_encoders=False, dtype=None):
-        from diffusers import FluxPipeline
-
-        self.device = torch.device(device)
-        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        skip = {}
-        if skip_text_encoders:
-            skip = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-        try:
-            self.pipe = FluxPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True, **skip)
-        except (OSError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise AnchorError(f"{path}: not a loadable FLUX pipeline folder: {first}") from exc
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.device)
-        # schnell (no guidance embedder) samples in 4 steps; dev in 28.
-        self.default_steps = TEACHER_STEPS if self.pipe.transformer.config.guidance_embeds else 4
-
-    def fuse(self, adapters: Sequence[tuple[str, float]]) -> None:
-        for i, (path, scale) in enumerate(adapters):
-            name = f"adapter{i}"
-            file = lora_file(path)
-            self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-            self.pipe.fuse_lora(components=["transformer"], lora_scale=float(scale), adapter_names=[name])
-            self.pipe.unload_lora_weights()
-
-    @torch.no_grad()
-    def __call__(self, prompts=None, steps=4, seeds=(), size=512, guidance_scale=0.0, max_sequence_length=256,
-                 prompt_embeds=None, pooled_prompt_embeds=None) -> np.ndarray:
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        if prompt_embeds is not None:
-            kwargs = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
-        else:
-            kwargs = dict(prompt=list(prompts), max_sequence_length=max_sequence_length)
-        images = self.pipe(num_inference_steps=int(steps), height=size, width=size, guidance_scale=guidance_scale,
-                           generator=generators, output_type="np", **kwargs).images
-        return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# The anchor store
-
-
-def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Sequence[str], prompts: Sequence[str],
-                       meta: dict, steps: int | None = None, seed: int = 0, batch_size: int = 32,
-                       png_dir=None, progress: bool = True) -> Path:
-    """Generate an anchor per (id, prompt), run the ResNet-50 and write the flattened region grids
-    as a BigFile (one row of R*2048 floats per id) plus anchor_meta.json. Streams in batches."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from engine.datasets import BigFileWriter
-
-    if len(ids) != len(prompts):
-        raise AnchorError(f"{len(ids)} ids but {len(prompts)} prompts")
-    if not ids:
-        raise AnchorError("nothing to generate: no ids")
-    r = extractor.grid_size() ** 2
-    dim = extractor.feature_dim
-    folder = Path(folder)
-    if png_dir:
-        Path(png_dir).mkdir(parents=True, exist_ok=True)
-    with BigFileWriter(folder, r * dim) as writer:
-        for start in tqdm(range(0, len(ids), batch_size), desc="anchor store", unit="batch", disable=not progress):
-            batch_ids = list(ids[start:start + batch_size])
-            images = generator.generate(prompts[start:start + batch_size], steps=steps, seed=seed)
-            regions = extractor.regions(images)
-            writer.add(batch_ids, regions.reshape(len(batch_ids), -1).numpy())
-            if png_dir:
-                for i, img in zip(batch_ids, images, strict=True):
-                    Image.fromarray(img).save(Path(png_dir) / f"{i.replace('#', '_')}.png")
-    full = {"format": STORE_FORMAT, "regions": r, "dim": dim, "image_size": extractor.config.image_size,
-            "anchor_size": generator.image_size, "generator_id": generator.generator_id,
-            "adapter_id": generator.adapter_id, "steps": steps or generator.default_steps, "seed": seed, **meta}
-    _atomic_json(folder / META_FILE, full)
-    return folder
-
-
-def merge_anchor_stores(parts: Sequence, folder) -> Path:
-    """Concatenate anchor stores drawn in parallel (`cvr anchors --workers N`: one contiguous shard
-    of the ids each, same generator and settings) into one store, in the order given."""
-    from engine.datasets import BigFileWriter
-
-    metas = []
-    first = read_anchor_store(parts[0])
-    row_floats = int(first[2]["regions"]) * int(first[2]["dim"])
-    with BigFileWriter(Path(folder), row_floats) as writer:
-        for part in parts:
-            ids, regions, meta = read_anchor_store(part)
-            if meta != first[2]:
-                raise AnchorError(f"{part}: drawn with other settings than {parts[0]}; cannot merge")
-            for start in range(0, len(ids), 1024):
-                chunk = np.asarray(regions[start : start + 1024]).reshape(-1, row_floats)
-                writer.add(ids[start : start + 1024], chunk)
-            metas.append(meta)
-    _atomic_json(Path(folder) / META_FILE, metas[0])
-    return Path(folder)
-
-
-def read_anchor_store(folder):
-    """(ids, regions (N, R, 2048) float32 memmap view, meta) of an anchor store."""
-    from engine.datasets import FEATURE_DTYPE, FEATURE_FILE, BigFile
-
-    folder = Path(folder)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise AnchorError(f"{folder} is not an anchor store (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
-    big = BigFile(folder)
-    n, dim = big.shape
-    r, d = int(meta["regions"]), int(meta["dim"])
-    if r * d != dim:
-        raise AnchorError(f"{folder}: rows have {dim} floats, but the meta says {r} regions x {d}")
-    regions = np.memmap(folder / FEATURE_FILE, dtype=FEATURE_DTYPE, mode="r", shape=(n, r, d))
-    return list(big.ids), regions, meta

@@ -1,23 +1,22 @@
-"""The whole retrieval model (text encoder + towers + matcher) and its checkpoint folder.
+"""The checkpoint folder: the whole retrieval model (text encoder + towers + matcher) on disk.
 
 A checkpoint is a folder: `model.safetensors` (every trainable tensor and the frozen min-max
 constants), `config.json` (every dimension, the text encoder's id and vocabulary, the constants in
-readable form) and `train_log.json`. Loading never unpickles anything, and a checkpoint with missing
-or mis-shaped tensors fails with one line naming the tensor.
+readable form, how the anchors were made) and `train_log.json`. Loading never unpickles anything,
+and a checkpoint with missing or mis-shaped tensors fails with one line naming the tensor.
+
+It holds no absolute path: folders it refers to (a local text encoder, the anchor generator, the
+anchor store it was trained on) are recorded as engine.paths references, so a checkpoint copied
+to another folder or machine still loads. This module imports torch only inside `save_checkpoint`
+and `load_checkpoint`: the torch-free ONNX Runtime path reads a checkpoint's config and id.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 
-import torch
-from torch import nn
-
-from engine.config import ModelConfig, read_format_json, write_json_atomic
-from engine.datasets import move_into_place
-from engine.model import Embeddings, Matcher, QueryTower, VideoTower
+from engine import files, paths
+from engine.config import ModelConfig, read_format_json
 
 FORMAT = "cvr-sdgm/checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -29,73 +28,15 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded (one-line message)."""
 
 
-class CVRModel(nn.Module):
-    """Text encoder, query tower, video tower and matcher of one CVR-SDGM model."""
-
-    def __init__(self, config: ModelConfig, text_encoder: nn.Module | None = None):
-        super().__init__()
-        from engine.text import build_text_encoder
-
-        config.validate()
-        self.config = config
-        self.text = text_encoder if text_encoder is not None else build_text_encoder(config.text)
-        self.query = QueryTower(config, self.text.dim_sentence, self.text.dim_tokens)
-        self.video = VideoTower(config)
-        self.matcher = Matcher(concept_space=config.concept_space, local_branch=config.local_branch)
-
-    def encode_text(self, texts: list, regions: torch.Tensor | None = None, backend: str = "torch") -> Embeddings:
-        features = self.text(texts)
-        return self.encode_text_features(features, regions, backend)
-
-    def encode_text_features(self, features, regions=None, backend: str = "torch") -> Embeddings:
-        return self.query(features.sentence, features.tokens, features.mask, regions, backend)
-
-    def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> Embeddings:
-        return self.video(frames, mask)
-
-    def score(self, query: Embeddings, video: Embeddings, transductive: bool = False, backend: str = "torch",
-              k: int | None = None):
-        return self.matcher(query, video, transductive=transductive, backend=backend, k=k)
-
-    def trainable_state(self) -> dict:
-        """Tensors saved in a checkpoint: all but a frozen pretrained text encoder's (those load
-        from the encoder's own folder or package, recorded by id in config.json)."""
-        frozen_text = not any(p.requires_grad for p in self.text.parameters())
-        return {k: v for k, v in self.state_dict().items() if not (frozen_text and k.startswith("text."))}
-
-
-def save_checkpoint(model: CVRModel, folder: str, log: list | None = None, extra: dict | None = None) -> str:
-    """Write a checkpoint folder atomically (temporary sibling, then rename); returns its id."""
-    from safetensors.torch import save_file
-
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".ckpt-", dir=parent)
-    try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
-        save_file(tensors, os.path.join(work, WEIGHTS), metadata={"format": FORMAT})
-        config = {
-            "format": FORMAT,
-            "model": model.config.to_dict(),
-            "text_encoder": model.text.describe(),
-            "norm": {"order": ["lat_g", "lat_l", "con_g", "con_l"], "min_max": model.matcher.norm.tolist()},
-            **(extra or {}),
-        }
-        write_json_atomic(os.path.join(work, CONFIG), config)
-        write_json_atomic(os.path.join(work, LOG), log or [])
-        move_into_place(work, folder)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return checkpoint_id(folder)
-
-
 def checkpoint_id(folder: str) -> str:
     """sha256 of the weights file and config: what a gallery records to refuse foreign models."""
     digest = hashlib.sha256()
     for name in (WEIGHTS, CONFIG):
-        with open(os.path.join(folder, name), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder}: no {name}")
+        with open(path, "rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
 
@@ -104,16 +45,66 @@ def read_checkpoint_config(folder: str) -> dict:
     return read_format_json(folder, CONFIG, FORMAT, CheckpointError, "checkpoint")
 
 
-def load_checkpoint(folder: str, device: str = "cpu") -> CVRModel:
-    """Rebuild the model from config.json and load model.safetensors strictly (no pickle)."""
+def anchor_generator(folder: str, config: dict, override: str | None = None) -> str:
+    """The generator folder a checkpoint's anchors come from: `override` when given, else the one
+    its config records (a built-in id, or a path relative to the checkpoint)."""
+    if override:
+        return override
+    ref = (config.get("anchors") or {}).get("generator")
+    if not ref:
+        raise CheckpointError(f"{folder}: this checkpoint uses anchors but records no generator: pass --generator DIR")
+    generator = paths.resolve(ref, folder)
+    if not os.path.isdir(generator):
+        raise CheckpointError(f"{folder}: its generator {ref} is not at {generator}: pass --generator DIR")
+    return generator
+
+
+def _text_config(text: dict, folder: str, to_file: bool) -> dict:
+    """The text encoder's config with its local folder (if any) as a reference (`to_file`) or as a
+    path again."""
+    text = dict(text)
+    if text.get("path"):
+        text["path"] = paths.reference(text["path"], folder) if to_file else paths.resolve(text["path"], folder)
+    if isinstance(text.get("word_vectors"), dict) and to_file:
+        source = text["word_vectors"].get("source")
+        text["word_vectors"] = dict(text["word_vectors"], source=source and paths.reference(source, folder))
+    return text
+
+
+def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | None = None) -> str:
+    """Write a checkpoint folder atomically (staged, then swapped into place); returns its id."""
+    from safetensors.torch import save_file
+
+    with files.staged_folder(folder) as work:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
+        save_file(tensors, os.path.join(work, WEIGHTS), metadata={"format": FORMAT})
+        files.fsync_file(os.path.join(work, WEIGHTS))
+        config = {
+            "format": FORMAT,
+            "model": model.config.to_dict(),
+            "text_encoder": _text_config(model.text.describe(), folder, to_file=True),
+            "norm": {"order": ["lat_g", "lat_l", "con_g", "con_l"], "min_max": model.matcher.norm.tolist()},
+            **(extra or {}),
+        }
+        config["model"]["text"] = _text_config(config["model"]["text"], folder, to_file=True)
+        files.write_synced(os.path.join(work, CONFIG), files.to_json(config))
+        files.write_synced(os.path.join(work, LOG), files.to_json(log or []))
+    return checkpoint_id(folder)
+
+
+def load_checkpoint(folder: str, device: str = "cpu"):
+    """Rebuild the model (engine.model.CVRModel) from config.json and load model.safetensors
+    strictly (no pickle)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from engine.model import CVRModel
     from engine.text import build_text_encoder
 
     config = read_checkpoint_config(folder)
     model_config = ModelConfig.from_dict(config["model"], where=os.path.join(folder, CONFIG))
-    text = build_text_encoder(config["text_encoder"])
+    model_config.text = _text_config(model_config.text, folder, to_file=False)
+    text = build_text_encoder(_text_config(config["text_encoder"], folder, to_file=False))
     saved_id, found_id = config["text_encoder"].get("model_id"), text.describe().get("model_id")
     frozen = not any(p.requires_grad for p in text.parameters())
     if frozen and saved_id and found_id != saved_id:

@@ -77,14 +77,6 @@ class TrainConfig:
     threads: int = 1
 
 
-def write_json_atomic(path: str, value) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-    os.replace(temporary, path)
-
-
 def read_format_json(folder: str, name: str, fmt: str, error: type, kind: str) -> dict:
     """Read `folder/name`, a JSON object whose "format" is `fmt`; anything else raises `error`
     with one line (missing folder, missing file, bad JSON, another format)."""

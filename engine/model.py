@@ -1,4 +1,4 @@
-"""The CVR-SDGM towers (ARCHITECTURE.md steps 3-7): video tower, query tower, hybrid heads, matcher.
+"""The CVR-SDGM model (ARCHITECTURE.md sections 3-7): video tower, query tower, hybrid heads, matcher.
 
 The video side follows RIVRL (previewing BiGRU branch + intensive-reading branch with
 previewing-aware attention). The query side adds this project's text-guided hybrid attention over
@@ -6,7 +6,9 @@ an anchor image's regions. Both sides map each branch (global, local) into a hyb
 L2-normalised latent vector (D) and concept probabilities (K). The `Matcher` turns two sets of
 embeddings into fused scores with frozen min-max constants.
 
-Inputs are plain tensors, so the towers export to ONNX and the matcher has a fused Triton twin.
+Inputs are plain tensors, so the towers export to ONNX. The fused score and the hybrid attention
+are defined once in kernels/reference.py; they run here inside small modules (`FusedScore`,
+`HybridAttentionCore`) that engine/backends/triton.py swaps for the Triton kernels.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
+from kernels import reference
 
 BRANCHES = ("global", "local")
 # Order of the four similarities everywhere (norm constants, kernels): as kernels/global_local_score.
@@ -38,20 +41,6 @@ class Embeddings:
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 1 of (B, L, d) where mask (B, L) is True; all-masked rows give zeros."""
-    weights = mask.to(x.dtype).unsqueeze(-1)
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over valid positions; a row with no valid position gives all zeros, not NaN."""
-    logits = logits.masked_fill(~mask, float("-inf"))
-    any_valid = mask.any(dim=dim, keepdim=True)
-    logits = torch.where(any_valid, logits, torch.zeros_like(logits))
-    return torch.softmax(logits, dim=dim) * any_valid
 
 
 class HybridHead(nn.Module):
@@ -98,7 +87,7 @@ class PreviewAwareAttention(nn.Module):
 
     def forward(self, preview: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logits = torch.einsum("bd,bld->bl", self.query(preview), self.key(seq)) * self.scale
-        weights = masked_softmax(logits, mask)
+        weights = reference.masked_softmax(logits, mask)
         # RIVRL adds the max-pooled sequence to the attended one (a residual that keeps salient
         # frames even when attention is flat).
         pooled_max = seq.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
@@ -128,7 +117,7 @@ class VideoTower(nn.Module):
 
     def from_gru_states(self, frames: torch.Tensor, mask: torch.Tensor, states: torch.Tensor) -> Embeddings:
         """Everything after the BiGRU (the ONNX export swaps in its own GRU graph, then calls this)."""
-        preview = masked_mean(states, mask)  # (B, 2h): previewing branch
+        preview = reference.masked_mean(states, mask)  # (B, 2h): previewing branch
         x = torch.relu(self.frame_fc(frames)) * mask.unsqueeze(-1).to(frames.dtype)
         conv = torch.relu(self.temporal_conv(x))
         # An output position of the stride-2 conv is valid when its centre frame is.
@@ -151,9 +140,18 @@ class VideoTower(nn.Module):
 # Query tower
 
 
+class HybridAttentionCore(nn.Module):
+    """The attention itself, on projected inputs (kernels.reference.hybrid_attention). A module so
+    that engine/backends/triton.py can swap in the fused kernel (kernels.modules)."""
+
+    def forward(self, tokens, token_mask, regions, sentence, beta, gamma, region_mask=None):
+        return reference.hybrid_attention(tokens, token_mask, regions, sentence, beta, gamma, region_mask)
+
+
 class HybridAttention(nn.Module):
-    """Text-guided hybrid attention over anchor regions (ARCHITECTURE.md step 4), plain PyTorch:
-    the reference that kernels/hybrid_attention.py matches."""
+    """Text-guided hybrid attention over anchor regions (ARCHITECTURE.md section 4): learned
+    projections, the channel gate, the attention (`core`), the ablation modes and the relevance
+    gate that can shut a bad anchor off."""
 
     def __init__(self, config: ModelConfig, sentence_dim: int, token_dim: int):
         super().__init__()
@@ -165,31 +163,18 @@ class HybridAttention(nn.Module):
         self.gamma_logit = nn.Parameter(torch.zeros(()))  # gamma = sigmoid(.) in (0, 1), starts at 0.5
         self.relevance = nn.Linear(2 * d, 1)  # sigmoid(w . [t'; a]): can shut a bad anchor off
         self.mode = config.attention
-        self.scale = 1.0 / math.sqrt(d)
+        self.core = HybridAttentionCore()
 
-    def forward(self, sentence, tokens, token_mask, regions, backend: str = "torch") -> tuple:
+    def forward(self, sentence, tokens, token_mask, regions) -> tuple:
         """-> (a (B, d) gated anchor vector, A (B, L, d) each token's view of the anchor)."""
         r = self.regions(regions)
         t = self.sentence(sentence)
-        tok = self.tokens(tokens)
-        m = r.mean(1)
-        beta = torch.sigmoid(self.channel(torch.cat([t, m], -1)))
-        gamma = torch.sigmoid(self.gamma_logit)
-        if backend == "triton":
-            from kernels.hybrid_attention import hybrid_attention
-
-            out = hybrid_attention(tok, token_mask, r, t, beta, gamma)
-            a_s, a_c, token_view = out.a_s, out.a_c, out.A
-        else:
-            alpha = torch.softmax(torch.einsum("brd,bd->br", r, t) * self.scale, -1)
-            a_s = torch.einsum("br,brd->bd", alpha, r)
-            a_c = beta * m
-            logits = torch.einsum("bld,brd->blr", tok, r) * self.scale
-            token_view = torch.einsum("blr,brd->bld", torch.softmax(logits, -1), r)
-            token_view = token_view * token_mask.unsqueeze(-1).to(token_view.dtype)
-        a = {"hybrid": gamma * a_s + (1 - gamma) * a_c, "spatial": a_s, "channel": a_c, "meanpool": m}[self.mode]
+        beta = torch.sigmoid(self.channel(torch.cat([t, reference.masked_mean(r)], -1)))
+        out = self.core(self.tokens(tokens), token_mask, r, t, beta, torch.sigmoid(self.gamma_logit))
+        a = {"hybrid": out.a, "spatial": out.a_s, "channel": out.a_c, "meanpool": out.m}[self.mode]
+        token_view = out.A
         if self.mode == "meanpool":
-            token_view = m.unsqueeze(1) * token_mask.unsqueeze(-1).to(m.dtype)
+            token_view = out.m.unsqueeze(1) * token_mask.unsqueeze(-1).to(out.m.dtype)
         relevance = torch.sigmoid(self.relevance(torch.cat([t, a], -1)))
         return relevance * a, relevance.unsqueeze(1) * token_view
 
@@ -215,17 +200,17 @@ class QueryTower(nn.Module):
                  HybridHead(d, config.latent_dim, config.concept_dim, config.dropout)]
         self.heads = nn.ModuleList(heads)
 
-    def forward(self, sentence, tokens, token_mask, regions=None, backend: str = "torch") -> Embeddings:
+    def forward(self, sentence, tokens, token_mask, regions=None) -> Embeddings:
         token_mask = token_mask.bool()
         global_x, local_x = sentence, tokens
         if self.use_anchor:
             if regions is None:
                 raise ValueError("this query tower was trained with anchors: pass anchor regions")
-            a, token_view = self.attention(sentence, tokens, token_mask, regions, backend)
+            a, token_view = self.attention(sentence, tokens, token_mask, regions)
             global_x = torch.cat([sentence, a], -1)
             local_x = torch.cat([tokens, token_view], -1)
         hidden = torch.tanh(self.local_proj(local_x))
-        weights = masked_softmax(self.local_score(hidden).squeeze(-1), token_mask)
+        weights = reference.masked_softmax(self.local_score(hidden).squeeze(-1), token_mask)
         local = torch.einsum("bl,bld->bd", weights, hidden)
         return _stack(self.heads, global_x, local)
 
@@ -234,42 +219,37 @@ class QueryTower(nn.Module):
 # Matching
 
 
-def jaccard(x: torch.Tensor, y: torch.Tensor, budget: int = 1 << 24) -> torch.Tensor:
-    """sum_k min(x_k, y_k) / sum_k max(x_k, y_k) for every pair: (Q, K) x (N, K) -> (Q, N).
-
-    Tiled over queries and videos so that no temporary holds more than `budget` elements (the
-    whole Q x N x K broadcast would be 52 GB for 256 queries against 100k videos); a pair whose
-    sum of maxima is 0 (both all-zero) scores 0."""
-    n, k = y.shape
-    video_tile = max(1, min(n, budget // max(1, k)))
-    query_tile = max(1, budget // (video_tile * max(1, k)))
-    rows = []
-    for q in range(0, x.shape[0], query_tile):
-        xs = x[q : q + query_tile].unsqueeze(1)
-        tiles = []
-        for v in range(0, n, video_tile):
-            ys = y[v : v + video_tile].unsqueeze(0)
-            minimum = torch.minimum(xs, ys).sum(-1)
-            maximum = torch.maximum(xs, ys).sum(-1)
-            tiles.append(torch.where(maximum > 0, minimum / maximum.clamp_min(1e-12), torch.zeros_like(minimum)))
-        rows.append(torch.cat(tiles, 1))
-    return torch.cat(rows)
+def similarities(query: Embeddings, video: Embeddings, budget: int = 1 << 24) -> torch.Tensor:
+    """The four raw similarity matrices (4, Q, N) in SIMILARITIES order, computed in tiles so that
+    no Jaccard intermediate holds more than `budget` numbers (the whole Q x N x K broadcast would
+    be 52 GB for 256 queries against 100k videos)."""
+    out = query.lat.new_empty((4, len(query), len(video)))
+    for qs, ns in reference.tiles(len(query), len(video), query.con.shape[2], budget):
+        out[:, qs, ns] = reference.similarities(query.lat[qs], query.con[qs], video.lat[ns], video.con[ns])
+    return out
 
 
-def similarities(query: Embeddings, video: Embeddings) -> torch.Tensor:
-    """The four raw similarity matrices, (4, Q, N), in SIMILARITIES order."""
-    return torch.stack([
-        query.lat[:, 0] @ video.lat[:, 0].T,
-        query.lat[:, 1] @ video.lat[:, 1].T,
-        jaccard(query.con[:, 0], video.con[:, 0]),
-        jaccard(query.con[:, 1], video.con[:, 1]),
-    ])
+class FusedScore(nn.Module):
+    """Fused scores (Q, N) with frozen constants (kernels.reference.fused_score), in tiles of at
+    most `budget` Jaccard numbers. A module so that engine/backends/triton.py can swap in the fused
+    kernel (kernels.modules.TritonFusedScore), which takes the same arguments."""
+
+    def __init__(self, weights=(0.6, 0.4), local_branch: bool = True, budget: int = 1 << 24):
+        super().__init__()
+        self.weights, self.local_branch, self.budget = tuple(weights), local_branch, budget
+
+    def forward(self, q_lat, q_con, v_lat, v_con, norm) -> torch.Tensor:
+        out = q_lat.new_empty((q_lat.shape[0], v_lat.shape[0]))
+        for qs, ns in reference.tiles(q_lat.shape[0], v_lat.shape[0], q_con.shape[2], self.budget):
+            out[qs, ns] = reference.fused_score(q_lat[qs], q_con[qs], v_lat[ns], v_con[ns], norm, self.weights,
+                                                self.local_branch)
+        return out
 
 
 class Matcher(nn.Module):
     """Dual-branch hybrid-space matching: each similarity is min-max normalised with constants
     frozen from the validation set (stored in the checkpoint), then fused:
-    score = w_lat * (lat_g + lat_l) + w_con * (con_g + con_l).
+    score = w_lat * (lat_g + lat_l) + w_con * (con_g + con_l)  (ARCHITECTURE.md section 7).
 
     RIVRL normalises over the whole test matrix, which an online engine cannot do; `transductive`
     reproduces that for parity (the constants then come from the matrix being scored)."""
@@ -280,42 +260,55 @@ class Matcher(nn.Module):
         # Ablations switch parts of the fusion off: no concept space, or the global branch only.
         self.weights = (float(weights[0]), float(weights[1]) if concept_space else 0.0)
         self.local_branch = local_branch
+        self.fused = FusedScore(self.weights, local_branch)
 
     def fit_norm(self, query: Embeddings, video: Embeddings) -> None:
         """Freeze the min-max constants from a (validation) query x video matrix."""
         sims = similarities(query, video)
         self.norm.copy_(torch.stack([sims.flatten(1).amin(1), sims.flatten(1).amax(1)], 1))
 
-    def forward(self, query: Embeddings, video: Embeddings, transductive: bool = False,
-                backend: str = "torch", k: int | None = None):
-        if backend == "triton":
-            from kernels.global_local_score import global_local_score
-
-            if not self.local_branch or transductive:
-                raise ValueError("the triton backend scores both branches with frozen constants: use the torch "
-                                 "backend for the no-local-branch ablation or transductive parity")
-            from kernels.global_local_score import MAX_TOPK
-
-            if k is not None and k > MAX_TOPK:  # beyond the in-kernel top-k: fused matrix, then sort
-                scores = global_local_score(query.lat, query.con, video.lat, video.con, self.norm, self.weights)
-                return topk_stable(scores, k)
-            return global_local_score(query.lat, query.con, video.lat, video.con, self.norm, self.weights, k=k)
+    def forward(self, query: Embeddings, video: Embeddings, transductive: bool = False) -> torch.Tensor:
+        if not transductive:
+            return self.fused(query.lat, query.con, video.lat, video.con, self.norm)
+        if not isinstance(self.fused, FusedScore):
+            raise ValueError("transductive normalisation (RIVRL parity) runs in PyTorch only: use the torch backend")
         sims = similarities(query, video)
-        if transductive:
-            lo, hi = sims.flatten(1).amin(1), sims.flatten(1).amax(1)
-        else:
-            lo, hi = self.norm[:, 0], self.norm[:, 1]
-        normed = (sims - lo.view(4, 1, 1)) / (hi - lo).clamp_min(1e-6).view(4, 1, 1)
-        w_lat, w_con = self.weights
-        if not self.local_branch:
-            normed = normed[[0, 0, 2, 2]]
-        scores = w_lat * (normed[0] + normed[1]) + w_con * (normed[2] + normed[3])
-        if k is None:
-            return scores
-        return topk_stable(scores, k)
+        lo, hi = sims.flatten(1).amin(1), sims.flatten(1).amax(1)
+        return reference.fuse(reference.normalise(sims, lo, hi), self.weights, self.local_branch)
 
 
-def topk_stable(scores: torch.Tensor, k: int) -> tuple:
-    """Top-k per row, descending, ties broken by the lower column index (as the kernels do)."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True)
-    return order.values[:, :k], order.indices[:, :k]
+# ---------------------------------------------------------------------------------------------
+# The whole model
+
+
+class CVRModel(nn.Module):
+    """Text encoder, query tower, video tower and matcher of one CVR-SDGM model."""
+
+    def __init__(self, config: ModelConfig, text_encoder: nn.Module | None = None):
+        super().__init__()
+        from engine.text import build_text_encoder
+
+        config.validate()
+        self.config = config
+        self.text = text_encoder if text_encoder is not None else build_text_encoder(config.text)
+        self.query = QueryTower(config, self.text.dim_sentence, self.text.dim_tokens)
+        self.video = VideoTower(config)
+        self.matcher = Matcher(concept_space=config.concept_space, local_branch=config.local_branch)
+
+    def encode_text(self, texts: list, regions: torch.Tensor | None = None) -> Embeddings:
+        return self.encode_text_features(self.text(texts), regions)
+
+    def encode_text_features(self, features, regions=None) -> Embeddings:
+        return self.query(features.sentence, features.tokens, features.mask, regions)
+
+    def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> Embeddings:
+        return self.video(frames, mask)
+
+    def score(self, query: Embeddings, video: Embeddings, transductive: bool = False) -> torch.Tensor:
+        return self.matcher(query, video, transductive=transductive)
+
+    def trainable_state(self) -> dict:
+        """Tensors saved in a checkpoint: all but a frozen pretrained text encoder's (those load
+        from the encoder's own folder or package, recorded by id in config.json)."""
+        frozen_text = not any(p.requires_grad for p in self.text.parameters())
+        return {k: v for k, v in self.state_dict().items() if not (frozen_text and k.startswith("text."))}

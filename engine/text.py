@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from engine.portable import PAD, SPECIALS, UNK, pad_rows, rivrl_encode, rivrl_words
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,9 @@ class MiniLMEncoder(nn.Module):
         if self.path is None:
             self.model_id = f"{PACKAGE}=={_package_version()}"
         else:
-            self.model_id = f"{self.path}@{folder_fingerprint(self.path)}"
+            # The folder's name and fingerprint, not its path: a checkpoint must not depend on
+            # where the encoder sits on the machine that trained it.
+            self.model_id = f"hf:{Path(self.path).name}@{folder_fingerprint(self.path)}"
         self.dim_tokens = int(self.model.config.hidden_size)
         self.dim_sentence = self.dim_tokens
         self.model.requires_grad_(self.finetune)
@@ -279,18 +282,9 @@ def _load_hf_encoder(folder: str):
 # RIVRL: vocabulary
 
 
-# RIVRL's rnn vocabulary starts with <pad>, <start>, <end>, <unk>. We keep all four (so word
-# sequences are wrapped in <start> ... <end> exactly as RIVRL's data provider does, which also
-# gives an empty caption two real positions), but number them <pad>=0, <unk>=1, <start>=2, <end>=3.
-SPECIALS = ("<pad>", "<unk>", "<start>", "<end>")
-PAD, UNK, START, END = range(4)
+# The special tokens, their numbering and RIVRL's word splitting live in engine/portable.py (the
+# torch-free ONNX Runtime path tokenises with the same code).
 VOCAB_FORMAT = "cvr-sdgm/vocabulary/1"
-_NON_ALNUM = re.compile(r"[^A-Za-z0-9]")
-
-
-def rivrl_words(text: str) -> list[str]:
-    """RIVRL's ``clean_str``: every non-ASCII-alphanumeric character is a separator, lowercase."""
-    return _NON_ALNUM.sub(" ", text).lower().split()
 
 
 class Vocabulary:
@@ -351,10 +345,7 @@ class Vocabulary:
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """``<start> words... <end>`` as indices; at most ``max_length`` of them (<end> is kept)."""
-        ids = [self.index(w) for w in rivrl_words(text)]
-        if max_length is not None:
-            ids = ids[: max(0, max_length - 2)]
-        return [START, *ids, END]
+        return rivrl_encode(self.stoi, text, max_length)
 
     def to_json(self) -> dict:
         """A JSON-able dict (it goes into the checkpoint's config.json; never pickled)."""
@@ -481,11 +472,8 @@ class RivrlTextEncoder(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids`` (B, L) long, padded with <pad>=0, and ``attention_mask`` (B, L) long."""
         texts = _check_texts(texts)
-        seqs = [self.vocab.encode(t, self.max_length) for t in texts]
-        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, : len(seq)] = torch.tensor(seq)
-        return {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+        ids, mask = pad_rows([self.vocab.encode(t, self.max_length) for t in texts], PAD)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
     def n_tokens(self, texts: Sequence[str]) -> list[int]:
         """Untruncated lengths, <start>/<end> included (compare with max_length to warn)."""

@@ -258,10 +258,10 @@ def save_builtin(model, path: str, seed: int, trained_stages: int = 0, extra: di
         "conv_sha256": conv_weights_hash(model, skip=set(tensors)),
     }
     metadata.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (extra or {}).items()})
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = path + ".tmp"
-    save_file(tensors, temporary, metadata=metadata)
-    os.replace(temporary, path)
+    from engine import files
+
+    with files.atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------

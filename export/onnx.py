@@ -29,7 +29,7 @@ table becomes a precomputed float32 one (TensorRT has no float64).
 The cache: the key is a hash of (checkpoint id, generator id, vision weights id, opset, declared
 shapes, export code version, precisions); an existing folder whose manifest has that key and
 whose files match their sha256 is reused. Writes go to a temporary sibling folder, renamed into
-place (engine.datasets.move_into_place).
+place (engine.files.staged_folder).
 """
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine import files, fingerprints, paths
 from engine.backends.onnxruntime import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -60,8 +60,16 @@ from engine.backends.onnxruntime import (
     read_export_manifest,
     session_options,
 )
-from engine.checkpoint import WEIGHTS, CheckpointError, checkpoint_id, load_checkpoint, read_checkpoint_config
-from engine.datasets import move_into_place, sha256_file
+from engine.checkpoint import (
+    WEIGHTS,
+    CheckpointError,
+    anchor_generator,
+    checkpoint_id,
+    load_checkpoint,
+    read_checkpoint_config,
+)
+from engine.files import sha256_file
+from kernels import reference
 
 DEFAULT_OPSET = 18
 PRECISIONS = ("fp32", "fp16")
@@ -311,13 +319,6 @@ class VideoTowerGraph(nn.Module):
         return emb.lat, emb.con
 
 
-def _jaccard(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """engine.model.jaccard unchunked (the backend chunks the gallery instead)."""
-    xs, ys = x.unsqueeze(1), y.unsqueeze(0)
-    minimum, maximum = torch.minimum(xs, ys).sum(-1), torch.maximum(xs, ys).sum(-1)
-    return torch.where(maximum > 0, minimum / maximum.clamp_min(1e-12), torch.zeros_like(minimum))
-
-
 class ScorerGraph(nn.Module):
     """engine.model.Matcher with frozen constants (stored in the graph), non-transductive."""
 
@@ -327,18 +328,9 @@ class ScorerGraph(nn.Module):
         self.weights, self.local_branch = matcher.weights, matcher.local_branch
 
     def forward(self, query_lat, query_con, video_lat, video_con):
-        sims = torch.stack([
-            query_lat[:, 0] @ video_lat[:, 0].T,
-            query_lat[:, 1] @ video_lat[:, 1].T,
-            _jaccard(query_con[:, 0], video_con[:, 0]),
-            _jaccard(query_con[:, 1], video_con[:, 1]),
-        ])
-        lo, hi = self.norm[:, 0].view(4, 1, 1), self.norm[:, 1].view(4, 1, 1)
-        normed = (sims - lo) / (hi - lo).clamp_min(1e-6)
-        if not self.local_branch:
-            normed = normed[[0, 0, 2, 2]]
-        w_lat, w_con = self.weights
-        return w_lat * (normed[0] + normed[1]) + w_con * (normed[2] + normed[3])
+        # The one definition, untiled: the backend hands the graph blocks of the gallery.
+        return reference.fused_score(query_lat, query_con, video_lat, video_con, self.norm, self.weights,
+                                     self.local_branch)
 
 
 class VisionGraph(nn.Module):
@@ -550,7 +542,7 @@ def plan_export(checkpoint: str, options: ExportOptions) -> ExportPlan:
         raise ExportError(f"opset must be between 17 and 23, got {options.opset}")
     use_anchor = bool(config.get("model", {}).get("use_anchor"))
     modules = _plan_modules(options.modules, use_anchor)
-    anchors = _plan_anchors(config, options) if use_anchor else None
+    anchors = _plan_anchors(checkpoint, config, options) if use_anchor else None
     max_tokens = int(config.get("text_encoder", {}).get("max_length", 32))
     if anchors:
         max_tokens = max(max_tokens, int(anchors["generator_config"]["text_max_length"]))
@@ -576,13 +568,11 @@ def _plan_modules(requested, use_anchor: bool) -> tuple:
     return tuple(m for m in available if m in requested)
 
 
-def _plan_anchors(config: dict, options: ExportOptions) -> dict:
+def _plan_anchors(checkpoint: str, config: dict, options: ExportOptions) -> dict:
     from engine.anchors import generator_id, generator_kind, read_builtin_config
 
     meta = config.get("anchors") or {}
-    folder = options.generator or meta.get("generator")
-    if not folder:
-        raise ExportError("this checkpoint uses anchors: pass the generator folder (--generator DIR)")
+    folder = anchor_generator(checkpoint, config, options.generator)
     if generator_kind(folder) != "builtin":
         raise ExportError(f"{folder}: only the built-in generator exports (a FLUX.1 pipeline folder has T5, CLIP "
                           "and a VAE besides the transformer)")
@@ -595,18 +585,11 @@ def _plan_anchors(config: dict, options: ExportOptions) -> dict:
 
 
 def vision_id(weights: str | None) -> str:
-    """What the ResNet's weights are, for cache keys: a file's sha256, a folder's fingerprint."""
-    from engine.text import folder_fingerprint
-    from engine.vision import BUILTIN_WEIGHTS
-
-    if weights == "random":
-        return "random:0"
-    path = weights or BUILTIN_WEIGHTS
-    if os.path.isdir(path):
-        return f"folder:{folder_fingerprint(path)}"
-    if not os.path.isfile(path):
-        raise ExportError(f"vision weights not found: {path}")
-    return f"file:{sha256_file(path)[:16]}"
+    """engine.fingerprints.vision_id, with ExportError for missing weights."""
+    try:
+        return fingerprints.vision_id(weights)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
 
 
 def cache_key(value) -> str:
@@ -874,15 +857,8 @@ def _copy_cached(cached: str, path: str) -> bool:
 
 
 def _store_cached(path: str, cached: str, entry: dict) -> None:
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    for source, target, text in ((path, cached, None), (None, cached + ".json", json.dumps(entry))):
-        temporary = f"{target}.tmp-{os.getpid()}"
-        if source:
-            shutil.copyfile(source, temporary)
-        else:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                handle.write(text)
-        os.replace(temporary, target)
+    files.copy_atomic(path, cached)
+    files.write_json(cached + ".json", entry)  # the sidecar last: it vouches for the graph
 
 
 def _ort_parity(spec: ModuleSpec, path: str, precision: str, shapes: dict) -> dict:
@@ -928,31 +904,14 @@ def export_onnx(checkpoint: str, out: str, options: ExportOptions | None = None)
         return ExportResult(out, existing, True)
     _check_replaceable(out)
     parts = load_parts(plan)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
-    try:
-        modules = {spec.name: _export_one(spec, work, plan, options.module_cache, log) for spec in parts.specs}
+    with files.staged_folder(out) as work:
+        modules = {spec.name: _export_one(spec, str(work), plan, options.module_cache, log) for spec in parts.specs}
         for name, text in parts.files.items():
-            with open(os.path.join(work, name), "w", encoding="utf-8") as handle:
-                handle.write(text)
-        manifest = _manifest(plan, parts, modules)
-        publish(work, out, MANIFEST, manifest)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+            files.write_synced(os.path.join(work, name), text)
+        manifest = _manifest(plan, parts, modules, out)
+        files.write_synced(os.path.join(work, MANIFEST), files.to_json(manifest))  # last: it vouches for the rest
     log(f"wrote {out} ({len(modules)} modules, key {plan.key[:12]})")
     return ExportResult(out, manifest, False)
-
-
-def publish(work: str, out: str, name: str, record: dict) -> None:
-    """Write `record` as work/name, then swap the finished temporary folder into place at `out`
-    (ONNX exports and TensorRT engines alike: a crash never leaves a half-written folder)."""
-    with open(os.path.join(work, name), "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-    os.chmod(work, 0o755)  # mkdtemp makes an owner-only folder
-    move_into_place(work, out)
 
 
 def _check_replaceable(out: str) -> None:
@@ -963,15 +922,20 @@ def _check_replaceable(out: str) -> None:
         raise ExportError(f"{out}: exists and is not a folder")
 
 
-def _manifest(plan: ExportPlan, parts: ExportParts, modules: dict) -> dict:
+def _manifest(plan: ExportPlan, parts: ExportParts, modules: dict, out: str) -> dict:
+    """The export's manifest; the checkpoint and generator are recorded relative to `out`."""
     import onnx
     import onnxruntime
 
+    anchors = parts.anchors
+    if anchors:
+        anchors = dict(anchors, generator=dict(anchors["generator"],
+                                               path=paths.reference(anchors["generator"]["path"], out)))
     return {
         "format": EXPORT_FORMAT, "code_version": EXPORT_VERSION, "key": plan.key, "base_key": plan.base_key,
         "precisions": list(plan.precisions), "opset": plan.opset, "shapes": plan.shapes,
-        "checkpoint": {"path": plan.checkpoint, "id": plan.checkpoint_id},
+        "checkpoint": {"path": paths.reference(plan.checkpoint, out), "id": plan.checkpoint_id},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        "text": parts.text, "anchors": parts.anchors, "scorer": parts.scorer, "modules": modules,
+        "text": parts.text, "anchors": anchors, "scorer": parts.scorer, "modules": modules,
         "parity_batches": list(PARITY_BATCHES),
     }

@@ -19,12 +19,11 @@ once with one line saying so.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine import files
 from engine.backends.tensorrt import (
     ENGINES_FILE,
     ENGINES_FORMAT,
@@ -46,7 +45,6 @@ from export.onnx import (
     load_parts,
     parity_sizes,
     plan_export,
-    publish,
     sha256_file,
 )
 
@@ -98,24 +96,19 @@ def export_tensorrt(checkpoint: str, out: str, options: TensorRTOptions | None =
         log(f"reused {folder}: same ONNX export, precision, TensorRT and GPU (key {key[:12]})")
         return ExportResult(folder, existing, True)
     specs = {s.name: s for s in load_parts(plan).specs}
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=out)
-    try:
+    with files.staged_folder(folder) as work:
         timing = _read_timing_cache(folder)
         modules = {}
         for name in names:
             entry = manifest["modules"][name]
             modules[name], timing = _build_one(trt, out, work, name, entry, specs[name], manifest, timing, options)
             log(_engine_line(name, options.precision, modules[name]))
-        with open(os.path.join(work, TIMING_CACHE), "wb") as handle:
-            handle.write(timing)
+        files.write_synced(os.path.join(work, TIMING_CACHE), timing)
         meta = {"format": ENGINES_FORMAT, "key": key, "onnx_key": manifest["key"], "precision": options.precision,
                 "tensorrt": trt.__version__, "device": device["name"], "capability": device["capability"],
                 "workspace_gb": options.workspace_gb, "shapes": manifest["shapes"], "timing_cache": TIMING_CACHE,
                 "modules": modules}
-        publish(work, folder, ENGINES_FILE, meta)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        files.write_synced(os.path.join(work, ENGINES_FILE), files.to_json(meta))
     log(f"wrote {folder} ({len(modules)} engines, key {key[:12]})")
     return ExportResult(folder, meta, False)
 
@@ -187,8 +180,7 @@ def _build_one(trt, out: str, work: str, name: str, entry: dict, spec, manifest:
     plan, timing = build_engine(trt, onnx_path, profile, timing, options.workspace_gb)
     seconds = round(time.perf_counter() - clock, 2)
     file = f"{name}.plan"
-    with open(os.path.join(work, file), "wb") as handle:
-        handle.write(plan)
+    files.write_synced(os.path.join(work, file), plan)
     runner = TensorRTRunner(plan, options.device)
     parity = check_parity(spec, lambda feeds: [runner.run(feeds)[n] for n in spec.outputs], options.precision,
                           parity_sizes(manifest["shapes"]))

@@ -27,14 +27,13 @@ bits, so equal scores sort by lower index first. Sorting keys is exact and needs
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import _utils
+from kernels import _utils, reference
 from kernels._utils import (
     check_device,
     check_float,
@@ -45,7 +44,7 @@ from kernels._utils import (
     next_pow2,
 )
 
-SPAN_EPS = 1e-6       # max(hi - lo, SPAN_EPS) in the normalisation
+SPAN_EPS = reference.SPAN_EPS  # max(hi - lo, SPAN_EPS) in the normalisation
 MAX_TOPK = 128        # largest k the fused top-k keeps in registers
 _EMPTY_KEY = -(2 ** 63)  # sorts below every real (score, index) key
 
@@ -401,24 +400,6 @@ def _default_config(device, dtype, Q, N, D, K, k):
 
 # ----------------------------------------------------------------------------- reference
 
-def _normalise_ref(s, lo_hi):
-    lo, hi = lo_hi[0], lo_hi[1]
-    return (s - lo) / torch.clamp(hi - lo, min=SPAN_EPS)
-
-
-def _jaccard_ref(x, y):
-    """(q, K) x (n, K) -> (q, n): sum min / sum max, 0 where sum max == 0."""
-    smin = torch.minimum(x[:, None, :], y[None, :, :]).sum(-1)
-    smax = torch.maximum(x[:, None, :], y[None, :, :]).sum(-1)
-    return torch.where(smax > 0, smin / torch.where(smax > 0, smax, 1.0), 0.0)
-
-
-def _score_block_ref(q_lat, q_con, v_lat, v_con, norm, w_lat, w_con):
-    lat = [_normalise_ref(q_lat[:, b] @ v_lat[:, b].T, norm[b]) for b in (0, 1)]
-    con = [_normalise_ref(_jaccard_ref(q_con[:, b], v_con[:, b]), norm[2 + b]) for b in (0, 1)]
-    return w_lat * (lat[0] + lat[1]) + w_con * (con[0] + con[1])
-
-
 def global_local_score_ref(q_lat, q_con, v_lat, v_con, norm, weights=(0.6, 0.4), k=None, *,
                            chunk_elems: int = 1 << 24, score_block=None):
     """Plain PyTorch oracle of ``global_local_score``: fp32 math (float64 for float64 inputs),
@@ -429,37 +410,39 @@ def global_local_score_ref(q_lat, q_con, v_lat, v_con, norm, weights=(0.6, 0.4),
     the lower video index first (the running list precedes the chunk and holds lower indices).
     ``score_block`` replaces the per-chunk scorer (bench/kernels.py passes a torch.compile'd one).
     """
-    score_block = score_block or _score_block_ref
+    score_block = score_block or _score_block
     Q, N, K = q_lat.shape[0], v_lat.shape[0], q_con.shape[2]
     if k is not None and not 1 <= k <= N:
         raise ValueError(f"global_local_score_ref: k={k} must be in [1, N={N}]")
     w_lat, w_con = (float(w) for w in weights)
     work = torch.promote_types(q_lat.dtype, torch.float32)
     q_lat, q_con, v_lat, v_con, norm = (t.to(work) for t in (q_lat, q_con, v_lat, v_con, norm))
-    # Square-ish chunks (few, large ops); then widen the query chunk when N is small.
-    q_chunk = min(Q, max(1, math.isqrt(max(1, chunk_elems // K))))
-    n_chunk = min(N, max(1, chunk_elems // (K * q_chunk)))
-    q_chunk = min(Q, max(1, chunk_elems // (K * n_chunk)))
     out = torch.empty((Q, N), dtype=work, device=q_lat.device) if k is None else None
     values, indices = [], []
-    for q0 in range(0, Q, q_chunk):
-        qs = slice(q0, q0 + q_chunk)
-        best_v = best_i = None
-        for n0 in range(0, N, n_chunk):
-            ns = slice(n0, n0 + n_chunk)
-            s = score_block(q_lat[qs], q_con[qs], v_lat[ns], v_con[ns], norm, w_lat, w_con)
-            if k is None:
-                out[qs, ns] = s
-                continue
-            idx = torch.arange(n0, n0 + s.shape[1], device=s.device).expand_as(s)
-            if best_v is not None:
-                s, idx = torch.cat([best_v, s], 1), torch.cat([best_i, idx], 1)
-            order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
-            best_v, best_i = s.gather(1, order), idx.gather(1, order)
-        if k is not None:
+    best_v = best_i = None
+    for qs, ns in reference.tiles(Q, N, K, chunk_elems):  # row-major: every video chunk of a query chunk in order
+        s = score_block(q_lat[qs], q_con[qs], v_lat[ns], v_con[ns], norm, w_lat, w_con)
+        if k is None:
+            out[qs, ns] = s
+            continue
+        if ns.start == 0 and best_v is not None:  # a new query chunk
             values.append(best_v)
             indices.append(best_i)
-    return out if k is None else (torch.cat(values), torch.cat(indices))
+            best_v = best_i = None
+        idx = torch.arange(ns.start, ns.start + s.shape[1], device=s.device).expand_as(s)
+        if best_v is not None:
+            s, idx = torch.cat([best_v, s], 1), torch.cat([best_i, idx], 1)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+        best_v, best_i = s.gather(1, order), idx.gather(1, order)
+    if k is None:
+        return out
+    values.append(best_v)
+    indices.append(best_i)
+    return torch.cat(values), torch.cat(indices)
+
+
+def _score_block(q_lat, q_con, v_lat, v_con, norm, w_lat, w_con):
+    return reference.fused_score(q_lat, q_con, v_lat, v_con, norm, (w_lat, w_con))
 
 
 # ----------------------------------------------------------------------------- compile gate

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import triton
@@ -44,15 +43,12 @@ from kernels._utils import (
     next_pow2,
 )
 
+# region_mean is public here too: callers compute beta = sigmoid(W_c [t'; m]) with it first.
+from kernels.reference import HybridAttention
+from kernels.reference import hybrid_attention as _hybrid_block
+from kernels.reference import masked_mean as region_mean  # noqa: F401
+
 MAX_REGIONS = 256     # all regions of a query live in one register tile
-
-
-class HybridAttention(NamedTuple):
-    a: torch.Tensor     # (B, d) hybrid vector
-    a_s: torch.Tensor   # (B, d) spatial attended vector
-    a_c: torch.Tensor   # (B, d) channel-gated vector
-    m: torch.Tensor     # (B, d) mean of the valid regions
-    A: torch.Tensor     # (B, L, d) token-level views of the anchor
 
 
 @dataclass(frozen=True)
@@ -278,42 +274,12 @@ def _default_config(device, dtype, L, D, block_r):
 
 # ----------------------------------------------------------------------------- reference
 
-def region_mean(regions, region_mask=None):
-    """mean_r R'_r over valid regions, (B, d) in fp32 (0 where no region is valid): what the
-    caller needs for beta = sigmoid(W_c [t'; m]) before calling ``hybrid_attention``
-    (float64 in, float64 out)."""
-    regions = regions.to(torch.promote_types(regions.dtype, torch.float32))
-    if region_mask is None:
-        return regions.mean(dim=1)
-    w = (region_mask != 0).to(regions.dtype)
-    return (w[..., None] * regions).sum(1) / w.sum(1).clamp(min=1.0)[:, None]
-
-
-def _masked_softmax_ref(logits, valid):
-    p = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
-    return torch.nan_to_num(p, nan=0.0) * valid  # rows without a valid entry: 0
-
-
-def _hybrid_block_ref(tokens, regions, sentence, beta, gamma, token_mask, region_mask):
-    """Step 4 for a chunk of queries, in the dtype of ``tokens`` (fp32 or float64)."""
-    scale = 1.0 / math.sqrt(tokens.shape[-1])
-    alpha = _masked_softmax_ref(torch.einsum("brd,bd->br", regions, sentence) * scale,
-                                region_mask)
-    a_s = torch.einsum("br,brd->bd", alpha, regions)
-    m = region_mean(regions, region_mask)
-    a_c = beta * m
-    a = gamma[:, None] * a_s + (1.0 - gamma[:, None]) * a_c
-    valid = token_mask[:, :, None] & region_mask[:, None, :]
-    p = _masked_softmax_ref(torch.einsum("bld,brd->blr", tokens, regions) * scale, valid)
-    return a, a_s, a_c, m, torch.einsum("blr,brd->bld", p, regions)
-
-
 def hybrid_attention_ref(tokens, token_mask, regions, sentence, beta, gamma, region_mask=None,
                          *, chunk: int = 4096, attention_block=None) -> HybridAttention:
     """Plain PyTorch oracle of ``hybrid_attention``: fp32 math (float64 for float64 inputs),
     outputs in the tokens' dtype, chunked over queries so the (chunk, L, R) weights stay small.
     ``attention_block`` replaces the per-chunk function (bench/kernels.py compiles it)."""
-    attention_block = attention_block or _hybrid_block_ref
+    attention_block = attention_block or _hybrid_block
     B, L, _ = tokens.shape
     R = regions.shape[1]
     device = tokens.device
@@ -326,8 +292,8 @@ def hybrid_attention_ref(tokens, token_mask, regions, sentence, beta, gamma, reg
     parts = []
     for b0 in range(0, B, chunk):
         bs = slice(b0, b0 + chunk)
-        outs = attention_block(*(x[bs].to(work) for x in (tokens, regions, sentence, beta, gamma)),
-                               tmask[bs], rmask[bs])
+        t, r, sent, b, g = (x[bs].to(work) for x in (tokens, regions, sentence, beta, gamma))
+        outs = attention_block(t, tmask[bs], r, sent, b, g, rmask[bs])
         parts.append([x.to(tokens.dtype) for x in outs])
     return HybridAttention(*(torch.cat(xs) for xs in zip(*parts, strict=True)))
 

@@ -28,3 +28,25 @@ def msrvtt(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("msrvtt"))
     write_msrvtt_fixture(root)
     return root
+
+
+TINY_TRAIN = ["--epochs", "1", "--batch-size", "16", "--latent-dim", "32", "--attn-dim", "16", "--video-gru-hidden",
+              "16", "--video-local-dim", "32", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(msrvtt, tmp_path_factory):
+    """A text-only checkpoint of tiny widths trained one epoch on `msrvtt` (read-only)."""
+    from engine.cli import main
+
+    out = str(tmp_path_factory.mktemp("tiny_ckpt") / "model")
+    argv = ["train", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", "resnext101-resnet152", "--out", out]
+    assert main(argv + TINY_TRAIN) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt):
+    from engine.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_ckpt)

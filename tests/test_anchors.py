@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine import anchor_store as S
 from engine import anchors as A
+from engine import portable as P
 from engine.text import TextFeatures
 
 TINY = dict(image_size=8, fold=2, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
@@ -47,9 +49,9 @@ def test_sigmas_match_flux_scheduler():
     for n in (1, 2, 4, 28):
         sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n))  # what FluxPipeline passes
-        assert torch.allclose(sched.sigmas.float(), A.flow_sigmas(n), atol=1e-6)
+        np.testing.assert_allclose(sched.sigmas.float().numpy(), P.flow_sigmas(n), atol=1e-6)
     with pytest.raises(A.AnchorError, match="steps"):
-        A.flow_sigmas(0)
+        P.flow_sigmas(0)
 
 
 def test_euler_loop_equals_scheduler_step():
@@ -78,11 +80,26 @@ def test_pixels_fold_and_pack_like_flux():
     images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     lat = A.images_to_latents(images, 2)
     assert lat.shape == (2, 12, 4, 4) and lat.min() >= -1 and lat.max() <= 1
-    packed = A.pack_latents(lat)
+    packed = P.pack_latents(lat)
     assert torch.equal(packed, FluxPipeline._pack_latents(lat, 2, 12, 4, 4))
+    assert np.array_equal(P.pack_latents(lat.numpy()), packed.numpy())  # one definition for numpy and torch
     assert torch.equal(A.image_ids(4, 4), FluxPipeline._prepare_latent_image_ids(2, 2, 2, "cpu", torch.float32))
-    back = A.latents_to_images(A.unpack_latents(packed, 4, 4), 2)
+    back = P.latents_to_images(P.unpack_latents(packed, 4, 4).numpy(), 2)
     assert np.array_equal(back, images)
+
+
+def test_one_noise_source_for_every_sampler(tmp_path):
+    """The built-in pipeline's starting noise is engine.portable.initial_noise (numpy's PCG64 seeded
+    per prompt), packed: the same draw the ONNX Runtime path makes, whatever the device or batch."""
+    folder, _, cfg = tiny_folder(tmp_path)
+    gen = A.AnchorGenerator.load(folder, device="cpu", text_encoder=TinyText())
+    seeds = [P.prompt_seed(p) for p in ("red circle", "blue square")]
+    noise = gen.backend.noise(seeds)
+    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    expected = P.pack_latents(np.stack([np.random.default_rng(s).standard_normal(shape, dtype=np.float32)
+                                        for s in seeds]))
+    assert np.array_equal(noise.numpy(), expected) and noise.dtype == torch.float32
+    assert np.array_equal(P.initial_noise(seeds[1:], shape)[0], P.initial_noise(seeds, shape)[1])
 
 
 def test_padding_is_masked_and_seed_is_per_prompt(tmp_path):
@@ -124,6 +141,25 @@ def test_cache_makes_repeats_free(tmp_path):
     gen.generate(["blue square"], steps=3)  # another step count is another key
     assert len(calls) == 1
     assert gen.cache.hits == 2
+    meta = json.loads((tmp_path / "cache" / P.CACHE_META).read_text())
+    assert meta == {"format": P.CACHE_FORMAT, "noise": P.NOISE_SCHEME}
+
+
+def test_stale_or_foreign_anchor_caches_are_refused(tmp_path):
+    """A cache drawn with another noise scheme would serve anchors this engine would not draw."""
+    stale = tmp_path / "stale"
+    P.AnchorCache(stale)
+    (stale / P.CACHE_META).write_text(json.dumps({"format": P.CACHE_FORMAT, "noise": "torch-mt19937"}))
+    with pytest.raises(P.AnchorError, match="drawn with noise 'torch-mt19937'.*delete it"):
+        P.AnchorCache(stale)
+    old = tmp_path / "old"  # a cache of the previous engine: entries but no cache.json
+    (old / "ab").mkdir(parents=True)
+    np.save(old / "ab" / "abcd.npy", np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(P.AnchorError, match="holds files but no cache.json"):
+        P.AnchorCache(old)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(P.AnchorError, match="is not a folder"):
+        P.AnchorCache(tmp_path / "file")
 
 
 def test_folder_roundtrip_and_id(tmp_path):
@@ -147,16 +183,22 @@ def test_anchor_store_roundtrip(tmp_path):
     extractor = RegionExtractor.from_config(VisionConfig(image_size=64, weights="random"))
     ids = ["video1#enc#0", "video1#enc#1", "video2#enc#0"]
     prompts = ["red circle", "a red circle", "blue square"]
-    out = A.write_anchor_store(tmp_path / "store", gen, extractor, ids, prompts, {"protocol": "query"}, steps=2,
+    out = S.write_anchor_store(tmp_path / "store", gen, extractor, ids, prompts, {"protocol": "query"}, steps=2,
                                batch_size=2, png_dir=tmp_path / "png", progress=False)
-    got_ids, regions, meta = A.read_anchor_store(out)
+    got_ids, regions, meta = S.read_anchor_store(out)
     assert got_ids == ids and regions.shape == (3, 4, 2048)
     assert meta["regions"] == 4 and meta["dim"] == 2048 and meta["steps"] == 2 and meta["protocol"] == "query"
+    assert meta["noise"] == P.NOISE_SCHEME
     expect = extractor.regions(gen.generate(prompts[2:], steps=2))
     assert np.allclose(regions[2], expect[0].numpy(), atol=1e-5)
     assert len(list((tmp_path / "png").glob("*.png"))) == 3
     with pytest.raises(A.AnchorError, match="anchor store"):
-        A.read_anchor_store(tmp_path / "png")
+        S.read_anchor_store(tmp_path / "png")
+    # A store drawn with another noise scheme is refused with the command that redraws it.
+    meta_path = out / S.META_FILE
+    meta_path.write_text(json.dumps(dict(meta, noise="torch-mt19937")))
+    with pytest.raises(A.AnchorError, match="drawn with noise 'torch-mt19937'.*cvr anchors"):
+        S.read_anchor_store(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,8 +300,8 @@ def test_anchors_with_worker_processes_write_the_single_process_store(tmp_path, 
               "train,test", "--image-size", "32", "--batch-size", "4", "--limit", "11", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     assert main([*common, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
-    ids_one, regions_one, meta_one = A.read_anchor_store(tmp_path / "one")
-    ids_two, regions_two, meta_two = A.read_anchor_store(tmp_path / "two")
+    ids_one, regions_one, meta_one = S.read_anchor_store(tmp_path / "one")
+    ids_two, regions_two, meta_two = S.read_anchor_store(tmp_path / "two")
     assert len(ids_one) == 11 and ids_two == ids_one and meta_two == meta_one
     # Same anchors; only float rounding differs, as shards batch the ids differently.
     np.testing.assert_allclose(np.asarray(regions_two), np.asarray(regions_one), atol=1e-4)
@@ -271,7 +313,8 @@ def test_merging_stores_drawn_with_other_settings_is_refused(tmp_path):
 
     for name, steps in (("a", 2), ("b", 4)):
         write_bigfile(tmp_path / name, ["x" + name], np.zeros((1, 8), np.float32))
-        (tmp_path / name / A.META_FILE).write_text(json.dumps({"regions": 2, "dim": 4, "steps": steps}))
+        meta = {"format": S.STORE_FORMAT, "noise": P.NOISE_SCHEME, "regions": 2, "dim": 4, "steps": steps}
+        (tmp_path / name / S.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(A.AnchorError, match="other settings"):
-        A.merge_anchor_stores([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+        S.merge_anchor_stores([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

@@ -58,28 +58,42 @@ def _same_top10(reference: list, results: list) -> None:
         assert diff <= 1e-4, (ref.query, diff)
 
 
-def test_text_only_top10_equals_torch_and_reuses_the_default_export(text_only):
-    manifest = os.path.join(text_only["export"], "manifest.json")
-    stamp = os.stat(manifest).st_mtime_ns
-    ort = Retriever(text_only["checkpoint"], text_only["gallery"], backend="onnxruntime")  # no export_dir
-    assert ort.engine.folder == text_only["export"] and os.stat(manifest).st_mtime_ns == stamp
+def test_text_only_top10_equals_torch(text_only):
+    ort = Retriever(text_only["checkpoint"], text_only["gallery"], backend="onnxruntime",
+                    export_dir=text_only["export"])
     reference = Retriever(text_only["checkpoint"], text_only["gallery"]).search(QUERIES, k=10)
     _same_top10(reference, ort.search(QUERIES, k=10))
-    assert all(p == ["CPUExecutionProvider"] for p in ort.engine.providers.values())
+    assert all(p == ["CPUExecutionProvider"] for p in ort.pipeline.providers.values())
     assert ort.last_timings.per_query_ms()["text"] > 0
+
+
+def test_the_retriever_runs_an_export_folder_and_never_exports(text_only):
+    with pytest.raises(QueryError, match="make one with `cvr export --checkpoint"):
+        Retriever(text_only["checkpoint"], text_only["gallery"], backend="onnxruntime")
+
+
+def test_cli_search_reuses_the_default_export(text_only, capsys):
+    """Without --export, `cvr search` makes (or, here, reuses) the export in CHECKPOINT/onnx."""
+    manifest = os.path.join(text_only["export"], "manifest.json")
+    stamp = os.stat(manifest).st_mtime_ns
+    assert main(["search", "--gallery", text_only["gallery"], "--checkpoint", text_only["checkpoint"], "-k", "3",
+                 "--backend", "onnxruntime", "a red car"]) == 0
+    captured = capsys.readouterr()
+    assert os.stat(manifest).st_mtime_ns == stamp and captured.err == ""
+    assert "onnxruntime: CPUExecutionProvider" in captured.out
 
 
 def test_anchored_top10_equals_torch(anchored):
     reference = Retriever(anchored["checkpoint"], anchored["gallery"])
     ort = Retriever(anchored["checkpoint"], anchored["gallery"], backend="onnxruntime",
                     export_dir=anchored["export"])
-    assert ort.engine.anchors is not None and "vision" in ort.engine.providers
+    assert ort.pipeline.anchors is not None and "vision" in ort.pipeline.providers
     _same_top10(reference.search(QUERIES, k=10), ort.search(QUERIES, k=10))
     timings = ort.last_timings.per_query_ms()
     assert timings["anchor"] > 0 and timings["vision"] > 0
-    # The anchors themselves: numpy noise + ONNX FLUX steps give torch's pixels (rounding aside).
-    torch_images = reference.generator.generate(QUERIES)
-    assert np.abs(ort.engine.generate(QUERIES).astype(int) - torch_images.astype(int)).max() <= 1
+    # The anchors themselves: the same numpy noise + ONNX FLUX steps give torch's pixels (rounding aside).
+    torch_images = reference.pipeline.generator.generate(QUERIES)
+    assert np.abs(ort.pipeline.generate(QUERIES).astype(int) - torch_images.astype(int)).max() <= 1
 
 
 def test_anchored_export_shares_the_text_encoder_and_skips_the_video_tower(anchored, text_only):
@@ -104,26 +118,26 @@ def test_cli_search_with_the_onnxruntime_backend(anchored, capsys):
     assert [len(r["results"]) for r in json.loads(capsys.readouterr().out)] == [3, 3]
 
 
-def test_the_onnxruntime_path_runs_without_torch(text_only, tmp_path):
-    """The backend module imports no torch, and a whole search runs with torch unimportable."""
-    gallery = Retriever(text_only["checkpoint"], text_only["gallery"], backend="onnxruntime")
-    np.save(tmp_path / "lat.npy", gallery.video_arrays[0])
-    np.save(tmp_path / "con.npy", gallery.video_arrays[1])
-    expected = gallery.engine.search(QUERIES[:2], *gallery.video_arrays, 4)
-    script = f"""
+TORCH_BLOCKED = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now fails
-import numpy as np
-from engine.backends.onnxruntime import OnnxRuntimeBackend
-engine = OnnxRuntimeBackend({text_only["export"]!r}, threads=1)
-values, indices, _ = engine.search({QUERIES[:2]!r}, np.load({str(tmp_path / "lat.npy")!r}),
-                                   np.load({str(tmp_path / "con.npy")!r}), 4)
-np.save({str(tmp_path / "indices.npy")!r}, indices)
+from engine.cli import main
+sys.exit(main(sys.argv[1:]))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+
+
+def test_cvr_search_with_onnxruntime_runs_without_torch(anchored, tmp_path):
+    """The whole query path (text, anchors, ResNet-50, tower, search) through `cvr search --backend
+    onnxruntime` in a process where importing torch fails: the same ranking as in this process."""
+    argv = ["search", "--gallery", anchored["gallery"], "--checkpoint", anchored["checkpoint"], "-k", "4",
+            "--backend", "onnxruntime", "--export", anchored["export"], "--json", *QUERIES[:2]]
+    done = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, *argv], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert np.array_equal(np.load(tmp_path / "indices.npy"), expected[1])
+    ours = Retriever(anchored["checkpoint"], anchored["gallery"], backend="onnxruntime",
+                     export_dir=anchored["export"]).search(QUERIES[:2], k=4)
+    assert [[r["video_id"] for r in q["results"]] for q in json.loads(done.stdout)] == \
+        [[v for v, _ in r.hits] for r in ours]
 
 
 def test_export_of_another_checkpoint_is_refused(anchored, text_only):

@@ -62,7 +62,7 @@ def test_latency_tiny_writes_stages_end_to_end_and_gallery_sizes(latency_out):
     assert set(result) >= {"stages", "end_to_end", "gallery_size", "backends", "machine", "settings"}
     anchors = {(r["variant"], r["batch"]) for r in result["stages"] if r["stage"] == "anchor generation"}
     assert len(anchors) == 8 and {b for _, b in anchors} == {1, 4}  # 4 step counts x 2 batch sizes
-    timed = {r["backend"] for r in result["stages"] if r["stage"].startswith("scoring")}
+    timed = {r["backend"] for r in result["stages"] if r["stage"].startswith("gallery search")}
     assert "torch" in timed and timed == {r["backend"] for r in result["end_to_end"]}
     # --tiny times torch only; every other backend is listed with the reason it was not timed.
     assert result["backends"]["torch"] is None
@@ -70,8 +70,10 @@ def test_latency_tiny_writes_stages_end_to_end_and_gallery_sizes(latency_out):
     for row in result["stages"] + result["end_to_end"] + result["gallery_size"]:
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["threads"] == 1
     recalls = [r["recall_at_10"] for r in result["gallery_size"] if "recall_at_10" in r]
-    assert len(recalls) == 2 and all(0.0 <= r <= 1.0 for r in recalls)  # two sizes, one m
+    assert len(recalls) == 4 and all(0.0 <= r <= 1.0 for r in recalls)  # two sizes x two batches, one M
     assert {r["stage"] for r in result["gallery_size"]} == {"exhaustive", "two-stage"}
+    # Memory of the process that searched, over its memory with the models loaded.
+    assert all(r["peak_over_models_gb"] >= 0 and r["peak_over_gallery"] >= 0 for r in result["gallery_size"])
     table = (latency_out / "latency.md").read_text()
     assert "| stage | variant | backend | batch | p50 ms | p95 ms |" in table and "queries/s" in table
     assert _is_png(latency_out / "latency_stages.png") and _is_png(latency_out / "latency_sizes.png")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import datasets
+from engine import datasets, files
 from engine.datasets import (
     BigFile,
     BigFileWriter,
@@ -415,14 +415,14 @@ def test_crash_while_streaming_keeps_previous_folder(tmp_path, arr, good):
 
 
 def test_crash_while_writing_metadata_keeps_previous_folder(tmp_path, arr, good, monkeypatch):
-    real = datasets._write_file
+    real = files.write_synced
 
     def fail_on_ids(path, data):
         if Path(path).name == "id.txt":
             raise OSError("disk full")
         real(path, data)
 
-    monkeypatch.setattr(datasets, "_write_file", fail_on_ids)
+    monkeypatch.setattr(files, "write_synced", fail_on_ids)
     with pytest.raises(OSError, match="disk full"):
         write_bigfile(good, ["n1"], np.ones((1, 4)))
     assert_still_good(good, arr)
@@ -432,7 +432,7 @@ def test_crash_while_writing_metadata_keeps_previous_folder(tmp_path, arr, good,
 def test_hard_crash_leaves_only_a_hidden_temporary_folder(tmp_path, arr, good, monkeypatch):
     # A killed process runs no clean-up: disable it and fail mid-write.
     monkeypatch.setattr(BigFileWriter, "abort", lambda self: None)
-    monkeypatch.setattr(datasets, "_write_file", raising(OSError("killed")))
+    monkeypatch.setattr(files, "write_synced", raising(OSError("killed")))
     with pytest.raises(OSError, match="killed"):
         write_bigfile(good, ["n1"], np.ones((1, 4)))
     assert_still_good(good, arr)
@@ -462,7 +462,7 @@ def test_failed_swap_restores_previous_folder(tmp_path, arr, good, monkeypatch):
 
 
 def test_crash_on_first_write_leaves_no_target(tmp_path, arr, monkeypatch):
-    monkeypatch.setattr(datasets, "_write_file", raising(OSError("x")))
+    monkeypatch.setattr(files, "write_synced", raising(OSError("x")))
     with pytest.raises(OSError):
         write_bigfile(tmp_path / "new", IDS, arr)
     assert siblings(tmp_path) == []

@@ -1,6 +1,5 @@
 """Galleries: building (`cvr index`), loading and every refusal, crash safety, `--append`, and the
-FAISS first stage with two-stage reranking."""
-import argparse
+FAISS first stage described by index_factory strings. Searching them is tests/test_search.py."""
 import json
 import os
 import signal
@@ -13,45 +12,25 @@ import pytest
 import torch
 from msrvtt_fixture import write_msrvtt_fixture
 
-from engine import datasets
-from engine.checkpoint import CheckpointError, load_checkpoint
+from engine import datasets, files
+from engine.checkpoint import CheckpointError
 from engine.cli import main
-from engine.gallery import (
-    EMBEDDINGS,
-    IDS,
-    MANIFEST,
-    FaissSpec,
-    Gallery,
-    GalleryError,
-    add_index_command,
-    build_gallery,
-    clean_stale,
-    search,
-    two_stage_search,
-    write_gallery,
-)
-from engine.model import Embeddings
-from training.retrieval import video_frames
+from engine.files import clean_stale
+from engine.gallery import EMBEDDINGS, IDS, MANIFEST, Gallery, GalleryError, faiss_factory, faiss_search_parameters
+from engine.indexing import build_gallery, write_gallery
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FEATURE = "resnext101-resnet152"
-TINY = ["--epochs", "1", "--batch-size", "16", "--latent-dim", "32", "--attn-dim", "16", "--video-gru-hidden", "16",
-        "--video-local-dim", "32", "--quiet"]
-
-
 
 
 @pytest.fixture(scope="module")
-def ckpt(msrvtt, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ckpt") / "model")
-    argv = ["train", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", FEATURE, "--out", out] + TINY
-    assert main(argv) == 0
-    return out
+def ckpt(tiny_ckpt):
+    return tiny_ckpt
 
 
 @pytest.fixture(scope="module")
-def model(ckpt):
-    return load_checkpoint(ckpt)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +42,12 @@ def built(msrvtt, ckpt, model, tmp_path_factory):
 
 
 def _direct(model, root, ids):
-    """The video tower run directly on frames, in one batch: what the gallery must hold."""
+    """The video tower run directly on frames, in one batch: what the gallery must hold (numpy)."""
     bigfile = datasets.Collection(root, "msrvtt10k").features(FEATURE)
-    frames, mask = video_frames(bigfile, ids, 64)
+    frames, mask = datasets.video_frames(bigfile, ids, 64)
     with torch.no_grad():
-        return model.encode_video(frames, mask)
+        emb = model.encode_video(torch.from_numpy(frames), torch.from_numpy(mask))
+    return emb.lat.numpy(), emb.con.numpy()
 
 
 def _copy(src, dst):
@@ -77,23 +57,20 @@ def _copy(src, dst):
     return str(dst)
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser()
-    add_index_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["index"] + argv)
-    return args.func(args)
+def _index(argv):
+    return main(["index"] + argv)
 
 
-def _random_embeddings(n, dim, concepts, seed, clusters=None):
+def random_embeddings(n, dim, concepts, seed, clusters=None):
     """L2-normalised latent vectors (clustered when `clusters` is given) and concept probabilities."""
-    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     if clusters:
-        centres = torch.randn(clusters, 2, dim, generator=g)
-        lat = centres[torch.randint(0, clusters, (n,), generator=g)] + 0.5 * torch.randn(n, 2, dim, generator=g)
+        centres = rng.normal(size=(clusters, 2, dim))
+        lat = centres[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, 2, dim))
     else:
-        lat = torch.randn(n, 2, dim, generator=g)
-    lat = torch.nn.functional.normalize(lat, dim=-1)
-    return Embeddings(lat=lat, con=torch.rand(n, 2, concepts, generator=g))
+        lat = rng.normal(size=(n, 2, dim))
+    lat = (lat / np.linalg.norm(lat, axis=-1, keepdims=True)).astype(np.float32)
+    return lat, rng.random((n, 2, concepts), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,40 +81,41 @@ def test_round_trip_float16_matches_the_video_tower(built, msrvtt, ckpt, model):
     gallery = Gallery.load(built, checkpoint_id=model.checkpoint_id)
     ids = datasets.Collection(msrvtt, "msrvtt10k").features(FEATURE).video_ids()
     assert gallery.ids == ids and len(gallery) == 12
-    assert gallery.lat.dtype == torch.float16 and gallery.lat.shape == (12, 2, 32) and gallery.con.shape == (12, 2, 11)
-    direct = _direct(model, msrvtt, ids)
-    assert torch.equal(gallery.lat, direct.lat.half()) and torch.equal(gallery.con, direct.con.half())
-    emb = gallery.embeddings()
-    assert emb.lat.dtype == torch.float32
-    torch.testing.assert_close(emb.lat, direct.lat, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(emb.con, direct.con, atol=1e-3, rtol=1e-3)
+    assert gallery.lat.dtype == np.float16 and gallery.lat.shape == (12, 2, 32) and gallery.con.shape == (12, 2, 11)
+    assert isinstance(gallery.lat, np.memmap) and isinstance(gallery.con, np.memmap)  # never copied whole
+    lat, con = _direct(model, msrvtt, ids)
+    assert np.array_equal(gallery.lat, lat.astype(np.float16)) and np.array_equal(gallery.con, con.astype(np.float16))
+    assert gallery.nbytes == 12 * 2 * (32 + 11) * 2
     manifest = gallery.manifest
-    assert manifest["checkpoint"] == {"id": model.checkpoint_id, "path": os.path.abspath(ckpt)}
+    # The checkpoint is recorded relative to the gallery: the two can move together.
+    assert manifest["checkpoint"] == {"id": model.checkpoint_id,
+                                      "path": os.path.relpath(os.path.abspath(ckpt), os.path.abspath(built))}
     assert manifest["dims"] == {"latent": 32, "concept": 11} and manifest["count"] == 12
     assert manifest["dtype"] == "float16" and set(manifest["files"]) == {IDS, EMBEDDINGS, "faiss.index"}
     assert manifest["norm"]["min_max"] == model.matcher.norm.tolist()
-    assert manifest["faiss"]["kind"] == "flat" and manifest["created"].endswith("Z")
+    assert manifest["faiss"]["factory"] == "Flat" and manifest["faiss"]["shorthand"] == "flat"
+    assert manifest["created"].endswith("Z") and not os.path.isabs(manifest["sources"][0]["root"])
     assert gallery.faiss_index.ntotal == 12
 
 
 def test_cli_float32_split_is_exact(msrvtt, ckpt, model, tmp_path, capsys):
     out = str(tmp_path / "test32")
-    assert _cli(["--checkpoint", ckpt, "--root", msrvtt, "--collection", "msrvtt10k", "--split", "test",
-                 "--out", out, "--dtype", "float32", "--quiet"]) == 0
+    assert _index(["--checkpoint", ckpt, "--root", msrvtt, "--collection", "msrvtt10k", "--split", "test",
+                   "--out", out, "--dtype", "float32", "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
     gallery = Gallery.load(out, checkpoint_id=model.checkpoint_id)
     ids = datasets.Collection(msrvtt, "msrvtt10k").split_video_ids("test")
-    direct = _direct(model, msrvtt, ids)
+    lat, con = _direct(model, msrvtt, ids)
     assert gallery.ids == ids and gallery.manifest["faiss"] is None and gallery.faiss_index is None
-    assert torch.equal(gallery.lat, direct.lat) and torch.equal(gallery.con, direct.con)
+    assert np.array_equal(gallery.lat, lat) and np.array_equal(gallery.con, con)
 
     # --append: the val split joins with the same checkpoint; the result is a complete gallery.
     build_gallery(ckpt, msrvtt, "msrvtt10k", split="val", out=out, append=True, model=model, progress=False)
     val_ids = datasets.Collection(msrvtt, "msrvtt10k").split_video_ids("val")
     appended = Gallery.load(out, checkpoint_id=model.checkpoint_id)
     assert appended.ids == ids + val_ids and appended.manifest["dtype"] == "float32"
-    assert torch.equal(appended.lat[: len(ids)], direct.lat)
-    assert torch.equal(appended.lat[len(ids):], _direct(model, msrvtt, val_ids).lat)
+    assert np.array_equal(appended.lat[: len(ids)], lat)
+    assert np.array_equal(appended.lat[len(ids):], _direct(model, msrvtt, val_ids)[0])
     assert [s["split"] for s in appended.manifest["sources"]] == ["test", "val"]
     with pytest.raises(GalleryError, match=f"video {val_ids[0]} is already in the gallery"):
         build_gallery(ckpt, msrvtt, "msrvtt10k", split="val", out=out, append=True, model=model, progress=False)
@@ -149,8 +127,8 @@ def test_cli_float32_split_is_exact(msrvtt, ckpt, model, tmp_path, capsys):
 
 def test_append_refuses_a_gallery_of_another_checkpoint(msrvtt, ckpt, model, tmp_path):
     out = str(tmp_path / "foreign")
-    emb = _random_embeddings(3, 32, 11, seed=0)
-    write_gallery(out, ["a", "b", "c"], emb.lat, emb.con, {"id": "f" * 64})
+    lat, con = random_embeddings(3, 32, 11, seed=0)
+    write_gallery(out, ["a", "b", "c"], lat, con, {"id": "f" * 64})
     with pytest.raises(GalleryError, match="built with checkpoint ffffffffffff"):
         build_gallery(ckpt, msrvtt, "msrvtt10k", split="val", out=out, append=True, model=model, progress=False)
     with pytest.raises(GalleryError, match="no such gallery folder"):
@@ -160,17 +138,18 @@ def test_append_refuses_a_gallery_of_another_checkpoint(msrvtt, ckpt, model, tmp
 def test_append_keeps_the_faiss_index_unless_told(msrvtt, ckpt, model, tmp_path, capsys):
     out = str(tmp_path / "indexed")
     common = ["--checkpoint", ckpt, "--root", msrvtt, "--collection", "msrvtt10k", "--out", out, "--quiet"]
-    assert _cli(common + ["--split", "test", "--faiss", "hnsw", "--hnsw-m", "8", "--ef-search", "16"]) == 0
-    assert "FAISS kind=hnsw, M=8, efConstruction=40, efSearch=16" in capsys.readouterr().out
-    assert _cli(common + ["--split", "val", "--append"]) == 0
+    assert _index(common + ["--split", "test", "--faiss", "HNSW8"]) == 0
+    assert "FAISS HNSW8, efSearch 64" in capsys.readouterr().out
+    assert _index(common + ["--split", "val", "--append"]) == 0
     gallery = Gallery.load(out, checkpoint_id=model.checkpoint_id)
-    assert gallery.manifest["faiss"]["M"] == 8 and gallery.manifest["faiss"]["efSearch"] == 16
-    assert gallery.faiss_index.ntotal == len(gallery) == 6 and gallery.faiss_index.hnsw.efSearch == 16
-    with pytest.raises(GalleryError, match="--nlist is a parameter of --faiss ivf"):
-        _cli(common + ["--split", "train", "--append", "--nlist", "4"])
-    assert _cli(common + ["--split", "train", "--append", "--faiss", "none"]) == 0
+    assert gallery.manifest["faiss"]["factory"] == "HNSW8" and "shorthand" not in gallery.manifest["faiss"]
+    assert gallery.faiss_index.ntotal == len(gallery) == 6
+    # A shorthand is resolved again for the grown gallery: ivf's lists follow sqrt(N).
+    assert _index(common + ["--split", "train", "--append", "--faiss", "ivf"]) == 0
+    assert Gallery.load(out).manifest["faiss"]["factory"] == "IVF3,SQfp16"  # round(sqrt(12))
+    assert _index(common + ["--split", "test", "--faiss", "none"]) == 0
     gallery = Gallery.load(out)
-    assert len(gallery) == 12 and gallery.faiss_index is None and "faiss.index" not in os.listdir(out)
+    assert len(gallery) == 3 and gallery.faiss_index is None and "faiss.index" not in os.listdir(out)
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_gallery(msrvtt, ckpt, model, tmp_path):
@@ -249,8 +228,8 @@ def test_load_refuses_missing_damaged_and_foreign_galleries(built, model, tmp_pa
     refused(g, "not a CVR-SDGM gallery file")
 
     g = _copy(built, tmp_path / "version")
-    _edit_manifest(g, version=2)
-    refused(g, "version 2, this engine reads 1")
+    _edit_manifest(g, version=1)
+    refused(g, "version 1, this engine reads 2: rebuild it with `cvr index`")
 
     g = _copy(built, tmp_path / "faiss")
     os.remove(os.path.join(g, "faiss.index"))
@@ -264,12 +243,12 @@ def test_load_refuses_missing_damaged_and_foreign_galleries(built, model, tmp_pa
 def test_build_refuses_bad_checkpoints_and_inputs(msrvtt, ckpt, model, tmp_path):
     out = str(tmp_path / "g")
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
-        _cli(["--checkpoint", str(tmp_path / "nope"), "--root", msrvtt, "--collection", "msrvtt10k", "--out", out])
+        build_gallery(str(tmp_path / "nope"), msrvtt, "msrvtt10k", out=out)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"format": "other/1"}))
     with pytest.raises(CheckpointError, match="not a CVR-SDGM checkpoint"):
-        _cli(["--checkpoint", str(foreign), "--root", msrvtt, "--collection", "msrvtt10k", "--out", out])
+        build_gallery(str(foreign), msrvtt, "msrvtt10k", out=out)
 
     # An empty split.
     root = str(tmp_path / "empty")
@@ -278,7 +257,7 @@ def test_build_refuses_bad_checkpoints_and_inputs(msrvtt, ckpt, model, tmp_path)
     with pytest.raises(GalleryError, match="no videos to index"):
         build_gallery(ckpt, root, "msrvtt10k", split="test", out=out, model=model, progress=False)
 
-    # NaN frame features: video_frames' error names the video.
+    # NaN frame features: engine.datasets.video_frames' error names the video.
     root = str(tmp_path / "nan")
     write_msrvtt_fixture(root, n_videos=4)
     feature_bin = os.path.join(root, "msrvtt10k", "FeatureData", FEATURE, "feature.bin")
@@ -307,7 +286,7 @@ def _leftovers(folder):
 
 
 def test_a_failed_write_keeps_the_previous_gallery(built, msrvtt, ckpt, model, tmp_path, monkeypatch):
-    import engine.gallery as gallery_module
+    import engine.indexing as indexing
 
     out = _copy(built, tmp_path / "good")
     before = Gallery.load(out)
@@ -317,23 +296,23 @@ def test_a_failed_write_keeps_the_previous_gallery(built, msrvtt, ckpt, model, t
             handle.write(b"half a file")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(gallery_module, "_write_embeddings", failing_write)
+    monkeypatch.setattr(indexing, "_write_embeddings", failing_write)
     with pytest.raises(RuntimeError, match="disk on fire"):
         build_gallery(ckpt, msrvtt, "msrvtt10k", split="test", out=out, model=model, progress=False)
     monkeypatch.undo()
     after = Gallery.load(out, checkpoint_id=model.checkpoint_id)
-    assert after.ids == before.ids and torch.equal(after.lat, before.lat)
+    assert after.ids == before.ids and np.array_equal(after.lat, before.lat)
     assert _leftovers(out) == []
 
     # The second rename fails: the old gallery is put back.
-    real_replace = os.replace
+    real_rename = os.rename
 
-    def failing_replace(src, dst):
+    def failing_rename(src, dst):
         if os.path.basename(str(src)).startswith(".good.tmp-"):
             raise OSError("rename failed")
-        return real_replace(src, dst)
+        return real_rename(src, dst)
 
-    monkeypatch.setattr(gallery_module.os, "replace", failing_replace)
+    monkeypatch.setattr(files.os, "rename", failing_rename)
     with pytest.raises(OSError, match="rename failed"):
         build_gallery(ckpt, msrvtt, "msrvtt10k", split="test", out=out, model=model, progress=False)
     monkeypatch.undo()
@@ -344,12 +323,13 @@ KILLED_WRITER = """
 import os, sys, time
 import torch
 torch.set_num_threads(1)
-import engine.gallery as g
+import engine.indexing as g
 real = g._write_embeddings
 def slow(work, lat, con):
-    real(work, lat, con)
+    digest = real(work, lat, con)
     open(sys.argv[1], "w").close()  # tell the test we are midway
     time.sleep(120)
+    return digest
 g._write_embeddings = slow
 g.build_gallery(sys.argv[2], sys.argv[3], "msrvtt10k", split="test", out=sys.argv[4], progress=False)
 """
@@ -393,65 +373,50 @@ def test_clean_stale_restores_a_gallery_moved_aside(built, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# FAISS first stage and two-stage search
+# The FAISS first stage: factory strings, shorthands, search parameters
 
 
-def test_flat_two_stage_with_m_equal_n_is_exhaustive(built, model, tmp_path):
-    queries = _random_embeddings(7, 32, 11, seed=1)
-    gallery = Gallery.load(built, checkpoint_id=model.checkpoint_id)
-    exhaustive = model.score(queries, gallery.embeddings(), k=5)
-    values, indices = two_stage_search(model, gallery, queries, k=5, m=len(gallery))
-    assert torch.equal(values, exhaustive[0]) and torch.equal(indices, exhaustive[1])
-
-    # A larger random gallery, with ties forced by duplicated rows (ties go to the lower row).
-    emb = _random_embeddings(400, 32, 11, seed=2)
-    emb.lat[200:210], emb.con[200:210] = emb.lat[:10], emb.con[:10]
-    out = str(tmp_path / "flat")
-    write_gallery(out, [f"v{i}" for i in range(400)], emb.lat, emb.con, {"id": model.checkpoint_id},
-                  faiss=FaissSpec("flat"))
-    gallery = Gallery.load(out, checkpoint_id=model.checkpoint_id)
-    queries = Embeddings(lat=torch.cat([emb.lat[:10], queries.lat]), con=torch.cat([emb.con[:10], queries.con]))
-    exhaustive = model.score(queries, gallery.embeddings(), k=20)
-    values, indices = two_stage_search(model, gallery, queries, k=20, m=400)
-    assert torch.equal(values, exhaustive[0]) and torch.equal(indices, exhaustive[1])
-    assert gallery.default_search_mode() == "exhaustive"
-    assert gallery.default_search_mode(threshold=100) == "two_stage"
-    mode_values, _ = search(model, gallery, queries, k=20, mode="two_stage", m=400)
-    assert torch.equal(mode_values, values)
-
-
-@pytest.mark.parametrize("spec, recorded", [
-    (FaissSpec("ivf", nlist=16, nprobe=8), {"nlist": 16, "nprobe": 8}),
-    (FaissSpec("hnsw", hnsw_m=16, ef_construction=80, ef_search=128), {"M": 16, "efConstruction": 80, "efSearch": 128}),
+@pytest.mark.parametrize("spec, n, factory", [
+    ("flat", 5, "Flat"), ("ivf", 100_000, "IVF316,SQfp16"), ("ivf", 6, "IVF2,SQfp16"), ("ivf", 1, "IVF1,SQfp16"),
+    ("hnsw", 10, "HNSW32"), ("IVF64,Flat", 10, "IVF64,Flat"),
 ])
-def test_approximate_first_stage_recall(spec, recorded, model, tmp_path):
+def test_faiss_factory_strings(spec, n, factory):
+    assert faiss_factory(spec, n) == factory
+
+
+@pytest.mark.parametrize("factory, params", [("IVF16,SQfp16", {"nprobe": 16}), ("IVF16,Flat", {"nprobe": 16}),
+                                             ("HNSW16", {"efSearch": 64}), ("Flat", {})])
+def test_approximate_first_stage_recall(factory, params, model, tmp_path):
     n, k = 3000, 10
-    emb = _random_embeddings(n, 32, 11, seed=3, clusters=40)
-    out = str(tmp_path / spec.kind)
-    write_gallery(out, [f"v{i}" for i in range(n)], emb.lat, emb.con, {"id": model.checkpoint_id}, faiss=spec)
+    lat, con = random_embeddings(n, 32, 11, seed=3, clusters=40)
+    out = str(tmp_path / "g")
+    write_gallery(out, [f"v{i}" for i in range(n)], lat, con, {"id": model.checkpoint_id}, faiss=factory)
     gallery = Gallery.load(out, checkpoint_id=model.checkpoint_id)
-    assert {key: gallery.manifest["faiss"][key] for key in recorded} == recorded
-    assert gallery.manifest["faiss"]["kind"] == spec.kind and gallery.manifest["faiss"]["metric"] == "inner_product"
-    queries = _random_embeddings(100, 32, 11, seed=4, clusters=40)
-    q = queries.lat[:, 0].numpy()
-    truth = torch.topk(queries.lat[:, 0] @ gallery.embeddings().lat[:, 0].T, k).indices.numpy()
-    found = gallery.candidates(q, k)
+    record = gallery.manifest["faiss"]
+    assert record["factory"] == factory and record["metric"] == "inner_product"
+    assert {key: record[key] for key in params} == params
+    queries, _ = random_embeddings(100, 32, 11, seed=4, clusters=40)
+    stored = gallery.lat[:, 0].astype(np.float32)
+    truth = np.argsort(-(queries[:, 0] @ stored.T), axis=1, kind="stable")[:, :k]
+    _, found = gallery.faiss_index.search(np.ascontiguousarray(queries[:, 0]), k,
+                                          params=faiss_search_parameters(gallery.faiss_index))
     recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)])
     assert recall > 0.9, recall
-    # Reranking scores its candidates exactly as the exhaustive scorer does.
-    values, indices = two_stage_search(model, gallery, queries, k=5, m=50)
-    full = model.score(queries, gallery.embeddings())
-    assert (indices >= 0).all() and torch.equal(values, full.gather(1, indices))
-    assert (values[:, :-1] >= values[:, 1:]).all()
 
 
-def test_ivf_nlist_is_capped_by_the_gallery_size(model, tmp_path):
-    emb = _random_embeddings(6, 32, 11, seed=5)
-    out = str(tmp_path / "tiny_ivf")
-    write_gallery(out, [f"v{i}" for i in range(6)], emb.lat, emb.con, {"id": model.checkpoint_id},
-                  faiss=FaissSpec("ivf", nlist=100, nprobe=100))
-    gallery = Gallery.load(out)
-    assert gallery.manifest["faiss"]["nlist"] == 6 and gallery.manifest["faiss"]["nprobe"] == 6
-    assert gallery.candidates(emb.lat[:, 0].numpy(), 50).shape == (6, 6)
-    with pytest.raises(GalleryError, match=r"expected \(Q, 32\)"):
-        gallery.candidates(np.zeros((2, 8), np.float32), 3)
+def test_search_parameters_are_checked_against_the_index(model, tmp_path):
+    lat, con = random_embeddings(40, 32, 11, seed=5)
+    ivf = str(tmp_path / "ivf")
+    write_gallery(ivf, [f"v{i}" for i in range(40)], lat, con, {"id": model.checkpoint_id}, faiss="IVF4,Flat")
+    index = Gallery.load(ivf).faiss_index
+    assert faiss_search_parameters(index, nprobe=3).nprobe == 3
+    assert faiss_search_parameters(index, nprobe=99).nprobe == 4  # capped by the lists there are
+    with pytest.raises(GalleryError, match="--ef-search is a parameter of HNSW"):
+        faiss_search_parameters(index, ef_search=8)
+    flat = str(tmp_path / "flat")
+    write_gallery(flat, [f"v{i}" for i in range(40)], lat, con, {"id": model.checkpoint_id}, faiss="flat")
+    with pytest.raises(GalleryError, match="--nprobe is a parameter of IVF"):
+        faiss_search_parameters(Gallery.load(flat).faiss_index, nprobe=3)
+    with pytest.raises(GalleryError, match="FAISS cannot build 'NotAnIndex'"):
+        write_gallery(str(tmp_path / "bad"), ["a"], lat[:1], con[:1], {"id": "x"}, faiss="NotAnIndex")
+    assert not os.path.exists(tmp_path / "bad")

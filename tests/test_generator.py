@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from engine import anchors as A
+from engine.anchor_store import read_anchor_store
+from engine.fingerprints import LORA_FILE
 from tests.test_anchors import TINY, TinyText, tiny_folder
 from training import generator as G
 
@@ -64,7 +66,7 @@ def test_lora_save_load_fuse_reproduces(collection, tmp_path):
     cfg = G.LoraTrainConfig(base=str(base), root=str(collection), out=str(tmp_path / "lora"), collection="mini",
                             rank=4, iterations=3, batch_size=4, lr=1e-2)
     summary = G.train_lora(cfg, encoder=TinyText(), progress=False)
-    assert summary["trainable_parameters"] > 0 and (tmp_path / "lora" / A.LORA_FILE).is_file()
+    assert summary["trainable_parameters"] > 0 and (tmp_path / "lora" / LORA_FILE).is_file()
     # The unfused peft model, rebuilt from the file, vs the fused generator.
     from diffusers import FluxPipeline
 
@@ -75,7 +77,7 @@ def test_lora_save_load_fuse_reproduces(collection, tmp_path):
     text = TinyText()
     plain = A.AnchorGenerator.load(base, device="cpu", text_encoder=text)
     unfused = A.load_builtin_transformer(base)
-    unfused.load_lora_adapter(str(tmp_path / "lora" / A.LORA_FILE), adapter_name="a", prefix="transformer")
+    unfused.load_lora_adapter(str(tmp_path / "lora" / LORA_FILE), adapter_name="a", prefix="transformer")
     fused = A.AnchorGenerator.load(base, A.GeneratorOptions(adapters=[(str(tmp_path / "lora"), 1.0)]), device="cpu",
                                    text_encoder=text)
     assert not any("lora" in n for n, _ in fused.backend.transformer.named_parameters())
@@ -119,7 +121,7 @@ def test_progressive_distillation(collection, tmp_path):
 
 
 def _parser():
-    from training.generator_cli import add_anchors_command, add_generator_commands
+    from engine.cli.generator import add_anchors_command, add_generator_commands
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,7 +161,7 @@ def test_cli_anchors_end_to_end(tmp_path, collection, monkeypatch):
         "--png", str(tmp_path / "png"), "--quiet"])
     monkeypatch.setattr(TinyText, "tokenizer", lambda self, t: {"input_ids": t.split()}, raising=False)
     assert args.func(args) == 0
-    ids, regions, meta = A.read_anchor_store(tmp_path / "store")
+    ids, regions, meta = read_anchor_store(tmp_path / "store")
     assert ids == [f"video{v}" for v in range(6)] and regions.shape == (6, 4, 2048)
     assert meta["protocol"] == "ssss" and meta["steps"] == 2 and meta["image_size"] == 64
 

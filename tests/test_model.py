@@ -1,9 +1,12 @@
 """The CVR-SDGM towers and matcher: masks, gradients, fusion, and the kernels as a backend."""
+import numpy as np
 import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.model import Embeddings, Matcher, QueryTower, VideoTower, jaccard, similarities, topk_stable
+from engine.model import CVRModel, Embeddings, Matcher, QueryTower, VideoTower, similarities
+from engine.portable import topk_stable
+from kernels.reference import jaccard, tiles
 
 SMALL = dict(frame_dim=24, region_dim=20, attn_dim=16, latent_dim=12, concept_dim=10, video_gru_hidden=8,
              video_local_dim=14, dropout=0.0)
@@ -32,6 +35,16 @@ def _frames(batch=3, count=9, seed=2):
     mask[0, 5:] = False
     mask[2, 2:] = False
     return torch.randn(batch, count, SMALL["frame_dim"], generator=g), mask
+
+
+class _TinyText(torch.nn.Module):
+    """A frozen stand-in text encoder: the model's towers only need its widths."""
+
+    dim_sentence, dim_tokens = SENT, TOK
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
 
 def _eval(module):
@@ -117,8 +130,25 @@ def test_jaccard_matches_its_definition_and_guards_zero():
     torch.testing.assert_close(jaccard(x, y), expected)
     x, y = torch.rand(7, 5, dtype=torch.float64), torch.rand(4, 5, dtype=torch.float64)
     by_definition = torch.minimum(x[:, None], y[None]).sum(-1) / torch.maximum(x[:, None], y[None]).sum(-1)
-    for budget in (1, 7, 3 * x.shape[1], 10**9):  # every tiling, down to one element per temporary
-        torch.testing.assert_close(jaccard(x, y, budget=budget), by_definition)
+    torch.testing.assert_close(jaccard(x, y), by_definition)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 15, 10**9])
+def test_tiled_similarities_and_scores_cover_every_pair_once(budget):
+    """Every tiling, down to one (query, video) pair per tile, gives the untiled matrices."""
+    query, video = _embeddings(7, k=5), _embeddings(4, k=5, seed=1)
+    query = Embeddings(query.lat.double(), query.con.double())
+    video = Embeddings(video.lat.double(), video.con.double())
+    full = similarities(query, video, budget=10**9)
+    torch.testing.assert_close(similarities(query, video, budget=budget), full, rtol=0, atol=1e-12)
+    covered = torch.zeros(7, 4, dtype=torch.int64)
+    for rows, cols in tiles(7, 4, 5, budget):
+        assert len(range(7)[rows]) * len(range(4)[cols]) * 5 <= max(budget, 5)
+        covered[rows, cols] += 1
+    assert (covered == 1).all()
+    matcher = Matcher().double()
+    matcher.fused.budget = budget
+    torch.testing.assert_close(matcher(query, video), Matcher().double()(query, video), rtol=0, atol=1e-12)
 
 
 def _embeddings(n, d=6, k=5, seed=0):
@@ -146,38 +176,42 @@ def test_matcher_fusion_by_hand():
 
 
 def test_topk_stable_breaks_ties_by_lower_index():
-    scores = torch.tensor([[0.5, 0.75, 0.5, 0.75, 0.25]])
+    scores = np.array([[0.5, 0.75, 0.5, 0.75, 0.25]], dtype=np.float32)
     values, indices = topk_stable(scores, 3)
     assert indices.tolist() == [[1, 3, 0]] and values.tolist() == [[0.75, 0.75, 0.5]]
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the first k of a full stable sort, ties included
+        scores = rng.integers(0, 4, (3, 17)).astype(np.float32)
+        k = int(rng.integers(1, 18))
+        values, indices = topk_stable(scores, k)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        assert np.array_equal(indices, order) and np.array_equal(values, np.take_along_axis(scores, order, 1))
 
 
-def test_triton_backend_matches_torch_for_scoring_and_attention():
-    """The engine's triton path is the fused kernels (interpreter on the CPU in tests)."""
-    query, video = _embeddings(5, d=16, k=16), _embeddings(11, d=16, k=16, seed=3)
-    matcher = Matcher()
-    matcher.fit_norm(query, video)
-    torch.testing.assert_close(matcher(query, video, backend="triton"), matcher(query, video), atol=2e-5, rtol=2e-5)
-    v_t, i_t = matcher(query, video, backend="triton", k=4)
-    v_r, i_r = matcher(query, video, k=4)
-    torch.testing.assert_close(v_t, v_r, atol=2e-5, rtol=2e-5)
-    assert torch.equal(i_t, i_r)
+def test_triton_kernels_swap_in_as_modules_and_match_torch():
+    """The triton backend is the same model with kernels.modules swapped in (interpreter on the CPU)."""
+    from engine.backends.triton import KernelError, use_triton_kernels
+    from kernels.modules import TritonFusedScore, TritonHybridAttention
 
-    tower = _eval(QueryTower(_config(use_anchor=True), SENT, TOK))
+    config = _config(use_anchor=True)
+    model = _eval(CVRModel(config, text_encoder=_TinyText()))
+    query, video = _embeddings(5, d=config.latent_dim, k=config.concept_dim), \
+        _embeddings(11, d=config.latent_dim, k=config.concept_dim, seed=3)
+    model.matcher.fit_norm(query, video)
     sentence, tokens, mask = _text()
     regions = _regions()
-    reference = tower(sentence, tokens, mask, regions)
-    fused = tower(sentence, tokens, mask, regions, backend="triton")
-    torch.testing.assert_close(fused.lat, reference.lat, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fused.con, reference.con, atol=1e-5, rtol=1e-5)
-
-
-def test_triton_top_k_beyond_the_in_kernel_limit_matches_torch():
-    from kernels.global_local_score import MAX_TOPK
-
-    query, video = _embeddings(3, d=8, k=8), _embeddings(MAX_TOPK + 9, d=8, k=8, seed=4)
-    matcher = Matcher()
-    matcher.fit_norm(query, video)
-    values, indices = matcher(query, video, backend="triton", k=MAX_TOPK + 2)
-    ref_values, ref_indices = matcher(query, video, k=MAX_TOPK + 2)
-    torch.testing.assert_close(values, ref_values, atol=2e-5, rtol=2e-5)
-    assert (indices == ref_indices).float().mean() > 0.99  # only near-ties may swap
+    with torch.no_grad():
+        reference_query = model.query(sentence, tokens, mask, regions)
+        reference_scores = model.score(query, video)
+        use_triton_kernels(model)
+        assert isinstance(model.matcher.fused, TritonFusedScore)
+        assert isinstance(model.query.attention.core, TritonHybridAttention)
+        fused_query = model.query(sentence, tokens, mask, regions)
+        torch.testing.assert_close(model.score(query, video), reference_scores, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(fused_query.lat, reference_query.lat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_query.con, reference_query.con, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="transductive normalisation .* runs in PyTorch only"):
+        model.score(query, video, transductive=True)
+    ablation = CVRModel(_config(use_anchor=False, local_branch=False), text_encoder=_TinyText())
+    with pytest.raises(KernelError, match="no-local-branch ablation"):
+        use_triton_kernels(ablation)

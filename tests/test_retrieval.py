@@ -106,8 +106,12 @@ def _write_anchor_store(folder: str, keys: list, regions: int = 4, dim: int = 64
     """An anchor store made directly (what `cvr anchors` writes): flattened region grids per key."""
     rng = np.random.default_rng(seed)
     datasets.write_bigfile(folder, keys, rng.normal(size=(len(keys), regions * dim)).astype(np.float32))
+    from engine.anchor_store import STORE_FORMAT
+    from engine.portable import NOISE_SCHEME
+
     with open(os.path.join(folder, "anchor_meta.json"), "w") as handle:
-        json.dump({"regions": regions, "dim": dim, "protocol": "query"}, handle)
+        json.dump({"format": STORE_FORMAT, "noise": NOISE_SCHEME, "regions": regions, "dim": dim,
+                   "protocol": "query"}, handle)
 
 
 @pytest.mark.parametrize("keyed_by", ["caption", "video"])

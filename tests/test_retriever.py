@@ -3,12 +3,14 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from msrvtt_fixture import write_msrvtt_fixture
 from test_retrieval import TINY
 
 from engine.cli import main
+from engine.model import Embeddings
 from engine.retriever import QueryError, Retriever
 
 
@@ -33,14 +35,28 @@ def retriever(engine_files):
 def test_search_matches_scoring_the_whole_gallery_directly(retriever):
     texts = ["a man and a dog in video number 1", "a red car"]
     results = retriever.search(texts, k=5)
-    query = retriever.model.encode_text(texts)
-    scores = retriever.model.score(query, retriever.gallery.embeddings(torch.float32))
+    model = retriever.pipeline.model
+    with torch.no_grad():
+        query = model.encode_text(texts)
+        videos = Embeddings(torch.from_numpy(np.array(retriever.gallery.lat)),
+                            torch.from_numpy(np.array(retriever.gallery.con)))
+        scores = model.score(query, videos)
     for result, row in zip(results, scores, strict=True):
         order = torch.sort(row, descending=True, stable=True)
         assert [v for v, _ in result.hits] == [retriever.gallery.ids[i] for i in order.indices[:5].tolist()]
         torch.testing.assert_close(torch.tensor([s for _, s in result.hits]), order.values[:5])
     timings = retriever.last_timings.per_query_ms()
-    assert set(timings) == {"text", "anchor", "vision", "tower", "scoring"} and timings["text"] > 0
+    assert set(timings) == {"text", "anchor", "vision", "tower", "search"} and timings["text"] > 0
+
+
+
+def test_the_first_search_is_reported_cold_and_the_next_warm(engine_files, capsys):
+    _, checkpoint, gallery = engine_files
+    fresh = Retriever(checkpoint, gallery)
+    fresh.search(["a dog"], k=2)
+    assert fresh.last_timings.cold and "cold: the first search" in fresh.last_timings.describe()
+    fresh.search(["a dog"], k=2)
+    assert not fresh.last_timings.cold and "(ms, warm; exhaustive search)" in fresh.last_timings.describe()
 
 
 def test_triton_backend_returns_the_torch_ranking(engine_files, retriever):

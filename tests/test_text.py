@@ -1,6 +1,7 @@
 """Text encoders: the packaged MiniLM against a direct transformers computation, and RIVRL's
 BoW + BiGRU + CNN encoder (padding invariance, vocabulary, word2vec init, gradients)."""
 import json
+import os
 import random
 import sys
 
@@ -9,11 +10,8 @@ import pytest
 import torch
 
 from engine.datasets import write_bigfile
+from engine.portable import END, PAD, START, UNK, rivrl_words
 from engine.text import (
-    END,
-    PAD,
-    START,
-    UNK,
     MiniLMEncoder,
     RivrlTextEncoder,
     TextEncoderConfig,
@@ -21,7 +19,6 @@ from engine.text import (
     Vocabulary,
     build_text_encoder,
     packaged_model_path,
-    rivrl_words,
 )
 
 TEXTS = [
@@ -103,7 +100,9 @@ def test_minilm_frozen(minilm):
 def test_minilm_finetune_from_folder():
     enc = MiniLMEncoder(path=packaged_model_path(), max_length=16, finetune=True).train()
     assert enc.model.training and all(p.requires_grad for p in enc.parameters())
-    assert enc.model_id.startswith(packaged_model_path()) and "@" in enc.model_id
+    # Named by the folder's name and fingerprint, never by its path (checkpoints stay portable).
+    assert enc.model_id.startswith(f"hf:{os.path.basename(packaged_model_path())}@")
+    assert packaged_model_path() not in enc.model_id
     feats = enc(["a cat sits on a mat", "a car"])
     assert feats.tokens.shape[1] <= 16 and feats.sentence.requires_grad
     (feats.sentence[0] @ feats.sentence[1]).backward()

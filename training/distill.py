@@ -38,13 +38,13 @@ from torch.nn import functional as F
 from engine.anchors import (
     AnchorError,
     Conditioning,
-    flow_sigmas,
     flux_velocity,
     image_ids,
     load_builtin_transformer,
     read_builtin_config,
     save_builtin,
 )
+from engine.portable import flow_sigmas
 from training.generator import _lr_at, prepare_data, sample_grid, trim
 
 
@@ -97,7 +97,7 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
     """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss."""
     from tqdm import tqdm
 
-    sigmas = flow_sigmas(n_steps)
+    sigmas = torch.from_numpy(flow_sigmas(n_steps))
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     student.train()
     losses = []

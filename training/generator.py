@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,8 +22,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from engine import files
 from engine.anchors import (
-    LORA_FILE,
     LORA_TARGETS,
     AnchorError,
     BuiltinConfig,
@@ -35,18 +34,13 @@ from engine.anchors import (
     generator_kind,
     image_ids,
     images_to_latents,
-    latents_to_images,
     load_builtin_transformer,
-    make_readable,
-    pack_latents,
-    prompt_seed,
     read_builtin_config,
     rectified_flow_pair,
     save_builtin,
-    seeded_noise,
-    unpack_latents,
 )
-from engine.datasets import move_into_place
+from engine.fingerprints import LORA_FILE
+from engine.portable import initial_noise, latents_to_images, pack_latents, prompt_seed, unpack_latents
 
 PROMPT_KINDS = ("caption", "ssss", "both")
 
@@ -171,9 +165,8 @@ def save_grid(path, rows: list[np.ndarray], scale: int = 2) -> Path:
                 img = np.asarray(Image.fromarray(img).resize((w, h), Image.BOX))
             canvas[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = img
     im = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    im.save(tmp)
-    tmp.replace(path)
+    with files.atomic_path(path) as temporary:
+        im.save(temporary)
     return path
 
 
@@ -240,12 +233,12 @@ def sample_grid(transformer, config: BuiltinConfig, cond: Conditioning, frames: 
     """Rows: the real key frames, then one row of samples per step count."""
     s = config.latent_size
     ids = image_ids(s, s)
-    noise = pack_latents(seeded_noise([prompt_seed(str(i), seed) for i in range(len(frames))],
-                                      (config.latent_channels, s, s)))
+    seeds = [prompt_seed(str(i), seed) for i in range(len(frames))]
+    noise = torch.from_numpy(pack_latents(initial_noise(seeds, (config.latent_channels, s, s))))
     rows = [list(frames)]
     for steps in steps_list:
         x = euler_sample(transformer, noise, cond, steps, ids)
-        rows.append(list(latents_to_images(unpack_latents(x, s, s), config.fold)))
+        rows.append(list(latents_to_images(unpack_latents(x, s, s).numpy(), config.fold)))
     return save_grid(path, rows)
 
 
@@ -344,25 +337,15 @@ def add_lora(transformer, rank: int, alpha: float | None = None, targets=LORA_TA
 def save_lora(folder, transformer, meta: dict | None = None) -> Path:
     """The standard diffusers LoRA file (pytorch_lora_weights.safetensors, keys 'transformer.*') and
     an optional lora_config.json, written to a temporary sibling folder and renamed into place."""
-    import shutil
-    import tempfile
-
     from diffusers import FluxPipeline
     from peft import get_peft_model_state_dict
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with files.staged_folder(folder) as tmp:
         state = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
         FluxPipeline.save_lora_weights(str(tmp), transformer_lora_layers=state, safe_serialization=True)
         if meta is not None:
-            (tmp / "lora_config.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        make_readable(tmp)
-        move_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            files.write_synced(tmp / "lora_config.json", files.to_json(meta))
     return folder / LORA_FILE
 
 

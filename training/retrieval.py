@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine import datasets
-from engine.checkpoint import CVRModel, load_checkpoint, read_checkpoint_config, save_checkpoint
-from engine.config import ModelConfig, TrainConfig, write_json_atomic
+from engine import datasets, files, paths
+from engine.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from engine.config import ModelConfig, TrainConfig
 from engine.metrics import format_metrics_table, retrieval_metrics
-from engine.model import Embeddings
+from engine.model import CVRModel, Embeddings
 from training.losses import hybrid_loss
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def load_split(collection: datasets.Collection, split: str, feature: str, vocab:
     features = collection.features(feature)
     video_ids = collection.split_video_ids(split)
     index = {v: i for i, v in enumerate(video_ids)}
-    frames, mask = video_frames(features, video_ids, max_frames)
+    frames, mask = (torch.from_numpy(a) for a in datasets.video_frames(features, video_ids, max_frames))
     tags = datasets.tag_targets(collection.tags(), vocab, video_ids) if vocab else np.zeros((len(video_ids), 0))
     return SplitData(
         cap_ids=[c for c, _ in pairs],
@@ -64,38 +64,11 @@ def load_split(collection: datasets.Collection, split: str, feature: str, vocab:
     )
 
 
-def video_frames(features: datasets.BigFile, video_ids: list, max_frames: int) -> tuple:
-    """Each video's frame features, evenly subsampled to at most `max_frames`, zero-padded.
-
-    Frames come from video2frames.txt when present (the MSR-VTT release); otherwise each id in the
-    BigFile is taken to be one video-level feature (a one-frame video)."""
-    per_video = []
-    for video_id in video_ids:
-        if features.has_video2frames:
-            rows = features.frames_of(video_id)
-        else:
-            rows = features.read([video_id])
-        if len(rows) == 0:
-            raise ValueError(f"{features.folder}: video {video_id} has no frames")
-        if len(rows) > max_frames:
-            rows = rows[np.linspace(0, len(rows) - 1, max_frames).round().astype(int)]
-        if not np.isfinite(rows).all():
-            raise ValueError(f"{features.folder}: video {video_id} has NaN or infinite frame features")
-        per_video.append(rows)
-    length = max(len(r) for r in per_video)
-    frames = np.zeros((len(per_video), length, features.dim), np.float32)
-    mask = np.zeros((len(per_video), length), bool)
-    for i, rows in enumerate(per_video):
-        frames[i, : len(rows)] = rows
-        mask[i, : len(rows)] = True
-    return torch.from_numpy(frames), torch.from_numpy(mask)
-
-
 class AnchorStore:
     """Anchor region grids keyed by caption id (query protocol) or video id (SSSS protocol)."""
 
     def __init__(self, folder: str):
-        from engine.anchors import read_anchor_store
+        from engine.anchor_store import read_anchor_store
 
         self.folder = folder
         ids, self.regions, self.meta = read_anchor_store(folder)
@@ -153,7 +126,7 @@ class TextCache:
 
 @torch.no_grad()
 def encode_split(model: CVRModel, data: SplitData, anchors: AnchorStore | None, cache: TextCache | None = None,
-                 batch_size: int = 256, backend: str = "torch") -> tuple:
+                 batch_size: int = 256) -> tuple:
     """(query Embeddings for every caption, video Embeddings for every video), eval mode."""
     model.eval()
     cache = cache or TextCache(model)
@@ -162,7 +135,7 @@ def encode_split(model: CVRModel, data: SplitData, anchors: AnchorStore | None, 
         ids = data.cap_ids[start : start + batch_size]
         features = cache.features(ids, data.captions[start : start + batch_size])
         regions = anchors.lookup(ids) if anchors is not None else None
-        queries.append(model.encode_text_features(features, regions, backend))
+        queries.append(model.encode_text_features(features, regions))
     videos = [model.encode_video(data.frames[s : s + batch_size], data.frame_mask[s : s + batch_size])
               for s in range(0, len(data.video_ids), batch_size)]
     return _cat(queries), _cat(videos)
@@ -173,9 +146,9 @@ def _cat(parts: list) -> Embeddings:
 
 
 def evaluate_split(model: CVRModel, data: SplitData, anchors: AnchorStore | None, transductive: bool = False,
-                   cache: TextCache | None = None, backend: str = "torch") -> dict:
-    queries, videos = encode_split(model, data, anchors, cache, backend=backend)
-    scores = model.score(queries, videos, transductive=transductive, backend=backend)
+                   cache: TextCache | None = None) -> dict:
+    queries, videos = encode_split(model, data, anchors, cache)
+    scores = model.score(queries, videos, transductive=transductive)
     return retrieval_metrics(scores.float().cpu().numpy(), data.caption_video)
 
 
@@ -248,12 +221,30 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
     model.eval()
     val_queries, val_videos = encode_split(model, val, anchors, cache)
     model.matcher.fit_norm(val_queries, val_videos)
-    extra = {"train": {"job": asdict(job), "train_config": asdict(train_config), "best_criterion": best},
+    extra = {"train": {"job": _recorded_job(job), "train_config": asdict(train_config), "best_criterion": best},
              "tag_vocab": vocab,
              # How the anchors were made, so that search draws its anchors the same way.
-             "anchors": dict(anchors.meta, store=os.path.abspath(job.anchors)) if anchors is not None else None}
+             "anchors": _recorded_anchors(anchors, job.out) if anchors is not None else None}
     save_checkpoint(model, job.out, history, extra)
     return {"history": history, "best_criterion": best, "checkpoint": job.out}
+
+
+def _recorded_job(job: RetrievalJob) -> dict:
+    """The job as the checkpoint records it: folders relative to the checkpoint (engine.paths)."""
+    recorded = asdict(job)
+    del recorded["out"]  # the checkpoint itself
+    recorded["root"] = paths.reference(job.root, job.out)
+    recorded["anchors"] = job.anchors and paths.reference(job.anchors, job.out)
+    return recorded
+
+
+def _recorded_anchors(store: AnchorStore, checkpoint: str) -> dict:
+    """The anchor store's metadata with its generator and the store itself recorded relative to
+    the checkpoint."""
+    meta = dict(store.meta, store=paths.reference(store.folder, checkpoint))
+    if meta.get("generator"):
+        meta["generator"] = paths.rebase(meta["generator"], store.folder, checkpoint)
+    return meta
 
 
 def plateau_step(since_halving: int, improved: bool, patience: int) -> tuple:
@@ -330,8 +321,13 @@ def _as_branches(emb: Embeddings) -> dict:
 def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str = "test",
                         anchors: str | None = None, feature: str | None = None, transductive: bool = False,
                         out: str | None = None, backend: str = "torch") -> dict:
-    """Metrics of a checkpoint on one split; writes `<out>.json` and `<out>.md` when `out` is given."""
+    """Metrics of a checkpoint on one split; writes `<out>.json` and `<out>.md` when `out` is given.
+    `backend="triton"` scores with the fused kernels swapped in."""
     model = load_checkpoint(checkpoint)
+    if backend == "triton":
+        from engine.backends.triton import use_triton_kernels
+
+        use_triton_kernels(model)
     config = read_checkpoint_config(checkpoint)
     job = config.get("train", {}).get("job", {})
     coll = datasets.Collection(root, collection)
@@ -343,13 +339,11 @@ def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str 
     if model.config.use_anchor and not anchors:
         raise ValueError("this checkpoint uses anchors: pass --anchors STORE")
     store = AnchorStore(anchors) if (anchors and model.config.use_anchor) else None
-    metrics = evaluate_split(model, data, store, transductive=transductive, backend=backend)
+    metrics = evaluate_split(model, data, store, transductive=transductive)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        write_json_atomic(out + ".json", {"checkpoint": checkpoint, "split": split, "collection": collection,
+        files.write_json(out + ".json", {"checkpoint": checkpoint, "split": split, "collection": collection,
                                           "anchors": anchors, "transductive": transductive, "metrics": metrics,
                                           "queries": len(data.cap_ids), "videos": len(data.video_ids)})
-        with open(out + ".md.tmp", "w", encoding="utf-8") as handle:
-            handle.write(format_metrics_table(metrics) + "\n")
-        os.replace(out + ".md.tmp", out + ".md")
+        files.atomic_write(out + ".md", format_metrics_table(metrics) + "\n")
     return {"metrics": metrics, "queries": len(data.cap_ids), "videos": len(data.video_ids)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -340,19 +339,25 @@ def frame_id(video_id: str, frame_no: int) -> str:
 
 def write_collection(root: str, config: SynthConfig, vision=None, progress: bool = True) -> dict:
     """Draw the clips, write frames, captions, tags, splits and ResNet-50 features under
-    ``root/config.collection``; returns the collection's summary. Atomic: built in a temporary
-    folder beside the target and renamed into place."""
+    ``root/config.collection``; returns the collection's summary. Atomic: built in a staging
+    folder beside the target and swapped into place."""
+    from engine import datasets, files
+
+    config.validate()
+    target = os.path.join(root, config.collection)
+    with files.staged_folder(target) as work:
+        _write_collection(str(work), config, vision, progress)
+    return datasets.Collection(root, config.collection).summary(config.feature)
+
+
+def _write_collection(work: str, config: SynthConfig, vision, progress: bool) -> None:
+    """Everything of the collection into the (staging) folder `work`."""
     from PIL import Image
     from tqdm import tqdm
 
     from engine import datasets
     from engine.vision import RegionExtractor
 
-    config.validate()
-    target = os.path.join(root, config.collection)
-    os.makedirs(root, exist_ok=True)
-    work = target + ".tmp-synth"
-    shutil.rmtree(work, ignore_errors=True)
     text_dir = os.path.join(work, "TextData")
     image_dir = os.path.join(work, "ImageData")
     os.makedirs(os.path.join(text_dir, "tags", "video_label_th_1"))
@@ -390,9 +395,6 @@ def write_collection(root: str, config: SynthConfig, vision=None, progress: bool
     _write_json(os.path.join(work, "synth_scenes.json"), [asdict(s) for s in scenes])
     _write_json(os.path.join(work, "synth_config.json"), asdict(config))
 
-    datasets.move_into_place(work, target)
-    return datasets.Collection(root, config.collection).summary(config.feature)
-
 
 def _tag_vocab(video_tags: dict, train_pairs: list, size: int) -> list:
     """The `size` most frequent tags over the training videos (ties by name: deterministic)."""
@@ -411,9 +413,9 @@ def datasets_video_id(cap_id: str) -> str:
 
 
 def _write_json(path: str, value) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1, sort_keys=True)
-        handle.write("\n")
+    from engine import files
+
+    files.write_synced(path, files.to_json(value))
 
 
 def read_scenes(collection_dir: str) -> list:

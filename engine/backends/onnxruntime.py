@@ -9,22 +9,37 @@ the ResNet-50 region extractor), the tokenizer, and a `manifest.json`. This modu
     values, indices = engine.topk(lat, con, video_lat, video_con, k=10)
 
 Everything here is numpy + onnxruntime + tokenizers: no torch import, so a deployment needs
-neither PyTorch nor the checkpoint. What the torch path draws with torch's random generator (the
-anchor's starting noise) is reproduced in numpy (`torch_randn`), to within one float32 rounding.
+neither PyTorch nor the checkpoint's modules. What this path shares with the PyTorch one (prompt
+seeds and the starting noise, sigmas, latent packing, the anchor cache, RIVRL's tokenizer, the
+stable top-k) is engine/portable.py, written once for both.
 
 `ExportedBackend` holds the numpy pipeline; a subclass only says how a module is opened and run
 (`OnnxRuntimeBackend` here, `engine.backends.tensorrt.TensorRTBackend` for TensorRT engines).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from engine.portable import (
+    PAD,
+    SPECIALS,
+    AnchorCache,
+    anchor_cache_key,
+    flow_sigmas,
+    initial_noise,
+    latents_to_images,
+    pack_latents,
+    pad_rows,
+    prompt_seed,
+    rivrl_encode,
+    unpack_latents,
+)
+from engine.search import block_rows
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +89,7 @@ class HFTokenizer:
 
     def __call__(self, texts: list) -> tuple:
         """(input_ids, attention_mask), both int64 (B, L)."""
-        return _pad([e.ids for e in self._cut.encode_batch(list(texts))], self.pad_id, self.padding_side)
+        return pad_rows([e.ids for e in self._cut.encode_batch(list(texts))], self.pad_id, self.padding_side)
 
     def n_tokens(self, texts: list) -> list:
         """Untruncated token counts, special tokens included."""
@@ -82,42 +97,23 @@ class HFTokenizer:
 
 
 class RivrlTokenizer:
-    """engine.text.Vocabulary.encode + RivrlTextEncoder.tokenize: `<start> words <end>`, padded
-    with <pad>; every non-ASCII-alphanumeric character separates words, lowercase."""
-
-    _NON_ALNUM = re.compile(r"[^A-Za-z0-9]")
+    """engine.text.RivrlTextEncoder.tokenize without torch: `<start> words <end>` padded with <pad>
+    (engine.portable's RIVRL tokenizer, from the exported vocabulary)."""
 
     def __init__(self, path: str, max_length: int):
         with open(path, encoding="utf-8") as handle:
             vocab = json.load(handle)
         itos = list(vocab["specials"]) + list(vocab["words"])
+        if itos[: len(SPECIALS)] != list(SPECIALS):
+            raise ExportedModelError(f"{path}: vocabulary specials {vocab['specials']} differ from {list(SPECIALS)}")
         self.stoi = {w: i for i, w in enumerate(itos)}
-        self.pad, self.unk = self.stoi["<pad>"], self.stoi["<unk>"]
-        self.start, self.end = self.stoi["<start>"], self.stoi["<end>"]
         self.max_length = int(max_length)
 
-    def _encode(self, text: str, limit: int | None) -> list:
-        ids = [self.stoi.get(w, self.unk) for w in self._NON_ALNUM.sub(" ", text).lower().split()]
-        if limit is not None:
-            ids = ids[: max(0, limit - 2)]
-        return [self.start, *ids, self.end]
-
     def __call__(self, texts: list) -> tuple:
-        ids, _ = _pad([self._encode(t, self.max_length) for t in texts], self.pad, "right")
-        return ids, (ids != self.pad).astype(np.int64)  # as RivrlTextEncoder: mask = ids != <pad>
+        return pad_rows([rivrl_encode(self.stoi, t, self.max_length) for t in texts], PAD)
 
     def n_tokens(self, texts: list) -> list:
-        return [len(self._encode(t, None)) for t in texts]
-
-
-def _pad(rows: list, pad_id: int, side: str) -> tuple:
-    length = max(len(r) for r in rows)
-    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), length), dtype=np.int64)
-    for i, row in enumerate(rows):
-        span = slice(0, len(row)) if side == "right" else slice(length - len(row), length)
-        ids[i, span], mask[i, span] = row, 1
-    return ids, mask
+        return [len(rivrl_encode(self.stoi, t)) for t in texts]
 
 
 def build_tokenizer(folder: str, spec: dict):
@@ -125,83 +121,6 @@ def build_tokenizer(folder: str, spec: dict):
     if spec["kind"] == "rivrl":
         return RivrlTokenizer(path, spec["max_length"])
     return HFTokenizer(path, spec["max_length"], spec["pad_id"], spec.get("padding_side", "right"))
-
-
-# ---------------------------------------------------------------------------------------------
-# What the anchor generator does with torch, in numpy
-
-
-def prompt_seed(prompt: str, seed: int = 0) -> int:
-    """engine.anchors.prompt_seed: a fixed seed per (prompt, seed)."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def torch_randn(seed: int, shape: tuple) -> np.ndarray:
-    """`torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))` in numpy (float32).
-
-    torch seeds a standard MT19937 with the seed's low 32 bits, draws one 24-bit uniform per value
-    and turns each block of 16 into normals by Box-Muller (values j and j+8 of a block share a
-    pair); a size that is not a multiple of 16 redraws its last 16. Equal to torch's draw within
-    about 2 float32 ulps (torch's vectorised log/sin/cos round differently from numpy's)."""
-    n = int(np.prod(shape))
-    if n < 16:
-        raise ValueError("torch_randn reproduces torch's vectorised path only: at least 16 values")
-    bits = np.random.MT19937()
-    bits.state = {"bit_generator": "MT19937", "state": {"key": _init_genrand(int(seed) & 0xFFFFFFFF), "pos": 624}}
-
-    def uniform(count: int) -> np.ndarray:
-        return ((bits.random_raw(count) & 0xFFFFFF).astype(np.float64) / float(1 << 24)).astype(np.float32)
-
-    def box_muller(block: np.ndarray) -> np.ndarray:  # (m, 2, 8) uniforms -> (m, 16) normals
-        radius = np.sqrt(np.float32(-2.0) * np.log(np.float32(1.0) - block[:, 0]))
-        theta = np.float32(2.0 * np.pi) * block[:, 1]
-        return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)], axis=1)
-
-    out = uniform(n)
-    whole = n - n % 16
-    out[:whole] = box_muller(out[:whole].reshape(-1, 2, 8)).reshape(-1)
-    if n % 16:
-        out[n - 16 :] = box_muller(uniform(16).reshape(1, 2, 8)).reshape(-1)
-    return out.reshape(shape)
-
-
-def _init_genrand(seed: int) -> np.ndarray:
-    """MT19937's standard 32-bit seeding (init_genrand), which torch's mt19937 engine uses."""
-    key = [seed]
-    for i in range(1, 624):
-        key.append((1812433253 * (key[-1] ^ (key[-1] >> 30)) + i) & 0xFFFFFFFF)
-    return np.array(key, dtype=np.uint32)
-
-
-def pack_latents(latents: np.ndarray) -> np.ndarray:
-    """(B, C, h, w) -> (B, h/2*w/2, 4C): engine.anchors.pack_latents."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def latents_to_images(tokens: np.ndarray, size: int, fold: int) -> np.ndarray:
-    """Packed tokens -> uint8 (B, S, S, 3): engine.anchors.unpack_latents + latents_to_images."""
-    b, _, c4 = tokens.shape
-    c, h = c4 // 4, size // fold
-    x = tokens.reshape(b, h // 2, h // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5).reshape(b, c, h, h)
-    x = x.reshape(b, 3, fold, fold, h, h).transpose(0, 1, 4, 2, 5, 3).reshape(b, 3, size, size)  # pixel_shuffle
-    pixels = ((np.clip(x, -1, 1) + np.float32(1.0)) * np.float32(127.5)).round()
-    return pixels.astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def flow_sigmas(steps: int) -> np.ndarray:
-    """engine.anchors.flow_sigmas: linspace(1, 0, steps + 1) in float32."""
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return np.linspace(1.0, 0.0, int(steps) + 1).astype(np.float32)
-
-
-def anchor_cache_key(prompt: str, generator: str, adapter: str, steps: int, size: int, seed: int) -> str:
-    """engine.anchors.AnchorCache.key, so that both backends share one on-disk anchor cache."""
-    payload = json.dumps([prompt, generator, adapter, int(steps), int(size), int(seed)])
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass
@@ -222,30 +141,6 @@ class _Options:
 
 
 # ---------------------------------------------------------------------------------------------
-# Top-k
-
-
-def topk_stable(scores: np.ndarray, k: int) -> tuple:
-    """Top-k per row, descending, ties broken by the lower column index (engine.model.topk_stable).
-
-    argpartition finds the k-th value; every column at least as large (ties included) is then
-    sorted by (-score, column), so the result equals a full stable sort's first k."""
-    q, n = scores.shape
-    k = min(int(k), n)
-    values = np.empty((q, k), dtype=scores.dtype)
-    indices = np.empty((q, k), dtype=np.int64)
-    for i, row in enumerate(scores):
-        if k < n:
-            kth = np.partition(row, n - k)[n - k]
-            candidates = np.flatnonzero(row >= kth)
-        else:
-            candidates = np.arange(n)
-        order = candidates[np.lexsort((candidates, -row[candidates]))][:k]
-        values[i], indices[i] = row[order], order
-    return values, indices
-
-
-# ---------------------------------------------------------------------------------------------
 # The pipeline
 
 
@@ -256,14 +151,16 @@ class ExportedBackend:
     kind = "exported"
     max_videos: int | None = None  # videos per scorer call beyond the memory budget (TensorRT: its profile)
 
-    def __init__(self, folder: str, steps: int | None = None, seed: int | None = None, anchor_cache=None):
+    def __init__(self, folder: str, steps: int | None = None, seed: int | None = None,
+                 anchor_cache: str | None = None):
         self.folder = os.path.abspath(folder)
         self.manifest = read_export_manifest(folder)
         self._runners: dict = {}
         self.text = build_tokenizer(folder, self.manifest["text"])
         self.anchors = self.manifest.get("anchors")
         self.generator = None
-        self.anchor_cache = anchor_cache
+        self.anchor_cache = AnchorCache(anchor_cache) if anchor_cache else None
+        self.scorer = ExportedScorer(self)
         if self.anchors:
             gen = self.anchors["generator"]
             self.generator_text = build_tokenizer(folder, self.anchors["generator_text"])
@@ -303,7 +200,18 @@ class ExportedBackend:
             if name not in self._runners:
                 self._runners[name] = self._open(name)
 
-    # -- query path --------------------------------------------------------------------------
+    # -- query path (what engine.retriever.Retriever drives) -------------------------------------
+    @property
+    def checkpoint_id(self) -> str:
+        return self.manifest["checkpoint"]["id"]
+
+    @property
+    def max_length(self) -> int:
+        return self.text.max_length
+
+    def token_counts(self, texts: list) -> list:
+        return self.text.n_tokens(texts)
+
     def encode_text(self, texts: list, module: str | None = None, tokenizer=None) -> tuple:
         """(tokens (B, L, d), mask int64 (B, L), sentence (B, d)) of the text encoder."""
         tokenizer = tokenizer or self.text
@@ -331,14 +239,14 @@ class ExportedBackend:
         spec = self.anchors["generator_text"]
         tokens, mask, pooled = self.encode_text(texts, spec["module"], self.generator_text)
         c, s = int(gen["latent_channels"]), int(gen["latent_size"])
-        x = pack_latents(np.stack([torch_randn(prompt_seed(t, seed), (c, s, s)) for t in texts]))
+        x = pack_latents(initial_noise([prompt_seed(t, seed) for t in texts], (c, s, s)))
         sigmas = flow_sigmas(steps)
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
             feeds = {"latents": x, "sigma": np.full((len(texts),), sigma, dtype=np.float32),
                      "text_tokens": tokens, "text_mask": mask, "pooled": pooled}
             velocity = self.run(gen["module"], feeds)["velocity"]
             x = (x + np.float32(float(sigma_next) - float(sigma)) * velocity).astype(np.float32)
-        return latents_to_images(x, int(gen["image_size"]), int(gen["fold"]))
+        return latents_to_images(unpack_latents(x, s, s), int(gen["fold"]))
 
     def regions(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) anchors -> ResNet-50 region grids (B, R, 2048)."""
@@ -373,19 +281,21 @@ class ExportedBackend:
             parts.append(self.run("scorer", feeds)["scores"])
         return np.concatenate(parts, axis=1)
 
-    def topk(self, query_lat, query_con, video_lat, video_con, k: int) -> tuple:
-        return topk_stable(self.score(query_lat, query_con, video_lat, video_con), k)
 
-    def search(self, texts: list, video_lat, video_con, k: int) -> tuple:
-        """The whole query path: (values (Q, k), indices (Q, k), anchors or None)."""
-        text = self.encode_text(texts)
-        images = regions = None
-        if self.anchors:
-            images = self.generate(texts)
-            regions = self.regions(images)
-        lat, con = self.encode_queries(text, regions)
-        values, indices = self.topk(lat, con, video_lat, video_con, k)
-        return values, indices, images
+
+class ExportedScorer:
+    """engine.search.Scorer over an export's scorer graph (gallery rows cast to float32 per block)."""
+
+    def __init__(self, backend: ExportedBackend):
+        self.backend = backend
+
+    def scores(self, q_lat, q_con, lat, con) -> np.ndarray:
+        return self.backend.score(q_lat, q_con, np.asarray(lat, np.float32), np.asarray(con, np.float32))
+
+    def block_rows(self, queries: int) -> int:
+        dims = self.backend.manifest["modules"]["scorer"]["inputs"]
+        rows = block_rows(queries, dims["video_lat"]["shape"][2], dims["video_con"]["shape"][2])
+        return min(rows, self.backend.max_videos or rows)
 
 
 # ---------------------------------------------------------------------------------------------

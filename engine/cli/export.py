@@ -1,7 +1,5 @@
-"""`cvr export`: a checkpoint to ONNX graphs (ONNX Runtime) or TensorRT engines.
-
-engine/cli.py registers it with :func:`add_export_command`. Nothing heavy is imported until the
-command runs, so `cvr --help` stays fast.
+"""`cvr export`: a checkpoint to ONNX graphs (ONNX Runtime) or TensorRT engines (export/).
+Nothing heavy is imported until the command runs, so `cvr --help` stays fast.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ def _profile(text: str) -> tuple:
     return values
 
 
-def add_export_command(subparsers) -> argparse.ArgumentParser:
+def add(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="export a checkpoint to ONNX (ONNX Runtime) or to TensorRT engines")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")

@@ -1,9 +1,6 @@
-"""``cvr generator train|lora|distill`` and ``cvr anchors``: argparse sub-commands.
-
-engine/cli.py wires them in with :func:`add_generator_commands` and :func:`add_anchors_command`;
-each sub-command sets ``func=handler``, ``handler(args) -> int``, and raises ValueError (one-line
-message) on bad input. ``python -m training.generator_cli generator train ...`` runs them standalone.
-Heavy imports (torch, diffusers) happen inside the handlers, so building the parser is cheap.
+"""``cvr generator train|lora|distill`` (training/generator.py, training/distill.py) and ``cvr anchors``
+(engine/anchor_store.py). Each handler raises ValueError (one-line message) on bad input; heavy
+imports (torch, diffusers) happen inside the handlers, so building the parser is cheap.
 """
 from __future__ import annotations
 
@@ -12,31 +9,7 @@ import json
 import os
 import sys
 
-
-def _positive(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-
-    return parse
-
-
-def _existing_dir(path: str, what: str) -> str:
-    if not os.path.isdir(path):
-        raise ValueError(f"{what} folder not found: {path}")
-    return path
-
-
-def _threads(args) -> None:
-    import torch
-
-    # One thread by default: on a shared 2-core machine two threads are 10-40x noisier.
-    torch.set_num_threads(args.threads)
+from engine.cli.common import existing_dir, positive, set_threads
 
 
 def _print(summary: dict) -> None:
@@ -51,8 +24,8 @@ def _cmd_train(args) -> int:
     from engine.anchors import BuiltinConfig
     from training.generator import TeacherConfig, train_teacher
 
-    _existing_dir(os.path.join(args.root, args.collection), "collection")
-    _threads(args)
+    existing_dir(os.path.join(args.root, args.collection), "collection")
+    set_threads(args.threads)
     gcfg = BuiltinConfig(image_size=args.image_size, fold=args.fold, num_layers=args.double_blocks,
                          num_single_layers=args.single_blocks, text_encoder=args.text_encoder)
     cfg = TeacherConfig(root=args.root, out=args.out, collection=args.collection, split=args.split,
@@ -65,9 +38,9 @@ def _cmd_train(args) -> int:
 def _cmd_lora(args) -> int:
     from training.generator import LoraTrainConfig, train_lora
 
-    _existing_dir(args.base, "base generator")
-    _existing_dir(os.path.join(args.root, args.collection), "collection")
-    _threads(args)
+    existing_dir(args.base, "base generator")
+    existing_dir(os.path.join(args.root, args.collection), "collection")
+    set_threads(args.threads)
     cfg = LoraTrainConfig(base=args.base, root=args.root, out=args.out, collection=args.collection, split=args.split,
                           prompt=args.prompt, rank=args.rank, iterations=args.iterations, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, image_size=args.image_size)
@@ -78,8 +51,8 @@ def _cmd_lora(args) -> int:
 def _cmd_distill(args) -> int:
     from training.distill import DistillConfig, distill
 
-    _existing_dir(args.teacher, "teacher")
-    _threads(args)
+    existing_dir(args.teacher, "teacher")
+    set_threads(args.threads)
     cfg = DistillConfig(teacher=args.teacher, out=args.out, steps=sorted(set(args.steps), reverse=True),
                         start_steps=args.start_steps, iterations=args.iterations, batch_size=args.batch_size,
                         lr=args.lr, seed=args.seed, root=args.root, collection=args.collection, split=args.split)
@@ -93,11 +66,11 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
     sub = gen.add_subparsers(dest="generator_command", required=True)
 
     def common(p, iterations, batch, lr):
-        p.add_argument("--iterations", type=_positive("--iterations"), default=iterations)
-        p.add_argument("--batch-size", type=_positive("--batch-size"), default=batch)
+        p.add_argument("--iterations", type=positive("--iterations"), default=iterations)
+        p.add_argument("--batch-size", type=positive("--batch-size"), default=batch)
         p.add_argument("--lr", type=float, default=lr)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--threads", type=_positive("--threads"), default=1)
+        p.add_argument("--threads", type=positive("--threads"), default=1)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def data(p, prompt, required=True):
@@ -109,12 +82,12 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the built-in FLUX teacher with the rectified-flow loss")
     data(t, "both")
     t.add_argument("--out", required=True, help="generator folder to write (config.json + transformer/)")
-    t.add_argument("--image-size", type=_positive("--image-size"), default=32)
-    t.add_argument("--fold", type=_positive("--fold"), default=2, help="pixel_unshuffle factor (image space)")
-    t.add_argument("--double-blocks", type=_positive("--double-blocks"), default=2)
-    t.add_argument("--single-blocks", type=_positive("--single-blocks"), default=4)
+    t.add_argument("--image-size", type=positive("--image-size"), default=32)
+    t.add_argument("--fold", type=positive("--fold"), default=2, help="pixel_unshuffle factor (image space)")
+    t.add_argument("--double-blocks", type=positive("--double-blocks"), default=2)
+    t.add_argument("--single-blocks", type=positive("--single-blocks"), default=4)
     t.add_argument("--text-encoder", default=None, help="local HF encoder folder (default: packaged MiniLM)")
-    t.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"), default=500)
+    t.add_argument("--checkpoint-every", type=positive("--checkpoint-every"), default=500)
     common(t, 2000, 32, 1e-3)
     t.set_defaults(func=_cmd_train)
 
@@ -122,16 +95,16 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
     lo.add_argument("--base", required=True, help="built-in generator folder or FLUX.1 diffusers folder")
     data(lo, "ssss")
     lo.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
-    lo.add_argument("--rank", type=_positive("--rank"), default=8)
-    lo.add_argument("--image-size", type=_positive("--image-size"), default=None,
+    lo.add_argument("--rank", type=positive("--rank"), default=8)
+    lo.add_argument("--image-size", type=positive("--image-size"), default=None,
                     help="real FLUX only: training resolution (default 512)")
     common(lo, 300, 16, 1e-3)
     lo.set_defaults(func=_cmd_lora)
 
     d = sub.add_parser("distill", help="progressive distillation of a built-in teacher to few steps")
     d.add_argument("--teacher", required=True)
-    d.add_argument("--steps", type=_positive("--steps"), nargs="+", default=[4])
-    d.add_argument("--start-steps", type=_positive("--start-steps"), default=32,
+    d.add_argument("--steps", type=positive("--steps"), nargs="+", default=[4])
+    d.add_argument("--start-steps", type=positive("--start-steps"), default=32,
                    help="the teacher's fine grid: halved each stage down to the smallest --steps")
     d.add_argument("--out", required=True, help="folder: one student sub-folder per step count")
     data(d, "both", required=False)
@@ -145,15 +118,17 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def _cmd_anchors(args) -> int:
-    from engine.anchors import AnchorGenerator, GeneratorOptions, write_anchor_store
+    from engine import paths
+    from engine.anchor_store import write_anchor_store
+    from engine.anchors import AnchorGenerator, GeneratorOptions
     from engine.datasets import Collection, video_id_of
     from engine.vision import RegionExtractor, VisionConfig
 
-    _existing_dir(args.generator, "generator")
-    _existing_dir(os.path.join(args.root, args.collection), "collection")
+    existing_dir(args.generator, "generator")
+    existing_dir(os.path.join(args.root, args.collection), "collection")
     if args.protocol not in ("query", "ssss"):
         raise ValueError(f"--prompt must be 'query' or 'ssss', got {args.protocol!r}")
-    _threads(args)
+    set_threads(args.threads)
     collection = Collection(args.root, args.collection)
     # One store may cover several splits ("train,val,test"): training reads train and val anchors
     # from the store it is given, evaluation the test ones.
@@ -189,7 +164,7 @@ def _cmd_anchors(args) -> int:
     vision = VisionConfig(image_size=args.image_size, weights=weights)
     extractor = RegionExtractor.from_config(vision, device=args.device or "cpu")
     meta = {"protocol": args.protocol, "collection": args.collection, "split": args.split,
-            "generator": os.path.abspath(args.generator), "vision_weights": weights or "builtin"}
+            "generator": paths.reference(args.generator, args.out), "vision_weights": weights or "builtin"}
     write_anchor_store(args.out, generator, extractor, ids, prompts, meta, steps=args.steps, seed=args.seed,
                        batch_size=args.batch_size, png_dir=args.png, progress=not args.quiet)
     print(f"wrote {len(ids)} anchors ({args.protocol} protocol) to {args.out}")
@@ -216,13 +191,14 @@ def _parse_shard(text: str) -> tuple:
 def _anchors_in_parallel(args, n_ids: int) -> int:
     """`--workers N`: N processes of one thread each draw contiguous shards of the ids into temporary
     stores next to --out, which are then concatenated into --out: the store a single process would
-    write (same ids and anchors; the floats differ only by the rounding of other batch groupings). Worth it on a multi-core CPU, where one thread per process is also the
-    least noisy way to use the cores."""
+    write (same ids and anchors; the floats differ only by the rounding of other batch groupings).
+    Worth it on a multi-core CPU, where one thread per process is also the least noisy way to use
+    the cores."""
     import shutil
     import subprocess
     import tempfile
 
-    from engine.anchors import merge_anchor_stores
+    from engine.anchor_store import merge_anchor_stores
 
     workers = min(args.workers, n_ids)
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -282,19 +258,19 @@ def add_anchors_command(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--split", default="test", help="a split, or several joined by commas (train,val,test)")
     a.add_argument("--prompt", dest="protocol", default="query",
                    help="query: one anchor per caption (fair); ssss: one per video from all its captions")
-    a.add_argument("--steps", type=_positive("--steps"), default=None, help="default: the generator's own")
+    a.add_argument("--steps", type=positive("--steps"), default=None, help="default: the generator's own")
     a.add_argument("--out", required=True, help="anchor store folder (BigFile + anchor_meta.json)")
     a.add_argument("--png", default=None, help="also write each anchor as a PNG into this folder")
     a.add_argument("--lora", nargs="*", default=None, help="LoRA files or folders to fuse")
     a.add_argument("--cache", default=None, help="on-disk anchor cache folder")
-    a.add_argument("--image-size", type=_positive("--image-size"), default=64, help="ResNet-50 input size")
+    a.add_argument("--image-size", type=positive("--image-size"), default=64, help="ResNet-50 input size")
     a.add_argument("--vision-weights", default=None, help="None: built-in extractor; 'random'; a path")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--batch-size", type=_positive("--batch-size"), default=32)
+    a.add_argument("--batch-size", type=positive("--batch-size"), default=32)
     a.add_argument("--limit", type=int, default=0, help="only the first N ids (smoke tests)")
     a.add_argument("--device", default=None)
-    a.add_argument("--threads", type=_positive("--threads"), default=1)
-    a.add_argument("--workers", type=_positive("--workers"), default=1,
+    a.add_argument("--threads", type=positive("--threads"), default=1)
+    a.add_argument("--workers", type=positive("--workers"), default=1,
                    help="processes of one thread each drawing shards of the ids in parallel (default 1)")
     a.add_argument("--shard", type=_parse_shard, default=None, help=argparse.SUPPRESS)  # I/N: a worker's part
     a.add_argument("--quiet", action="store_true")
@@ -302,19 +278,6 @@ def add_anchors_command(subparsers) -> argparse.ArgumentParser:
     return a
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.generator_cli")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add(sub) -> None:
     add_generator_commands(sub)
     add_anchors_command(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.exit(main())

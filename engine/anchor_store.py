@@ -1,0 +1,112 @@
+"""The anchor store (``cvr anchors``): one anchor per caption (fair query protocol) or per video
+(SSSS protocol), kept as its ResNet-50 region grid.
+
+A BigFile (engine/bigfile.py) with one row of R*2048 floats per id, plus ``anchor_meta.json``:
+format, regions, width, image sizes, generator and adapter ids, steps, seed, the noise scheme the
+anchors were drawn with, and the caller's fields (protocol, collection, split, generator, vision
+weights). Written atomically in one folder; read back with :func:`read_anchor_store`, which refuses
+a store drawn with another noise scheme.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from engine import files, paths
+from engine.anchors import AnchorError, AnchorGenerator
+from engine.portable import NOISE_SCHEME
+
+META_FILE = "anchor_meta.json"
+STORE_FORMAT = "cvr-sdgm/anchors/1"
+
+
+def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Sequence[str], prompts: Sequence[str],
+                       meta: dict, steps: int | None = None, seed: int = 0, batch_size: int = 32,
+                       png_dir=None, progress: bool = True) -> Path:
+    """Generate an anchor per (id, prompt), run the ResNet-50 and write the flattened region grids
+    as a BigFile (one row of R*2048 floats per id) plus anchor_meta.json. Streams in batches."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from engine.datasets import BigFileWriter
+
+    if len(ids) != len(prompts):
+        raise AnchorError(f"{len(ids)} ids but {len(prompts)} prompts")
+    if not ids:
+        raise AnchorError("nothing to generate: no ids")
+    r = extractor.grid_size() ** 2
+    dim = extractor.feature_dim
+    folder = Path(folder)
+    if png_dir:
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+    with BigFileWriter(folder, r * dim) as writer:
+        for start in tqdm(range(0, len(ids), batch_size), desc="anchor store", unit="batch", disable=not progress):
+            batch_ids = list(ids[start:start + batch_size])
+            images = generator.generate(prompts[start:start + batch_size], steps=steps, seed=seed)
+            regions = extractor.regions(images)
+            writer.add(batch_ids, regions.reshape(len(batch_ids), -1).numpy())
+            if png_dir:
+                for i, img in zip(batch_ids, images, strict=True):
+                    with files.atomic_path(Path(png_dir) / f"{i.replace('#', '_')}.png") as temporary:
+                        Image.fromarray(img).save(temporary)
+        full = {"format": STORE_FORMAT, "regions": r, "dim": dim, "image_size": extractor.config.image_size,
+                "anchor_size": generator.image_size, "generator_id": generator.generator_id,
+                "adapter_id": generator.adapter_id, "steps": steps or generator.default_steps, "seed": seed,
+                "noise": NOISE_SCHEME, **meta}
+        writer.add_file(META_FILE, files.to_json(full))
+    return folder
+
+
+def merge_anchor_stores(parts: Sequence, folder) -> Path:
+    """Concatenate anchor stores drawn in parallel (`cvr anchors --workers N`: one contiguous shard
+    of the ids each, same generator and settings) into one store, in the order given."""
+    from engine.datasets import BigFileWriter
+
+    first = read_anchor_store(parts[0])
+    row_floats = int(first[2]["regions"]) * int(first[2]["dim"])
+    with BigFileWriter(Path(folder), row_floats) as writer:
+        for part in parts:
+            ids, regions, meta = read_anchor_store(part)
+            if _rebased(meta, part, folder) != _rebased(first[2], parts[0], folder):
+                raise AnchorError(f"{part}: drawn with other settings than {parts[0]}; cannot merge")
+            for start in range(0, len(ids), 1024):
+                chunk = np.asarray(regions[start : start + 1024]).reshape(-1, row_floats)
+                writer.add(ids[start : start + 1024], chunk)
+        writer.add_file(META_FILE, files.to_json(_rebased(first[2], parts[0], folder)))
+    return Path(folder)
+
+
+def _rebased(meta: dict, part, folder) -> dict:
+    """A store's metadata with its generator reference (relative to the store) moved to `folder`."""
+    if not meta.get("generator"):
+        return meta
+    return dict(meta, generator=paths.rebase(meta["generator"], part, folder))
+
+
+def read_anchor_store(folder):
+    """(ids, regions (N, R, 2048) float32 memmap view, meta) of an anchor store."""
+    from engine.datasets import FEATURE_DTYPE, FEATURE_FILE, BigFile
+
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise AnchorError(f"{folder} is not an anchor store (no {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise AnchorError(f"{meta_path}: unreadable ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+        raise AnchorError(f"{meta_path}: not an anchor store's metadata")
+    if meta.get("noise") != NOISE_SCHEME:
+        raise AnchorError(f"{folder}: anchors drawn with noise {meta.get('noise')!r}, this engine draws "
+                          f"{NOISE_SCHEME!r}: draw the store again with `cvr anchors`")
+    big = BigFile(folder)
+    n, dim = big.shape
+    r, d = int(meta["regions"]), int(meta["dim"])
+    if r * d != dim:
+        raise AnchorError(f"{folder}: rows have {dim} floats, but the meta says {r} regions x {d}")
+    regions = np.memmap(folder / FEATURE_FILE, dtype=FEATURE_DTYPE, mode="r", shape=(n, r, d))
+    return list(big.ids), regions, meta

@@ -1,0 +1,108 @@
+"""The query path in PyTorch: the checkpoint's own modules (the reference every other backend is
+checked against), on any torch device; with `kernels=True` the Triton kernels are swapped in
+(engine/backends/triton.py), which is the `triton` backend.
+
+`TorchPipeline` is what engine.retriever.Retriever drives: text -> anchor -> regions -> query
+embeddings (numpy, float32), and a `TorchScorer` for engine.search.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.checkpoint import anchor_generator, load_checkpoint, read_checkpoint_config
+from engine.model import Embeddings
+from engine.search import block_rows
+
+
+class DeviceError(ValueError):
+    """A torch device that does not exist or is not available (one-line message)."""
+
+
+def check_device(device: str) -> str:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} asked for, but no CUDA GPU is available")
+    return device
+
+
+class TorchScorer:
+    """engine.search.Scorer over a model's matcher: float32 blocks on the model's device."""
+
+    def __init__(self, model, device: str):
+        self.matcher, self.device = model.matcher, torch.device(device)
+        self.latent_dim, self.concept_dim = model.config.latent_dim, model.config.concept_dim
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(array, dtype=np.float32, copy=True)).to(self.device)
+
+    @torch.no_grad()
+    def scores(self, q_lat, q_con, lat, con) -> np.ndarray:
+        query = Embeddings(self._tensor(q_lat), self._tensor(q_con))
+        video = Embeddings(self._tensor(lat), self._tensor(con))
+        return self.matcher(query, video).float().cpu().numpy()
+
+    def block_rows(self, queries: int) -> int:
+        return block_rows(queries, self.latent_dim, self.concept_dim)
+
+
+class TorchPipeline:
+    """The checkpoint's text encoder, generator, ResNet-50 and query tower, loaded once."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", generator: str | None = None, steps: int | None = None,
+                 anchor_cache: str | None = None, vision_weights: str | None = None, kernels: bool = False):
+        self.device = check_device(device)
+        self.model = load_checkpoint(checkpoint, device=device)
+        if kernels:
+            from engine.backends.triton import use_triton_kernels
+
+            use_triton_kernels(self.model)
+        self.checkpoint_id = self.model.checkpoint_id
+        self.anchors = bool(self.model.config.use_anchor)
+        self.generator = self.extractor = None
+        self.provider = None
+        if self.anchors:
+            self._load_anchor_path(checkpoint, generator, steps, anchor_cache, vision_weights)
+        self.scorer = TorchScorer(self.model, device)
+
+    def _load_anchor_path(self, checkpoint, generator, steps, anchor_cache, vision_weights) -> None:
+        from engine.anchors import AnchorGenerator, GeneratorOptions
+        from engine.vision import RegionExtractor, VisionConfig
+
+        config = read_checkpoint_config(checkpoint)
+        meta = config.get("anchors") or {}
+        folder = anchor_generator(checkpoint, config, generator)
+        steps = steps if steps is not None else meta.get("steps")
+        options = GeneratorOptions(steps=steps, seed=int(meta.get("seed", 0)))
+        # The generator loads its own copy of the text encoder it was trained with: the retrieval
+        # model's may be finetuned or truncated differently, and anchors must match the store's.
+        self.generator = AnchorGenerator.load(folder, options, device=self.device, cache_dir=anchor_cache)
+        image_size = int(meta.get("image_size", self.generator.image_size))
+        self.extractor = RegionExtractor.from_config(VisionConfig(image_size=image_size, weights=vision_weights),
+                                                     device=self.device)
+
+    @property
+    def max_length(self) -> int | None:
+        return getattr(self.model.text, "max_length", None)
+
+    def token_counts(self, texts: list) -> list:
+        return self.model.text.n_tokens(texts)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list):
+        return self.model.text(texts)
+
+    def generate(self, texts: list) -> np.ndarray:
+        return self.generator.generate(texts)
+
+    @torch.no_grad()
+    def regions(self, images: np.ndarray) -> torch.Tensor:
+        return self.extractor.regions(images).to(self.device)
+
+    @torch.no_grad()
+    def encode_queries(self, text, regions=None) -> tuple:
+        emb = self.model.encode_text_features(text, regions)
+        return emb.lat.float().cpu().numpy(), emb.con.float().cpu().numpy()

@@ -1,0 +1,36 @@
+"""What the command modules share: the one-line error type and small argument helpers."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+class CLIError(ValueError):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def positive(name: str):
+    """An argparse type: an integer >= 1 (the message names the flag)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def existing_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise CLIError(f"{what} folder not found: {path}")
+    return path
+
+
+def set_threads(threads: int) -> None:
+    """One torch thread by default: on a shared 2-core machine more threads are slower and noisier."""
+    import torch
+
+    torch.set_num_threads(threads)

@@ -1,0 +1,80 @@
+"""`cvr data synth` and `cvr data summary`: the built-in data set and collections in the MSR-VTT layout."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def add(sub) -> None:
+    data = sub.add_parser("data", help="the built-in data set and collections in the MSR-VTT layout")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    synth = data_sub.add_parser("synth", help="write the built-in synthetic video-caption collection")
+    synth.add_argument("--root", required=True, help="folder that will hold the collection")
+    synth.add_argument("--collection", default="synth", help="collection name (default: synth)")
+    synth.add_argument("--videos", type=int, default=600, help="number of clips (default: 600)")
+    synth.add_argument("--frames", type=int, default=8, help="frames per clip (default: 8)")
+    synth.add_argument("--size", type=int, default=64, help="frame side in pixels (default: 64)")
+    synth.add_argument("--captions", type=int, default=10, help="captions per clip (default: 10)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes")
+    synth.add_argument("--vision-weights", default=None,
+                       help="ResNet-50 weights: a local HF folder, a torchvision state dict, or 'random' "
+                            "(default: the shipped built-in extractor)")
+    synth.add_argument("--threads", type=int, default=1,
+                       help="torch threads for feature extraction (default 1: on a small shared machine more "
+                            "threads are slower and far noisier)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(func=_cmd_data_synth)
+
+    summary = data_sub.add_parser("summary", help="summarise a collection in the MSR-VTT layout")
+    summary.add_argument("--root", required=True)
+    summary.add_argument("--collection", required=True)
+    summary.add_argument("--feature", default="resnet50", help="feature folder under FeatureData/")
+    summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    summary.set_defaults(func=_cmd_data_summary)
+
+
+def _cmd_data_synth(args) -> int:
+    import torch
+
+    from engine.vision import RegionExtractor, VisionConfig
+    from training.synthetic import SynthConfig, write_collection
+
+    config = SynthConfig(videos=args.videos, frames=args.frames, size=args.size, seed=args.seed,
+                         captions_per_video=args.captions, collection=args.collection)
+    config.validate()
+    torch.set_num_threads(args.threads)
+    vision = RegionExtractor.from_config(VisionConfig(image_size=args.size, weights=args.vision_weights))
+    summary = write_collection(args.root, config, vision=vision, progress=not args.quiet)
+    print(format_summary(summary, os.path.join(args.root, args.collection)))
+    return 0
+
+
+def _cmd_data_summary(args) -> int:
+    from engine.datasets import Collection
+
+    summary = Collection(args.root, args.collection).summary(args.feature)
+    if args.json:
+        print(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        print(format_summary(summary, os.path.join(args.root, args.collection)))
+    return 0
+
+
+def format_summary(summary: dict, where: str) -> str:
+    """A collection summary as a Markdown table: one row per field, one per split."""
+    lines = [f"collection: {where}", "", "| field | value |", "|---|---|"]
+    for key, value in summary.items():
+        if key == "splits" and isinstance(value, dict):
+            for split, counts in value.items():
+                text = "missing" if counts is None else ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+                lines.append(f"| {split} split | {text} |")
+        elif isinstance(value, dict):
+            lines.append(f"| {key} | " + ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) + " |")
+        else:
+            lines.append(f"| {key} | {_fmt(value)} |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,117 @@
+"""`cvr search`: ranked videos for text queries over a gallery (engine/retriever.py). Imports no
+torch for the onnxruntime backend with an export folder."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from engine.cli.common import CLIError, positive
+from engine.retriever import BACKENDS, EXPORTED
+from engine.search import AUTO_TWO_STAGE_ABOVE, MODES
+
+
+def add(sub) -> None:
+    search = sub.add_parser("search", help="ranked videos for text queries over a gallery")
+    search.add_argument("query", nargs="*", help="query text(s); or use --queries FILE")
+    search.add_argument("--gallery", required=True)
+    search.add_argument("--checkpoint", required=True)
+    search.add_argument("-k", type=positive("-k"), default=10, help="videos per query (default 10)")
+    search.add_argument("--queries", default=None, help="a UTF-8 file with one query per line")
+    search.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    search.add_argument("--mode", default="auto", choices=MODES,
+                        help=f"gallery search: exhaustive (every video, exact), two-stage (FAISS candidates, exact "
+                             f"rerank) or auto (two-stage above {AUTO_TWO_STAGE_ABOVE} videos when the gallery has an "
+                             "index; the default)")
+    search.add_argument("--candidates", type=positive("--candidates"), default=None, metavar="M",
+                        help="two-stage: candidates per query that the exact score reranks (default max(10 k, 100))")
+    search.add_argument("--nprobe", type=positive("--nprobe"), default=None,
+                        help="two-stage, IVF index: inverted lists probed per query (default: the gallery's, 16)")
+    search.add_argument("--ef-search", type=positive("--ef-search"), default=None,
+                        help="two-stage, HNSW index: search beam (default: the gallery's, 64)")
+    search.add_argument("--backend", default="torch", choices=BACKENDS)
+    search.add_argument("--export", default=None,
+                        help="export folder for onnxruntime / tensorrt (default: made or reused in CHECKPOINT/onnx)")
+    search.add_argument("--generator", default=None, help="anchor generator folder (default: the checkpoint's)")
+    search.add_argument("--steps", type=positive("--steps"), default=None,
+                        help="anchor sampling steps (default: the checkpoint's)")
+    search.add_argument("--anchor-cache", default=None, help="folder for the on-disk anchor cache")
+    search.add_argument("--device", default="cpu")
+    search.add_argument("--threads", type=positive("--threads"), default=1,
+                        help="CPU threads of the query path (default 1)")
+    search.set_defaults(func=handler)
+
+
+def read_queries(args) -> list:
+    texts = list(args.query)
+    if args.queries:
+        try:
+            with open(args.queries, encoding="utf-8") as handle:
+                texts += [line.rstrip("\n") for line in handle if line.strip()]
+        except UnicodeDecodeError as error:
+            raise CLIError(f"{args.queries}: not UTF-8 text (byte {error.start})") from None
+        except OSError as error:
+            raise CLIError(f"{args.queries}: cannot read ({error.strerror})") from None
+    if not texts:
+        raise CLIError("no query: give query text or --queries FILE")
+    return texts
+
+
+def handler(args) -> int:
+    from engine.retriever import Retriever
+    from engine.search import SearchOptions
+
+    texts = Retriever.clean_queries(read_queries(args))  # reject bad input before loading anything
+    options = SearchOptions(mode=args.mode, candidates=args.candidates, nprobe=args.nprobe,
+                            ef_search=args.ef_search)
+    options.validate()
+    export_dir = args.export
+    if args.backend in EXPORTED and export_dir is None:
+        export_dir = _default_export(args)
+    if args.backend not in EXPORTED:
+        from engine.cli.common import set_threads
+
+        set_threads(args.threads)
+    retriever = Retriever(args.checkpoint, args.gallery, backend=args.backend, generator=args.generator,
+                          device=args.device, steps=args.steps, anchor_cache=args.anchor_cache,
+                          export_dir=export_dir, threads=args.threads)
+    results = retriever.search(texts, k=args.k, options=options)
+    if args.json:
+        print(json.dumps([{"query": r.query, "anchor": r.anchor,
+                           "results": [{"rank": i + 1, "video_id": v, "score": s} for i, (v, s) in enumerate(r.hits)]}
+                          for r in results], indent=1))
+        return 0
+    for result in results:
+        print(f"query: {result.query}")
+        print("| rank | video id | score |" + (" anchor |" if result.anchor else ""))
+        print("|---:|---|---:|" + ("---|" if result.anchor else ""))
+        for rank, (video, score) in enumerate(result.hits, start=1):
+            print(f"| {rank} | {video} | {score:.4f} |" + (f" {result.anchor} |" if result.anchor else ""))
+        print()
+    print(retriever.last_timings.describe())
+    if args.backend in EXPORTED:  # onnxruntime-gpu may fall back to the CPU: say what ran
+        print(f"{args.backend}: {retriever.pipeline.provider}")
+    return 0
+
+
+def _default_export(args) -> str:
+    """The export `--backend onnxruntime|tensorrt` runs when no --export is given: made (once) or
+    reused in CHECKPOINT/onnx. The command exports; the Retriever only runs export folders."""
+    from export.onnx import SEARCH_MODULES, ExportOptions, export_onnx
+
+    out = os.path.join(args.checkpoint, "onnx")
+
+    def log(line: str) -> None:  # the slow first export shows its progress; a reused one says nothing
+        if not line.startswith("reused"):
+            print(f"cvr search: {line}", file=sys.stderr)
+    if args.backend == "tensorrt":
+        from engine.backends.tensorrt import tensorrt_unavailable
+        from export.tensorrt import TensorRTOptions, export_tensorrt
+
+        if reason := tensorrt_unavailable():
+            raise CLIError(reason)
+        export_tensorrt(args.checkpoint, out, TensorRTOptions(modules=SEARCH_MODULES, generator=args.generator,
+                                                              log=log))
+        return out
+    return export_onnx(args.checkpoint, out, ExportOptions(modules=SEARCH_MODULES, generator=args.generator,
+                                                           log=log)).folder

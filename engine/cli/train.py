@@ -1,0 +1,96 @@
+"""`cvr train` and `cvr evaluate`: the retrieval model (training/retrieval.py)."""
+from __future__ import annotations
+
+import os
+
+from engine.cli.common import CLIError
+
+
+def add(sub) -> None:
+    train = sub.add_parser("train", help="train the retrieval model (text-only or with an anchor store)")
+    train.add_argument("--root", required=True)
+    train.add_argument("--collection", required=True)
+    train.add_argument("--feature", default="resnet50", help="frame feature folder under FeatureData/")
+    train.add_argument("--out", required=True, help="checkpoint folder to write")
+    train.add_argument("--anchors", default="none",
+                       help="'none' (text-only) or an anchor store folder written by `cvr anchors`")
+    train.add_argument("--text-encoder", default="minilm",
+                       help="'minilm' (shipped), 'rivrl' (BoW+BiGRU+CNN, RIVRL parity) or a local HF folder")
+    train.add_argument("--finetune-text", action="store_true", help="finetune the MiniLM/HF encoder")
+    train.add_argument("--word2vec", default=None, help="word2vec BigFile to initialise the RIVRL encoder")
+    train.add_argument("--vocab-min-count", type=int, default=5, help="RIVRL vocabulary threshold")
+    train.add_argument("--epochs", type=int, default=50)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=1)
+    train.add_argument("--tag-vocab-size", type=int, default=512)
+    train.add_argument("--max-frames", type=int, default=64)
+    for name, default in (("latent-dim", 1024), ("attn-dim", 512), ("video-gru-hidden", 512),
+                          ("video-local-dim", 1024)):
+        train.add_argument(f"--{name}", type=int, default=default)
+    train.add_argument("--attention", default="hybrid", choices=["hybrid", "spatial", "channel", "meanpool"])
+    train.add_argument("--no-local-branch", action="store_true")
+    train.add_argument("--no-concept-space", action="store_true")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of a checkpoint on one split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--root", required=True)
+    evaluate.add_argument("--collection", required=True)
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--anchors", default=None, help="anchor store (for a model trained with anchors)")
+    evaluate.add_argument("--feature", default=None, help="default: the feature the checkpoint was trained on")
+    evaluate.add_argument("--transductive", action="store_true",
+                          help="RIVRL's min-max over the whole test matrix (parity only)")
+    evaluate.add_argument("--out", default=None, help="write <out>.json and <out>.md (default: beside the checkpoint)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+
+def _text_config(args) -> dict:
+    if args.text_encoder == "minilm":
+        return {"kind": "minilm", "finetune": args.finetune_text}
+    if args.text_encoder == "rivrl":
+        config = {"kind": "rivrl", "vocab_min_count": args.vocab_min_count}
+        if args.word2vec:
+            config["word2vec"] = args.word2vec
+        return config
+    if not os.path.isdir(args.text_encoder):
+        raise CLIError(f"--text-encoder: {args.text_encoder} is neither minilm, rivrl nor a folder")
+    return {"kind": "minilm", "path": os.path.abspath(args.text_encoder), "finetune": args.finetune_text}
+
+
+def _cmd_train(args) -> int:
+    from engine.config import ModelConfig, TrainConfig
+    from training.retrieval import RetrievalJob, train_retrieval
+
+    anchors = None if args.anchors == "none" else args.anchors
+    if anchors is not None and not os.path.isdir(anchors):
+        raise CLIError(f"--anchors: no anchor store at {anchors}")
+    model_config = ModelConfig(
+        text=_text_config(args), latent_dim=args.latent_dim, attn_dim=args.attn_dim,
+        video_gru_hidden=args.video_gru_hidden, video_local_dim=args.video_local_dim, attention=args.attention,
+        local_branch=not args.no_local_branch, concept_space=not args.no_concept_space,
+    )
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               threads=args.threads)
+    job = RetrievalJob(root=args.root, collection=args.collection, feature=args.feature, out=args.out,
+                       anchors=anchors, tag_vocab_size=args.tag_vocab_size, max_frames=args.max_frames,
+                       progress=not args.quiet)
+    result = train_retrieval(job, model_config, train_config)
+    print(f"wrote {result['checkpoint']} (best validation criterion {result['best_criterion']:.1f})")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from engine.metrics import format_metrics_table
+    from training.retrieval import evaluate_checkpoint
+
+    out = args.out or os.path.join(args.checkpoint, f"eval_{args.collection}_{args.split}")
+    result = evaluate_checkpoint(args.checkpoint, args.root, args.collection, args.split, anchors=args.anchors,
+                                 feature=args.feature, transductive=args.transductive, out=out)
+    print(f"{args.collection} {args.split}: {result['queries']} queries, {result['videos']} videos")
+    print(format_metrics_table(result["metrics"]))
+    print(f"wrote {out}.json and {out}.md")
+    return 0

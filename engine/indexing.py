@@ -1,0 +1,230 @@
+"""Writing galleries: the video tower over a collection's videos (`build_gallery`, what `cvr index`
+runs), and any ids + embeddings written as a gallery folder (`write_gallery`).
+
+A gallery is written into a staging folder beside its target and swapped into place
+(engine/files.py), so a crash never leaves a half-written gallery where a good one was. `--out`
+may replace only a gallery (even a damaged one) or an empty folder. The format is engine/gallery.py.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from engine import files, paths
+from engine.gallery import (
+    DTYPES,
+    EMBEDDINGS,
+    FAISS_FILE,
+    FORMAT,
+    IDS,
+    MANIFEST,
+    VERSION,
+    Gallery,
+    GalleryError,
+    build_faiss_index,
+    check_finite,
+    faiss_factory,
+    faiss_record,
+)
+
+KEEP = "keep"  # `faiss=KEEP` when appending: the gallery's own index kind, rebuilt for the new size
+
+
+def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = "float16", faiss: str | None = None,
+                  sources: list | None = None) -> dict:
+    """Write a complete gallery folder atomically; returns its manifest.
+
+    `lat` (N, 2, D) and `con` (N, 2, K) are numpy arrays (or anything numpy converts), cast to
+    `dtype`; `checkpoint` is {"id": sha256, "path": folder, "norm": {...}}; `faiss` a shorthand
+    (flat, ivf, hnsw) or a faiss index_factory string, built from the cast global latent vectors so
+    that the first stage sees exactly what reranking sees."""
+    if dtype not in DTYPES:
+        raise GalleryError(f"dtype must be float16 or float32, got {dtype!r}")
+    lat, con = (np.ascontiguousarray(np.asarray(x), dtype=DTYPES[dtype]) for x in (lat, con))
+    _check_arrays(ids, lat, con)
+    out = os.path.abspath(out)
+    check_replaceable(out)
+    with files.staged_folder(out) as work:
+        written = {IDS: _write_ids(work, ids), EMBEDDINGS: _write_embeddings(work, lat, con)}
+        faiss_info = None
+        if faiss is not None:
+            factory = faiss_factory(faiss, len(ids))
+            index, train_points = build_faiss_index(lat[:, 0], factory)
+            written[FAISS_FILE] = _write_faiss(work, index)
+            faiss_info = faiss_record(index, faiss, factory, train_points)
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "checkpoint": {"id": checkpoint["id"],
+                           "path": checkpoint.get("path") and paths.reference(checkpoint["path"], out)},
+            "dims": {"latent": int(lat.shape[2]), "concept": int(con.shape[2])},
+            "dtype": dtype, "count": len(ids), "files": written,
+            "norm": checkpoint.get("norm"),  # for information: scoring uses the model's constants
+            "faiss": faiss_info,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sources": sources or [],
+        }
+        files.write_synced(os.path.join(work, MANIFEST), files.to_json(manifest))  # last: it makes a gallery
+    return manifest
+
+
+def _check_arrays(ids: list, lat: np.ndarray, con: np.ndarray) -> None:
+    if not ids:
+        raise GalleryError("no videos to write")
+    if lat.ndim != 3 or con.ndim != 3 or lat.shape[:2] != (len(ids), 2) or con.shape[:2] != (len(ids), 2):
+        raise GalleryError(f"embeddings of shape {tuple(lat.shape)} and {tuple(con.shape)} do not match "
+                           f"{len(ids)} videos x 2 branches")
+    for video_id in ids:
+        if not isinstance(video_id, str) or not video_id or video_id != video_id.strip() or "\n" in video_id:
+            raise GalleryError(f"video id {video_id!r} cannot be written one per line")
+    check_finite(lat, "latent embeddings (out of float16 range?)")
+    check_finite(con, "concept embeddings")
+
+
+def check_replaceable(out: str) -> None:
+    """Only a gallery (even a damaged one) or an empty folder may be replaced: `--out` pointing at
+    some other folder by mistake must not delete it."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise GalleryError(f"{out}: exists and is not a folder: refusing to replace it with a gallery")
+    if os.listdir(out) and not _looks_like_gallery(out):
+        raise GalleryError(f"{out}: exists and is not a gallery: refusing to replace it")
+
+
+def _looks_like_gallery(folder: str) -> bool:
+    import json
+
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _write_ids(work, ids: list) -> str:
+    path = os.path.join(work, IDS)
+    files.write_synced(path, "".join(f"{v}\n" for v in ids))
+    return files.sha256_file(path)
+
+
+def _write_embeddings(work, lat: np.ndarray, con: np.ndarray) -> str:
+    from safetensors.numpy import save_file
+
+    path = os.path.join(work, EMBEDDINGS)
+    save_file({"lat": lat, "con": con}, path, metadata={"format": FORMAT, "version": str(VERSION)})
+    files.fsync_file(path)
+    return files.sha256_file(path)
+
+
+def _write_faiss(work, index) -> str:
+    import faiss
+
+    path = os.path.join(work, FAISS_FILE)
+    faiss.write_index(index, path)
+    files.fsync_file(path)
+    return files.sha256_file(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from a collection
+
+
+def build_gallery(checkpoint: str, root: str, collection: str, split: str | None = None, out: str = "gallery",
+                  feature: str | None = None, dtype: str | None = None, batch_size: int = 256,
+                  append: bool = False, progress: bool = True, faiss: str | None = None, model=None) -> dict:
+    """Run the checkpoint's video tower over a collection's videos and write the gallery `out`.
+
+    Videos: the split's (`split` given) or every video of the feature folder. `feature` defaults to
+    the one the checkpoint was trained on. `dtype`: float16 (default for a new gallery) or float32;
+    with `append`, the existing gallery's. `faiss`: a shorthand or factory string, 'none' for no
+    index; None (or KEEP) keeps an appended gallery's index. `model`: the loaded checkpoint, to save
+    loading it again. Returns the manifest written."""
+    from engine.checkpoint import checkpoint_id, load_checkpoint, read_checkpoint_config
+
+    config = read_checkpoint_config(checkpoint)  # CheckpointError for a missing or foreign folder
+    if model is None:
+        model = load_checkpoint(checkpoint)
+    elif getattr(model, "checkpoint_id", None) != checkpoint_id(checkpoint):
+        raise GalleryError(f"the model passed in is not the checkpoint at {checkpoint}")
+    job = config.get("train", {}).get("job", {})
+    feature = feature or job.get("feature")
+    if not feature:
+        raise GalleryError(f"{checkpoint}: the checkpoint records no training feature: pass --feature")
+    existing = Gallery.load(out, checkpoint_id=model.checkpoint_id) if append else None
+    check_replaceable(os.path.abspath(out))  # before the costly part, not only when writing
+    dtype, faiss = _resolve_options(existing, dtype, faiss, out)
+
+    bigfile, video_ids = _videos(root, collection, split, feature)
+    if bigfile.dim != model.config.frame_dim:
+        raise GalleryError(f"{bigfile.folder}: frame features are {bigfile.dim}-d but checkpoint {checkpoint} "
+                           f"expects {model.config.frame_dim}-d")
+    if existing is not None:
+        present = set(existing.ids)
+        duplicate = next((v for v in video_ids if v in present), None)
+        if duplicate is not None:
+            raise GalleryError(f"{out}: video {duplicate} is already in the gallery")
+    lat, con = encode_videos(model, bigfile, video_ids, job.get("max_frames", 64), batch_size, progress,
+                             dtype=DTYPES[dtype])
+    sources = [{"root": paths.reference(root, os.path.abspath(out)), "collection": collection, "split": split,
+                "feature": feature, "count": len(video_ids)}]
+    if existing is not None:
+        lat, con = np.concatenate([existing.lat, lat]), np.concatenate([existing.con, con])
+        video_ids = existing.ids + video_ids
+        sources = existing.manifest.get("sources", []) + sources
+    info = {"id": model.checkpoint_id, "path": checkpoint, "norm": config.get("norm")}
+    return write_gallery(out, video_ids, lat, con, info, dtype=dtype, faiss=faiss, sources=sources)
+
+
+def _resolve_options(existing: Gallery | None, dtype: str | None, faiss, out: str) -> tuple:
+    """dtype and FAISS index: explicit values win ('none' drops an index); an appended gallery
+    keeps its own (its factory string, or the shorthand resolved again for the new size)."""
+    faiss = None if faiss in (None, KEEP) and existing is None else faiss
+    if existing is None:
+        return dtype or "float16", None if faiss == "none" else faiss
+    stored = existing.manifest["dtype"]
+    if dtype is not None and dtype != stored:
+        raise GalleryError(f"{out}: gallery is {stored}, cannot append as {dtype}")
+    if faiss in (None, KEEP):
+        record = existing.manifest.get("faiss")
+        faiss = record and record.get("shorthand", record["factory"])
+    return stored, None if faiss == "none" else faiss
+
+
+def _videos(root: str, collection: str, split: str | None, feature: str) -> tuple:
+    """(BigFile, video ids): the split's videos, or all videos of the feature folder."""
+    from engine.datasets import Collection
+
+    coll = Collection(root, collection)
+    bigfile = coll.features(feature)
+    video_ids = coll.split_video_ids(split) if split else bigfile.video_ids()
+    if not video_ids:
+        where = f"the {split} split of {coll.path}" if split else str(bigfile.folder)
+        raise GalleryError(f"{where}: no videos to index")
+    return bigfile, video_ids
+
+
+def encode_videos(model, bigfile, video_ids: list, max_frames: int, batch_size: int = 256,
+                  progress: bool = False, dtype=np.float32) -> tuple:
+    """The video tower over every video, in batches: numpy (lat (N, 2, D), con (N, 2, K)) cast to
+    `dtype` batch by batch (a large gallery is never held in float32 when stored in float16).
+    NaN/inf frames raise engine.datasets.video_frames' ValueError, which names the video."""
+    import torch
+    from tqdm import tqdm
+
+    from engine.datasets import video_frames
+
+    if batch_size < 1:
+        raise GalleryError(f"batch size must be positive, got {batch_size}")
+    model.eval()
+    lats, cons = [], []
+    starts = range(0, len(video_ids), batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="index", unit="batch", disable=not progress, leave=False):
+            frames, mask = video_frames(bigfile, video_ids[start : start + batch_size], max_frames)
+            emb = model.encode_video(torch.from_numpy(frames), torch.from_numpy(mask))
+            lats.append(emb.lat.float().cpu().numpy().astype(dtype))
+            cons.append(emb.con.float().cpu().numpy().astype(dtype))
+    return np.concatenate(lats), np.concatenate(cons)

@@ -1,0 +1,132 @@
+"""The one gallery search every caller uses (engine.retriever.Retriever for every backend, the
+benchmarks, the tests): exhaustive in blocks, or in two stages (numpy and faiss only, no torch).
+
+- **exhaustive**: the fused score of every video, read block by block straight from the stored
+  (float16) embeddings, each block cast to float32 and scored by the backend, then merged into a
+  running top-k; the gallery is never copied whole.
+- **two-stage**: the gallery's FAISS index proposes M candidates per query from the global latent
+  vector alone; each query's own candidates are then scored exactly with the fused score (never
+  the union of a batch's candidates, which costs a batch of 16 about 2x per query).
+
+Both return the top-k rows in descending score, ties to the lower gallery row (the project's stable
+rule), so a two-stage search whose first stage returns every video equals the exhaustive one.
+Where fewer than k videos could be ranked (a first stage that found fewer candidates) the tail of
+a row is (-inf, -1).
+
+A backend plugs in as a `Scorer`: `scores(q_lat, q_con, lat, con) -> (q, n) float32` over numpy
+arrays (query embeddings float32, gallery rows in their stored dtype) and `block_rows(q)`, how many
+gallery rows to score per call for q queries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from engine.gallery import Gallery, GalleryError, faiss_search_parameters
+from engine.portable import merge_topk, topk_stable
+
+MODES = ("auto", "exhaustive", "two-stage")
+# `auto` searches in two stages above this many videos when the gallery has a FAISS index. Measured
+# on one CPU thread (README, gallery-size table): at 10k videos exhaustive search costs ~47 ms per
+# query against ~2 ms in two stages (recall@10 1.00 on the synthetic gallery); below it, exact
+# search is a few ms and needs no index.
+AUTO_TWO_STAGE_ABOVE = 10_000
+# Elements of the largest temporary of one block: the Jaccard passes hold (queries x rows x K) and
+# the float32 copy of the rows rows x (2D + 2K). A few MB stays in the allocator's reused memory;
+# at 256 MB every block pays fresh page faults (5-10x slower on this machine).
+BLOCK_ELEMENTS = 1 << 21
+
+
+class SearchError(ValueError):
+    """A search that cannot run as asked (one-line message)."""
+
+
+class Scorer(Protocol):
+    def scores(self, q_lat: np.ndarray, q_con: np.ndarray, lat: np.ndarray, con: np.ndarray) -> np.ndarray: ...
+
+    def block_rows(self, queries: int) -> int: ...
+
+
+@dataclass
+class SearchOptions:
+    """How to search: `mode` auto | exhaustive | two-stage; `candidates` M per query in two stages
+    (default max(10 k, 100)); FAISS `nprobe` (IVF) or `ef_search` (HNSW), default the gallery's."""
+
+    mode: str = "auto"
+    candidates: int | None = None
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise SearchError(f"search mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("candidates", "nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SearchError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+    def resolved_mode(self, gallery: Gallery) -> str:
+        """The mode that runs: `auto` is two-stage above AUTO_TWO_STAGE_ABOVE videos with an index."""
+        self.validate()
+        if self.mode == "two-stage" and gallery.faiss_index is None:
+            raise SearchError(f"{gallery.folder}: two-stage search needs a FAISS index: rebuild the gallery with "
+                              "`cvr index ... --faiss ivf` (or flat, hnsw, or a faiss index_factory string)")
+        if self.mode != "auto":
+            return self.mode
+        return "two-stage" if gallery.faiss_index is not None and len(gallery) > AUTO_TWO_STAGE_ABOVE else "exhaustive"
+
+
+def search(scorer: Scorer, gallery: Gallery, q_lat: np.ndarray, q_con: np.ndarray, k: int,
+           options: SearchOptions | None = None) -> tuple:
+    """Top-k of every query over the gallery: (values (Q, k) float32, rows (Q, k) int64)."""
+    options = options or SearchOptions()
+    mode = options.resolved_mode(gallery)
+    if not 1 <= k <= len(gallery):
+        raise SearchError(f"k must be between 1 and the gallery size {len(gallery)}, got {k}")
+    q_lat, q_con = np.ascontiguousarray(q_lat, np.float32), np.ascontiguousarray(q_con, np.float32)
+    if mode == "exhaustive":
+        if options.nprobe is not None or options.ef_search is not None or options.candidates is not None:
+            raise SearchError("--candidates, --nprobe and --ef-search apply to two-stage search only")
+        return exhaustive(scorer, gallery.lat, gallery.con, q_lat, q_con, k)
+    params = faiss_search_parameters(gallery.faiss_index, options.nprobe, options.ef_search)
+    return two_stage(scorer, gallery, q_lat, q_con, k, options.candidates or max(10 * k, 100), params)
+
+
+def exhaustive(scorer: Scorer, lat: np.ndarray, con: np.ndarray, q_lat: np.ndarray, q_con: np.ndarray,
+               k: int) -> tuple:
+    """Exact top-k over every row, scoring `scorer.block_rows` rows at a time and merging each
+    block's top-k into the running one (earlier rows first, so ties keep the lower row)."""
+    block = max(1, int(scorer.block_rows(q_lat.shape[0])))
+    best = None
+    for start in range(0, lat.shape[0], block):
+        scores = scorer.scores(q_lat, q_con, lat[start : start + block], con[start : start + block])
+        values, rows = topk_stable(scores, k)
+        best = merge_topk(best, (values, rows + start), k)
+    return best
+
+
+def two_stage(scorer: Scorer, gallery: Gallery, q_lat: np.ndarray, q_con: np.ndarray, k: int, m: int,
+              params=None) -> tuple:
+    """FAISS proposes m candidates per query (global latent inner product); each query's own
+    candidates, in gallery order, are scored exactly and the top k kept."""
+    if gallery.faiss_index is None:
+        raise GalleryError(f"{gallery.folder}: gallery has no FAISS index")
+    m = min(max(m, k), len(gallery))
+    _, candidates = gallery.faiss_index.search(np.ascontiguousarray(q_lat[:, 0]), m, params=params)
+    values = np.full((q_lat.shape[0], k), -np.inf, dtype=np.float32)
+    rows = np.full((q_lat.shape[0], k), -1, dtype=np.int64)
+    for i, found in enumerate(candidates):
+        found = np.unique(found[found >= 0])  # gallery order: the stable top-k then breaks ties by row
+        if found.size == 0:
+            continue
+        scores = scorer.scores(q_lat[i : i + 1], q_con[i : i + 1], gallery.lat[found], gallery.con[found])
+        top, order = topk_stable(scores, k)
+        values[i, : top.shape[1]], rows[i, : top.shape[1]] = top[0], found[order[0]]
+    return values, rows
+
+
+def block_rows(queries: int, latent_dim: int, concept_dim: int, budget: int = BLOCK_ELEMENTS) -> int:
+    """Gallery rows per block so that the block's largest temporary holds about `budget` numbers."""
+    return max(64, budget // max(queries * concept_dim, 2 * latent_dim + 2 * concept_dim))

@@ -1,0 +1,144 @@
+"""The formulas the Triton kernels fuse, defined once in plain PyTorch (ARCHITECTURE.md, sections 4
+and 7).
+
+Every other place that computes them calls these: the model (engine/model.py), the training losses
+(training/losses.py), the exported ONNX graphs (export/graphs/) and the kernels' ``*_ref`` oracles
+(kernels/global_local_score.py, kernels/hybrid_attention.py). Functions here are whole-tensor and
+loop-free, so they trace into ONNX as they are; `tiles` is the one helper that bounds the memory of
+the pairwise (queries x videos x K) Jaccard intermediate for the callers that need it.
+
+Fused global-local score of query q and video n (branch b: 0 global, 1 local):
+
+    lat_b = <q_lat[q, b], v_lat[n, b]>                  (cosine: the inputs are L2-normalised)
+    con_b = sum_k min(x_k, y_k) / sum_k max(x_k, y_k)   (Jaccard of concept vectors; 0 where
+                                                          sum_k max == 0)
+    norm(s; lo, hi) = (s - lo) / max(hi - lo, SPAN_EPS) (frozen min-max normalisation)
+    score = w_lat * (norm(lat_0) + norm(lat_1)) + w_con * (norm(con_0) + norm(con_1))
+
+Text-guided hybrid attention over projected anchor regions R' (R, d), tokens T' (L, d),
+sentence t' (d), channel gate beta (d) and mix gamma, for each query:
+
+    alpha = softmax_r(<R'_r, t'> / sqrt(d))   a_s = sum_r alpha_r R'_r          (spatial)
+    m = mean_r R'_r                           a_c = beta * m                    (channel)
+    a = gamma * a_s + (1 - gamma) * a_c                                          (hybrid)
+    A_l = softmax_r(<T'_l, R'_r> / sqrt(d)) R'                                   (token level)
+
+over valid regions only; rows of masked tokens in A are 0, and a query without a valid region gets
+zeros everywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+SPAN_EPS = 1e-6  # max(hi - lo, SPAN_EPS) in the normalisation: a degenerate range never divides by 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused global-local score
+
+
+def jaccard(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_k min / sum_k max of every pair: (q, K) x (n, K) -> (q, n); 0 where sum_k max == 0.
+    Differentiable (min and max pass the gradient to the smaller / larger entry)."""
+    xs, ys = x.unsqueeze(1), y.unsqueeze(0)
+    minimum = torch.minimum(xs, ys).sum(-1)
+    maximum = torch.maximum(xs, ys).sum(-1)
+    positive = maximum > 0
+    return torch.where(positive, minimum / torch.where(positive, maximum, torch.ones_like(maximum)),
+                       torch.zeros_like(minimum))
+
+
+def similarities(q_lat, q_con, v_lat, v_con) -> torch.Tensor:
+    """The four raw similarity matrices (4, q, n): global and local latent cosines, global and
+    local concept Jaccards (the order of the min-max constants everywhere)."""
+    return torch.stack([
+        q_lat[:, 0] @ v_lat[:, 0].T,
+        q_lat[:, 1] @ v_lat[:, 1].T,
+        jaccard(q_con[:, 0], v_con[:, 0]),
+        jaccard(q_con[:, 1], v_con[:, 1]),
+    ])
+
+
+def normalise(sims: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation of (4, q, n) similarities with per-similarity constants lo, hi (4,)."""
+    return (sims - lo.view(4, 1, 1)) / (hi - lo).clamp_min(SPAN_EPS).view(4, 1, 1)
+
+
+def fuse(normed: torch.Tensor, weights=(0.6, 0.4), local_branch: bool = True) -> torch.Tensor:
+    """w_lat (lat_g + lat_l) + w_con (con_g + con_l) of normalised (4, q, n) similarities; without
+    the local branch (an ablation) the global one counts twice."""
+    w_lat, w_con = (float(w) for w in weights)
+    if not local_branch:
+        normed = normed[[0, 0, 2, 2]]
+    return w_lat * (normed[0] + normed[1]) + w_con * (normed[2] + normed[3])
+
+
+def fused_score(q_lat, q_con, v_lat, v_con, norm, weights=(0.6, 0.4), local_branch: bool = True) -> torch.Tensor:
+    """Fused scores (q, n) with frozen constants norm (4, 2) of (min, max)."""
+    sims = similarities(q_lat, q_con, v_lat, v_con)
+    return fuse(normalise(sims, norm[:, 0], norm[:, 1]), weights, local_branch)
+
+
+def tiles(rows: int, cols: int, width: int, budget: int = 1 << 24):
+    """(row slice, column slice) tiles covering a rows x cols pairwise computation whose
+    intermediate is rows x cols x width numbers, each tile holding at most `budget` of them (at
+    least one row and one column): as many columns as fit for all rows, else rows in blocks."""
+    width = max(1, width)
+    col_tile = max(1, min(cols, budget // width))
+    row_tile = max(1, budget // (col_tile * width))
+    for r in range(0, rows, row_tile):
+        for c in range(0, cols, col_tile):
+            yield slice(r, r + row_tile), slice(c, c + col_tile)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-guided hybrid attention
+
+
+class HybridAttention(NamedTuple):
+    a: torch.Tensor     # (B, d) hybrid vector
+    a_s: torch.Tensor   # (B, d) spatial attended vector
+    a_c: torch.Tensor   # (B, d) channel-gated vector
+    m: torch.Tensor     # (B, d) mean of the valid regions
+    A: torch.Tensor     # (B, L, d) token-level views of the anchor
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over the valid positions; a slice with no valid position gives zeros, not NaN (no
+    NaN is ever formed, so the function exports to ONNX and TensorRT as it is)."""
+    logits = logits.masked_fill(~mask, float("-inf"))
+    any_valid = mask.any(dim=dim, keepdim=True)
+    logits = torch.where(any_valid, logits, torch.zeros_like(logits))
+    return torch.softmax(logits, dim=dim) * any_valid
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over dim 1 of (B, n, d) where mask (B, n) is True (all of it without a mask); a row
+    with no valid position gives zeros. The hybrid attention's m = mean_r R'_r, and the video
+    tower's mean over frames."""
+    if mask is None:
+        return x.mean(dim=1)
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (weights * x).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def hybrid_attention(tokens, token_mask, regions, sentence, beta, gamma, region_mask=None) -> HybridAttention:
+    """The hybrid attention of B queries in the inputs' dtype. tokens (B, L, d), token_mask (B, L)
+    bool, regions (B, R, d), sentence (B, d), beta (B, d), gamma a scalar or (B,) tensor,
+    region_mask (B, R) bool or None (all valid)."""
+    batch, _, width = tokens.shape
+    scale = 1.0 / math.sqrt(width)
+    if region_mask is None:
+        region_mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)
+    gamma = torch.as_tensor(gamma, dtype=tokens.dtype, device=tokens.device).reshape(-1).expand(batch)[:, None]
+    alpha = masked_softmax(torch.einsum("brd,bd->br", regions, sentence) * scale, region_mask)
+    a_s = torch.einsum("br,brd->bd", alpha, regions)
+    m = masked_mean(regions, region_mask)
+    a_c = beta * m
+    valid = token_mask[:, :, None] & region_mask[:, None, :]
+    weights = masked_softmax(torch.einsum("bld,brd->blr", tokens, regions) * scale, valid)
+    return HybridAttention(gamma * a_s + (1 - gamma) * a_c, a_s, a_c, m,
+                           torch.einsum("blr,brd->bld", weights, regions))
