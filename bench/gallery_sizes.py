@@ -40,17 +40,19 @@ def _views(z: np.ndarray, noise: np.ndarray, k: int) -> tuple:
 
 
 def aimed_gallery(n: int, q_lat: np.ndarray, q_con: np.ndarray, seed: int = 0, chunk: int = 2048,
-                  aimed: int = 100) -> tuple:
+                  aimed: int = 300) -> tuple:
     """(lat (n, 2, D), con (n, 2, K)) float16: a clustered background plus, for each query, `aimed`
-    videos around it at growing distances.
+    videos around it at growing distances, each of its four parts at its own distance.
 
     Background: identity z_i = c_cluster(i) + 0.6 u_i with n/100 cluster centres (all of norm ~1),
-    two noisy branch views, L2-normalised (`_views`). Aimed videos of query q, j = 0..aimed-1:
-    branch b's latent normalize(q_b + s_j g), its concepts clip(q_con_b + 0.05 s_j g', 0, 1), with
-    s_j from 0.2 to 2, g Gaussian of norm ~1 and g' standard normal: the query's exhaustive top-10 is
-    then mostly its closest aimed videos, which a first stage over the global latent must find.
-    Recall depends on this structure (engine.md section 4): a stand-in, not real data. Generated in
-    chunks (no float32 copy of a 1M gallery)."""
+    two noisy branch views, L2-normalised (`_views`). Aimed video j of query q: branch b's latent
+    normalize(q_b + s g) and concepts clip(q_con_b + 0.05 s g', 0, 1), with g Gaussian of norm ~1,
+    g' standard normal, and s in [0.3, 2.5] drawn for the global latent, the local latent and
+    each concept vector in its own order. So the global latent alone (what the FAISS first stage
+    reads) only partly predicts the fused score: with more aimed videos than candidates M, a
+    query's exact top-10 need not all be among the M nearest global latents, and recall@10 measures
+    how often they are. It depends on this structure (ARCHITECTURE.md section 14): a stand-in, not
+    real data. Generated in chunks (no float32 copy of a 1M gallery)."""
     rng = np.random.default_rng(seed)
     d, k = q_lat.shape[2], q_con.shape[2]
     centres = rng.standard_normal((max(1, n // 100), d), dtype=np.float32) / math.sqrt(d)
@@ -61,15 +63,17 @@ def aimed_gallery(n: int, q_lat: np.ndarray, q_con: np.ndarray, seed: int = 0, c
         z = centres[rng.integers(len(centres), size=rows)] + 0.6 * noise
         lat[start : start + rows], con[start : start + rows] = _views(z, noise, k)
     aimed = min(aimed, n // len(q_lat)) if len(q_lat) else 0
-    spread = np.linspace(0.2, 2.0, aimed, dtype=np.float32)[:, None]
+    spread = np.linspace(0.3, 2.5, aimed, dtype=np.float32)
     slots = rng.permutation(n)[: aimed * len(q_lat)].reshape(len(q_lat), aimed)
     for query, rows in enumerate(slots):
         for branch in (0, 1):
+            s = spread[rng.permutation(aimed)][:, None] if branch else spread[:, None]
             g = rng.standard_normal((aimed, d), dtype=np.float32) / math.sqrt(d)
-            view = q_lat[query, branch] + spread * g
+            view = q_lat[query, branch] + s * g
             lat[rows, branch] = view / np.linalg.norm(view, axis=1, keepdims=True)
+            s = spread[rng.permutation(aimed)][:, None]
             c = rng.standard_normal((aimed, k), dtype=np.float32)
-            con[rows, branch] = np.clip(q_con[query, branch] + 0.05 * spread * c, 0, 1)
+            con[rows, branch] = np.clip(q_con[query, branch] + 0.05 * s * c, 0, 1)
     return lat, con
 
 

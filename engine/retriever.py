@@ -24,7 +24,7 @@ import numpy as np
 
 from engine import files
 from engine.gallery import Gallery
-from engine.search import SearchOptions
+from engine.search import SearchOptions, keep_freed_memory
 from engine.search import search as gallery_search
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class Retriever:
         self.anchor_cache = anchor_cache
         self.last_timings = Timings()
         self._searched = False
+        keep_freed_memory()
 
     @classmethod
     def from_parts(cls, pipeline, gallery: Gallery, backend: str, anchor_cache: str | None = None) -> Retriever:
@@ -111,6 +112,7 @@ class Retriever:
         retriever.anchor_cache, retriever.last_timings, retriever._searched = anchor_cache, Timings(), False
         if gallery.checkpoint_id != pipeline.checkpoint_id:
             raise QueryError(f"{gallery.folder}: built with another checkpoint than the pipeline's")
+        keep_freed_memory()
         return retriever
 
     @staticmethod

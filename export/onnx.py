@@ -13,18 +13,20 @@ dynamic batch (and token / frame / video) axes, exported by `torch.onnx.export(.
 | generator_step | latents, sigma, text_tokens, text_mask, pooled      | velocity (anchors only) |
 
 (the generator's own text encoder is a seventh, `generator_text`, only when it is not the
-retrieval model's frozen one). Each module is declared once, as NVIDIA's TensorRT diffusion demo
-declares its models: input and output names, shape templates whose named axes are the dynamic
-ones, a sample-input generator, and min/opt/max sizes of every named axis (`ExportShapes`, also
-TensorRT's optimisation profiles). Every file is checked with `onnx.checker`, then run in ONNX
-Runtime against PyTorch (the engine's own code, not the export wrapper) on fresh random inputs at
-two batch sizes; fp32 must agree within 1e-4. `manifest.json` records names, axes, opset, sha256
-of every file and the parity figures.
+retrieval model's frozen one). Each module is declared once in its own file under export/graphs/
+(export/spec.py: input and output names, shape templates whose named axes are the dynamic ones, a
+sample-input generator), as NVIDIA's TensorRT diffusion demo declares its models; `ExportShapes`
+gives min/opt/max sizes of every named axis (also TensorRT's optimisation profiles). Every file is
+checked with `onnx.checker`, then run in ONNX Runtime against PyTorch (the engine's own code, not
+the export wrapper) on fresh random inputs at two batch sizes (export/parity.py); fp32 must agree
+within 1e-4. `manifest.json` records names, axes, opset, sha256 of every file and the parity
+figures.
 
 Where the engine's code does not export as is, the wrapper computes the same thing differently,
 and the parity check against the original proves it: packed-sequence GRUs become ONNX GRUs with
-`sequence_lens` (`MaskedBiGRU`), the Jaccard passes are unchunked, and FLUX's float64 rotary
-table becomes a precomputed float32 one (TensorRT has no float64).
+`sequence_lens` (export/graphs/gru.py), the fused score is scored untiled (the backend hands it
+blocks of the gallery), and FLUX's float64 rotary table becomes a precomputed float32 one (TensorRT
+has no float64).
 
 The cache: the key is a hash of (checkpoint id, generator id, vision weights id, opset, declared
 shapes, export code version, precisions); an existing folder whose manifest has that key and
@@ -46,10 +48,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from engine import files, fingerprints, paths
 from engine.backends.onnxruntime import (
@@ -58,7 +57,6 @@ from engine.backends.onnxruntime import (
     MANIFEST,
     ExportedModelError,
     read_export_manifest,
-    session_options,
 )
 from engine.checkpoint import (
     WEIGHTS,
@@ -69,7 +67,15 @@ from engine.checkpoint import (
     read_checkpoint_config,
 )
 from engine.files import sha256_file
-from kernels import reference
+from export.graphs.generator_step import generator_step_spec
+from export.graphs.gru import TRANSLATIONS
+from export.graphs.query_tower import query_tower_spec
+from export.graphs.scorer import scorer_spec
+from export.graphs.text_encoder import text_encoder_spec
+from export.graphs.video_tower import video_tower_spec
+from export.graphs.vision import vision_spec
+from export.parity import PARITY_BATCHES, cast, ort_parity
+from export.spec import ExportError, ExportShapes, ModuleSpec
 
 DEFAULT_OPSET = 18
 PRECISIONS = ("fp32", "fp16")
@@ -77,419 +83,10 @@ MODULES = ("text_encoder", "generator_step", "vision", "query_tower", "video_tow
 ANCHOR_MODULES = ("generator_step", "vision")  # (+ generator_text, which comes with generator_step)
 # What a search needs (the gallery was indexed beforehand): the Retriever exports only these.
 SEARCH_MODULES = ("text_encoder", "generator_step", "vision", "query_tower", "scorer")
-# fp32: absolute, as the issue asks. fp16: relative to the output's scale (x max(1, max |ref|)).
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
-PARITY_BATCHES = (1, 6)
 # Sizes of the dynamic axes while tracing: pairwise different, so the exporter never takes two
 # axes for one (it shares a symbol between equal sizes), and none, nor any size derived from one
 # (the video tower's stride-2 conv halves frames), is 0 or 1: those are specialised, silently.
 TRACE_SIZES = {"batch": 3, "tokens": 6, "frames": 5, "videos": 7}
-
-
-class ExportError(ValueError):
-    """An export that cannot be made (one-line message)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Declarations
-
-
-@dataclass
-class ExportShapes:
-    """min / opt / max of each dynamic axis: declared in the manifest (and the cache key) and used
-    as TensorRT's optimisation profiles. `tokens=None`: (1, half, max) of the text encoders'
-    max_length. ONNX Runtime accepts any size; these bound TensorRT engines only."""
-
-    batch: tuple = (1, 32, 256)
-    tokens: tuple | None = None
-    frames: tuple = (1, 16, 64)
-    videos: tuple = (1, 1024, 4096)
-
-    def resolved(self, max_tokens: int) -> dict:
-        tokens = self.tokens or (1, max(1, max_tokens // 2), max_tokens)
-        out = {"batch": self.batch, "tokens": tokens, "frames": self.frames, "videos": self.videos}
-        for name, triple in out.items():
-            triple = tuple(int(v) for v in triple)
-            if len(triple) != 3 or not 1 <= triple[0] <= triple[1] <= triple[2]:
-                raise ExportError(f"shape profile {name} must be min <= opt <= max, all >= 1; got {triple}")
-            out[name] = triple
-        return out
-
-
-@dataclass
-class IOSpec:
-    """One input or output: a shape template (axis names are the dynamic axes, ints are fixed),
-    a dtype, and for inputs how random samples are drawn."""
-
-    shape: tuple
-    dtype: str = "float32"
-    kind: str = "normal"  # normal | unit | prob | uniform | mask | ids | sigma
-    high: int = 0  # ids: exclusive upper bound
-
-    def concrete(self, sizes: dict) -> tuple:
-        return tuple(sizes[d] if isinstance(d, str) else int(d) for d in self.shape)
-
-    def axes(self) -> dict:
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
-
-
-@dataclass
-class ModuleSpec:
-    """One exported module: the wrapper that is traced, the engine code it must agree with, and
-    its declared inputs and outputs (dict order = argument order)."""
-
-    name: str
-    wrapper: nn.Module
-    reference: Callable  # (**inputs) -> tuple of tensors, through the engine's own code
-    inputs: dict
-    outputs: dict
-    # What the graph depends on when that is not the checkpoint (a frozen text encoder, the
-    # ResNet, the generator): such graphs may come from a module cache shared by many exports.
-    share: dict | None = None
-
-    def sample(self, sizes: dict, generator: torch.Generator) -> dict:
-        return {name: _draw(spec, spec.concrete(sizes), generator) for name, spec in self.inputs.items()}
-
-    def axis_names(self) -> list:
-        return sorted({d for spec in self.inputs.values() for d in spec.axes().values()})
-
-    def describe(self) -> dict:
-        io_ = lambda specs: {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in specs.items()}
-        axes = {n: {str(i): d for i, d in s.axes().items()} for n, s in {**self.inputs, **self.outputs}.items()}
-        return {"inputs": io_(self.inputs), "outputs": io_(self.outputs), "dynamic_axes": axes}
-
-
-def _draw(spec: IOSpec, shape: tuple, generator: torch.Generator) -> torch.Tensor:
-    if spec.kind == "mask":  # a valid prefix per row (what tokenizers and frame loaders give), row 0 full
-        lengths = torch.randint(1, shape[1] + 1, (shape[0],), generator=generator)
-        lengths[0] = shape[1]
-        return (torch.arange(shape[1])[None, :] < lengths[:, None]).long()
-    if spec.kind == "ids":
-        return torch.randint(0, spec.high, shape, generator=generator)
-    if spec.kind in ("prob", "uniform"):
-        return torch.rand(shape, generator=generator)
-    if spec.kind == "sigma":
-        return torch.rand(shape, generator=generator) * 0.98 + 0.02
-    values = torch.randn(shape, generator=generator)
-    return F.normalize(values, dim=-1) if spec.kind == "unit" else values
-
-
-# ---------------------------------------------------------------------------------------------
-# Export wrappers
-
-
-@torch.library.custom_op("cvr_export::masked_bigru", mutates_args=())
-def masked_bigru(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
-                 b_hh: torch.Tensor, w_ih_r: torch.Tensor, w_hh_r: torch.Tensor, b_ih_r: torch.Tensor,
-                 b_hh_r: torch.Tensor) -> torch.Tensor:
-    """A one-layer bidirectional batch-first GRU over each row's first `lengths` steps (zeros
-    after): engine.model.run_gru as one operator. Eager runs it with packed sequences; the export
-    writes ONNX's own GRU with `sequence_lens` (`_masked_bigru_onnx`). As an opaque operator it
-    is also quick to trace: torch.export otherwise unrolls GRUs in Python for every export."""
-    from engine.model import run_gru
-
-    gru = nn.GRU(x.shape[2], w_hh.shape[1], batch_first=True, bidirectional=True).to(x.device, x.dtype)
-    values = (w_ih, w_hh, b_ih, b_hh, w_ih_r, w_hh_r, b_ih_r, b_hh_r)
-    with torch.no_grad():
-        for name, value in zip(_GRU_PARAMETERS, values, strict=True):
-            getattr(gru, name).copy_(value)
-        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-        return run_gru(gru, x, mask)
-
-
-_GRU_PARAMETERS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0", "weight_ih_l0_reverse",
-                   "weight_hh_l0_reverse", "bias_ih_l0_reverse", "bias_hh_l0_reverse")
-
-
-@masked_bigru.register_fake
-def _masked_bigru_fake(x, lengths, w_ih, w_hh, b_ih, b_hh, w_ih_r, w_hh_r, b_ih_r, b_hh_r):
-    return x.new_empty(x.shape[0], x.shape[1], 2 * w_hh.shape[1])
-
-
-def _masked_bigru_onnx(x, lengths, w_ih, w_hh, b_ih, b_hh, w_ih_r, w_hh_r, b_ih_r, b_hh_r):
-    """ONNX GRU, bidirectional, with sequence_lens: the reverse direction starts at each row's
-    last valid step, as packed sequences do. linear_before_reset=1 is PyTorch's formulation."""
-    import onnx
-    from onnxscript import opset18 as op
-
-    hidden = w_hh.shape[1]
-
-    def gates(t):  # PyTorch stacks the gates r, z, n; ONNX z, r, h
-        pieces = [op.Slice(t, [i * hidden], [(i + 1) * hidden], [0]) for i in range(3)]
-        return op.Concat(pieces[1], pieces[0], pieces[2], axis=0)
-
-    both = lambda ahead, back: op.Concat(op.Unsqueeze(ahead, [0]), op.Unsqueeze(back, [0]), axis=0)
-    weights = both(gates(w_ih), gates(w_ih_r))
-    recurrent = both(gates(w_hh), gates(w_hh_r))
-    bias = both(op.Concat(gates(b_ih), gates(b_hh), axis=0), op.Concat(gates(b_ih_r), gates(b_hh_r), axis=0))
-    steps = op.Cast(lengths, to=onnx.TensorProto.INT32)
-    y, _ = op.GRU(op.Transpose(x, perm=[1, 0, 2]), weights, recurrent, bias, steps, direction="bidirectional",
-                  hidden_size=hidden, linear_before_reset=1)
-    y = op.Transpose(y, perm=[2, 0, 1, 3])  # (steps, 2, batch, hidden) -> (batch, steps, 2, hidden)
-    return op.Reshape(y, op.Constant(value_ints=[0, 0, -1]))
-
-
-TRANSLATIONS = {torch.ops.cvr_export.masked_bigru.default: _masked_bigru_onnx}
-
-
-class MaskedBiGRU(nn.Module):
-    """engine.model.run_gru for export: packed sequences do not export, so the GRU and its
-    lengths become one `masked_bigru` operator (ONNX GRU with sequence_lens). Rows without any
-    valid step run one step, as run_gru does, and are zeroed by the mask."""
-
-    def __init__(self, gru: nn.GRU):
-        super().__init__()
-        if gru.num_layers != 1 or not gru.bidirectional or not gru.batch_first or not gru.bias:
-            raise ExportError("exports one-layer, bidirectional, batch-first GRUs with biases only")
-        self.gru = gru
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        lengths = mask.sum(1).clamp_min(1)
-        out = masked_bigru(x, lengths, *(getattr(self.gru, name) for name in _GRU_PARAMETERS))
-        return out * mask.unsqueeze(-1).to(out.dtype)
-
-
-class MiniLMGraph(nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids, attention_mask):
-        features = self.encoder.encode_ids(input_ids, attention_mask)
-        return features.tokens, features.sentence
-
-
-class RivrlGraph(nn.Module):
-    """RivrlTextEncoder.encode_ids, exportable: MaskedBiGRU for the packed GRU, and a fixed right
-    padding of the CNN input (zeros, as the conv's own padding) instead of a length-dependent one."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-        self.gru = MaskedBiGRU(encoder.rnn)
-
-    def forward(self, input_ids, attention_mask):
-        enc, mask = self.encoder, attention_mask.bool()
-        lengths = mask.sum(1)
-        states = self.gru(enc.embed(input_ids), mask)
-        gru_mean = states.sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(states.dtype)
-        sentence = torch.cat([gru_mean, self._cnn(states, lengths), enc.bag_of_words(input_ids, mask)], 1)
-        return states, sentence
-
-    def _cnn(self, states, lengths):
-        x, pooled = states.transpose(1, 2), []
-        for k, conv in zip(self.encoder.kernel_sizes, self.encoder.convs, strict=True):
-            pad = conv.padding[0]
-            valid = (lengths + 2 * pad - k + 1).clamp_min(1)
-            extra = max(0, k - 2 * pad - 1)  # enough for one output even from a single position
-            y = F.relu(conv(F.pad(x, (0, extra)) if extra else x))
-            position = torch.arange(y.shape[2], device=y.device)
-            y = y.masked_fill(position[None, None, :] >= valid[:, None, None], float("-inf"))
-            pooled.append(y.amax(dim=2))
-        return torch.cat(pooled, dim=1)
-
-
-class QueryTowerGraph(nn.Module):
-    def __init__(self, tower):
-        super().__init__()
-        self.tower = tower
-
-    def forward(self, sentence, tokens, token_mask):
-        emb = self.tower(sentence, tokens, token_mask)
-        return emb.lat, emb.con
-
-
-class AnchoredQueryTowerGraph(QueryTowerGraph):
-    def forward(self, sentence, tokens, token_mask, regions):
-        emb = self.tower(sentence, tokens, token_mask, regions)
-        return emb.lat, emb.con
-
-
-class VideoTowerGraph(nn.Module):
-    """engine.model.VideoTower.forward with MaskedBiGRU for run_gru (same weights)."""
-
-    def __init__(self, tower):
-        super().__init__()
-        self.tower = tower
-        self.gru = MaskedBiGRU(tower.gru)
-
-    def forward(self, frames, frame_mask):
-        mask = frame_mask.bool()
-        emb = self.tower.from_gru_states(frames, mask, self.gru(frames, mask))
-        return emb.lat, emb.con
-
-
-class ScorerGraph(nn.Module):
-    """engine.model.Matcher with frozen constants (stored in the graph), non-transductive."""
-
-    def __init__(self, matcher):
-        super().__init__()
-        self.register_buffer("norm", matcher.norm.detach().clone())
-        self.weights, self.local_branch = matcher.weights, matcher.local_branch
-
-    def forward(self, query_lat, query_con, video_lat, video_con):
-        # The one definition, untiled: the backend hands the graph blocks of the gallery.
-        return reference.fused_score(query_lat, query_con, video_lat, video_con, self.norm, self.weights,
-                                     self.local_branch)
-
-
-class VisionGraph(nn.Module):
-    """engine.vision.RegionExtractor.regions on float images in [0, 1]: resize, ImageNet
-    normalisation, ResNet-50, region grid (B, h*w, 2048)."""
-
-    def __init__(self, extractor):
-        super().__init__()
-        self.model = extractor.model
-        self.size = extractor.config.image_size
-        self.register_buffer("mean", extractor.mean.detach().clone().cpu())
-        self.register_buffer("std", extractor.std.detach().clone().cpu())
-
-    def forward(self, images):
-        if images.shape[-1] != self.size:  # the anchor size is fixed, so this is decided at export
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        grid = self.model(pixel_values=(images - self.mean) / self.std).last_hidden_state
-        return grid.flatten(2).transpose(1, 2)
-
-
-class FixedRope(nn.Module):
-    """FluxPosEmbed for flux_velocity's ids: text ids are all zero (angle 0: cos 1, sin 0) and the
-    image ids are fixed, so the table is computed once by diffusers' own float64 code and stored in
-    float32; the graph then has no float64 (TensorRT has none) and is exactly as eager."""
-
-    def __init__(self, pos_embed: nn.Module, img_ids: torch.Tensor):
-        super().__init__()
-        cos, sin = pos_embed(img_ids)
-        self.register_buffer("cos", cos.float())
-        self.register_buffer("sin", sin.float())
-        self.image_tokens = int(img_ids.shape[0])
-
-    def forward(self, ids):
-        text = ids.shape[0] - self.image_tokens
-        width = self.cos.shape[1]
-        return (torch.cat([self.cos.new_ones(text, width), self.cos]),
-                torch.cat([self.sin.new_zeros(text, width), self.sin]))
-
-
-class FluxStepGraph(nn.Module):
-    """One denoising step: engine.anchors.flux_velocity on the built-in FLUX transformer."""
-
-    def __init__(self, transformer, config):
-        super().__init__()
-        from engine.anchors import image_ids
-
-        self.register_buffer("img_ids", image_ids(config.latent_size, config.latent_size))
-        self.transformer = copy.deepcopy(transformer).eval()
-        self.transformer.pos_embed = FixedRope(transformer.pos_embed, self.img_ids)
-
-    def forward(self, latents, sigma, text_tokens, text_mask, pooled):
-        from engine.anchors import Conditioning, flux_velocity
-
-        cond = Conditioning(text_tokens, text_mask.bool(), pooled)
-        return flux_velocity(self.transformer, latents, sigma, cond, self.img_ids)
-
-
-# ---------------------------------------------------------------------------------------------
-# Module specs
-
-
-def text_encoder_spec(encoder, name: str = "text_encoder") -> ModuleSpec:
-    kind = encoder.describe()["kind"]
-    high = len(encoder.vocab) if kind == "rivrl" else int(encoder.model.config.vocab_size)
-    wrapper = RivrlGraph(encoder) if kind == "rivrl" else MiniLMGraph(encoder)
-
-    def reference(input_ids, attention_mask):
-        features = encoder.encode_ids(input_ids, attention_mask)
-        return features.tokens, features.sentence
-
-    frozen = not any(p.requires_grad for p in encoder.parameters())
-    share = {"module": "text", "kind": kind, "model_id": encoder.describe()["model_id"]} if frozen else None
-    return ModuleSpec(name, wrapper.eval(), reference,
-                      {"input_ids": IOSpec(("batch", "tokens"), "int64", "ids", high),
-                       "attention_mask": IOSpec(("batch", "tokens"), "int64", "mask")},
-                      {"tokens": IOSpec(("batch", "tokens", encoder.dim_tokens)),
-                       "sentence": IOSpec(("batch", encoder.dim_sentence))}, share)
-
-
-def query_tower_spec(model, regions: int | None) -> ModuleSpec:
-    config, text = model.config, model.text
-    inputs = {"sentence": IOSpec(("batch", text.dim_sentence)),
-              "tokens": IOSpec(("batch", "tokens", text.dim_tokens)),
-              "token_mask": IOSpec(("batch", "tokens"), "int64", "mask")}
-    if config.use_anchor:
-        inputs["regions"] = IOSpec(("batch", regions, config.region_dim))
-    wrapper = AnchoredQueryTowerGraph(model.query) if config.use_anchor else QueryTowerGraph(model.query)
-
-    def reference(sentence, tokens, token_mask, regions=None):
-        emb = model.query(sentence, tokens, token_mask, regions)
-        return emb.lat, emb.con
-
-    return ModuleSpec("query_tower", wrapper.eval(), reference, inputs, _embedding_outputs(config, "batch"))
-
-
-def video_tower_spec(model) -> ModuleSpec:
-    config = model.config
-
-    def reference(frames, frame_mask):
-        emb = model.video(frames, frame_mask)
-        return emb.lat, emb.con
-
-    return ModuleSpec("video_tower", VideoTowerGraph(model.video).eval(), reference,
-                      {"frames": IOSpec(("batch", "frames", config.frame_dim)),
-                       "frame_mask": IOSpec(("batch", "frames"), "int64", "mask")},
-                      _embedding_outputs(config, "batch"))
-
-
-def scorer_spec(model) -> ModuleSpec:
-    from engine.model import Embeddings
-
-    config = model.config
-
-    def reference(query_lat, query_con, video_lat, video_con):
-        return (model.matcher(Embeddings(query_lat, query_con), Embeddings(video_lat, video_con)),)
-
-    d, k = config.latent_dim, config.concept_dim
-    return ModuleSpec("scorer", ScorerGraph(model.matcher).eval(), reference,
-                      {"query_lat": IOSpec(("batch", 2, d), kind="unit"),
-                       "query_con": IOSpec(("batch", 2, k), kind="prob"),
-                       "video_lat": IOSpec(("videos", 2, d), kind="unit"),
-                       "video_con": IOSpec(("videos", 2, k), kind="prob")},
-                      {"scores": IOSpec(("batch", "videos"))})
-
-
-def vision_spec(extractor, anchor_size: int, weights_id: str | None = None) -> ModuleSpec:
-    regions = extractor.grid_size() ** 2
-
-    def reference(images):
-        return (extractor.regions(images),)
-
-    return ModuleSpec("vision", VisionGraph(extractor).eval(), reference,
-                      {"images": IOSpec(("batch", 3, anchor_size, anchor_size), kind="uniform")},
-                      {"regions": IOSpec(("batch", regions, extractor.feature_dim))},
-                      {"module": "vision", "id": weights_id, "image_size": extractor.config.image_size,
-                       "anchor_size": anchor_size} if weights_id else None)
-
-
-def generator_step_spec(transformer, config, generator_id: str | None = None) -> ModuleSpec:
-    from engine.anchors import Conditioning, flux_velocity, image_ids
-
-    ids = image_ids(config.latent_size, config.latent_size)
-
-    def reference(latents, sigma, text_tokens, text_mask, pooled):
-        cond = Conditioning(text_tokens, text_mask.bool(), pooled)
-        return (flux_velocity(transformer, latents, sigma, cond, ids),)
-
-    tokens, channels = config.image_tokens, config.in_channels
-    return ModuleSpec("generator_step", FluxStepGraph(transformer, config).eval(), reference,
-                      {"latents": IOSpec(("batch", tokens, channels)), "sigma": IOSpec(("batch",), kind="sigma"),
-                       "text_tokens": IOSpec(("batch", "tokens", config.joint_attention_dim)),
-                       "text_mask": IOSpec(("batch", "tokens"), "int64", "mask"),
-                       "pooled": IOSpec(("batch", config.pooled_projection_dim))},
-                      {"velocity": IOSpec(("batch", tokens, channels))},
-                      {"module": "generator_step", "id": generator_id} if generator_id else None)
-
-
-def _embedding_outputs(config, axis: str) -> dict:
-    return {"lat": IOSpec((axis, 2, config.latent_dim)), "con": IOSpec((axis, 2, config.concept_dim))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,18 +327,13 @@ def _quiet():
             logger.setLevel(level)
 
 
-def _cast(tensors: dict, precision: str) -> dict:
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-
-
 def export_module(spec: ModuleSpec, path: str, opset: int, precision: str = "fp32") -> None:
     """Trace the wrapper with dynamo, name the dynamic axes, save one self-contained file, and
     check it with onnx.checker."""
     import onnx
 
     wrapper = spec.wrapper if precision == "fp32" else copy.deepcopy(spec.wrapper).half()
-    sample = _cast(spec.sample(TRACE_SIZES, torch.Generator().manual_seed(0)), precision)
+    sample = cast(spec.sample(TRACE_SIZES, torch.Generator().manual_seed(0)), precision)
     dims = {name: torch.export.Dim(name) for name in spec.axis_names()}
     dynamic = {name: {i: dims[a] for i, a in io_spec.axes().items()} for name, io_spec in spec.inputs.items()}
     try:
@@ -777,43 +369,6 @@ def _name_output_axes(model, spec: ModuleSpec) -> None:
     del model.graph.value_info[:]  # intermediate shapes traced at one size: ONNX Runtime re-infers them
 
 
-def parity_sizes(shapes: dict) -> list:
-    """Two cases, at the two parity batch sizes, with the other axes varied too; every size kept
-    inside its declared profile (TensorRT engines accept nothing else)."""
-    small = {"batch": PARITY_BATCHES[0], "tokens": 5, "frames": 4, "videos": 7}
-    large = {"batch": PARITY_BATCHES[1], "tokens": shapes["tokens"][2], "frames": 13, "videos": 13}
-    return [{axis: max(shapes[axis][0], min(size, shapes[axis][2])) for axis, size in case.items()}
-            for case in (small, large)]
-
-
-def check_parity(spec: ModuleSpec, run: Callable, precision: str, sizes_list: list, seed: int = 1) -> dict:
-    """Run `run(feeds) -> list of arrays` against the PyTorch reference on fresh random inputs;
-    returns the figures, raises ExportError beyond the tolerance."""
-    cases = []
-    for i, sizes in enumerate(sizes_list):
-        feeds = spec.sample(sizes, torch.Generator().manual_seed(seed * 1000 + i))
-        with torch.no_grad():
-            expected = [t.float().numpy() for t in spec.reference(**feeds)]
-        got = run({k: v.numpy() for k, v in _cast(feeds, precision).items()})
-        diff = max(float(np.abs(g.astype(np.float64) - e).max()) for g, e in zip(got, expected, strict=True))
-        scale = max(float(np.abs(e).max()) for e in expected)
-        cases.append({"sizes": {k: sizes[k] for k in spec.axis_names()}, "max_abs_diff": diff, "max_abs_ref": scale})
-    worst = max(cases, key=lambda c: c["max_abs_diff"])
-    tolerance = TOLERANCE[precision] * (max(1.0, worst["max_abs_ref"]) if precision == "fp16" else 1.0)
-    if not worst["max_abs_diff"] <= tolerance:  # also catches NaN
-        raise ExportError(f"{spec.name}: {precision} output differs from PyTorch by {worst['max_abs_diff']:.3g} "
-                          f"> {tolerance:.3g} at {worst['sizes']}")
-    return {"tolerance": tolerance, "max_abs_diff": worst["max_abs_diff"], "cases": cases}
-
-
-def ort_runner(path: str, outputs: list, threads: int = 1) -> Callable:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(path, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    return lambda feeds: session.run(outputs, {k: v for k, v in feeds.items() if k in names})
-
-
 def _export_one(spec: ModuleSpec, work: str, plan: ExportPlan, cache: str | None, log: Callable) -> dict:
     entry = {**spec.describe(), "files": {}, "parity": {}, "export_seconds": {}}
     for precision in plan.precisions:
@@ -828,7 +383,7 @@ def _export_one(spec: ModuleSpec, work: str, plan: ExportPlan, cache: str | None
         entry["files"][precision] = {"file": name, "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
         # The parity check runs on every file, a cached one included: it is cheap and proves the
         # graph is the one these weights give.
-        entry["parity"][precision] = _ort_parity(spec, path, precision, plan.shapes)
+        entry["parity"][precision] = ort_parity(spec, path, precision, plan.shapes)
         if cached and not from_cache:
             _store_cached(path, cached, entry["files"][precision])
         log(_module_line(spec.name, precision, entry) + (" (from the module cache)" if from_cache else ""))
@@ -859,19 +414,6 @@ def _copy_cached(cached: str, path: str) -> bool:
 def _store_cached(path: str, cached: str, entry: dict) -> None:
     files.copy_atomic(path, cached)
     files.write_json(cached + ".json", entry)  # the sidecar last: it vouches for the graph
-
-
-def _ort_parity(spec: ModuleSpec, path: str, precision: str, shapes: dict) -> dict:
-    try:
-        run = ort_runner(path, list(spec.outputs))
-        return check_parity(spec, run, precision, parity_sizes(shapes))
-    except ExportError:
-        raise
-    except Exception as error:  # noqa: BLE001 - ORT's CPU provider lacks some fp16 kernels (GRU)
-        if precision == "fp32":
-            raise ExportError(f"{spec.name}: ONNX Runtime cannot run the exported graph "
-                              f"({str(error).strip().splitlines()[0]})") from None
-        return {"skipped": f"ONNX Runtime (CPU) cannot run it: {str(error).strip().splitlines()[0][:160]}"}
 
 
 def _module_line(name: str, precision: str, entry: dict) -> str:

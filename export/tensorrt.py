@@ -32,21 +32,19 @@ from engine.backends.tensorrt import (
     read_engines,
     tensorrt_unavailable,
 )
+from engine.files import sha256_file
 from export.onnx import (
     DEFAULT_OPSET,
-    ExportError,
     ExportOptions,
     ExportResult,
-    ExportShapes,
     cache_key,
-    check_parity,
     export_onnx,
     file_intact,
     load_parts,
-    parity_sizes,
     plan_export,
-    sha256_file,
 )
+from export.parity import check_parity, parity_sizes
+from export.spec import ExportError, ExportShapes
 
 TIMING_CACHE = "timing.cache"
 

@@ -60,7 +60,7 @@ def _one_line_error(capsys, code: int) -> str:
 def test_export_writes_every_module_checked_and_within_tolerance(exported):
     import onnx
 
-    from export.onnx import sha256_file
+    from engine.files import sha256_file
 
     manifest = _manifest(exported["export"])
     assert set(manifest["modules"]) == {"text_encoder", "query_tower", "video_tower", "scorer"}
@@ -152,7 +152,9 @@ def test_fp16_variant_of_the_scorer_runs_within_fp16_tolerance(exported, tmp_pat
     import onnx
 
     from engine.checkpoint import load_checkpoint
-    from export.onnx import check_parity, export_module, ort_runner, parity_sizes, scorer_spec
+    from export.graphs.scorer import scorer_spec
+    from export.onnx import export_module
+    from export.parity import check_parity, ort_runner, parity_sizes
 
     spec = scorer_spec(load_checkpoint(exported["checkpoint"]))
     path = str(tmp_path / "scorer.fp16.onnx")
@@ -166,8 +168,10 @@ def test_fp16_variant_of_the_scorer_runs_within_fp16_tolerance(exported, tmp_pat
 
 def test_rivrl_text_encoder_exports_and_tokenizes_like_torch(tmp_path):
     from engine.backends.onnxruntime import RivrlTokenizer
-    from engine.text import RivrlTextEncoder, Vocabulary
-    from export.onnx import check_parity, export_module, ort_runner, text_encoder_spec, tokenizer_section
+    from engine.text_rivrl import RivrlTextEncoder, Vocabulary
+    from export.graphs.text_encoder import text_encoder_spec
+    from export.onnx import export_module, tokenizer_section
+    from export.parity import check_parity, ort_runner
 
     torch.manual_seed(0)
     vocab = Vocabulary(["a", "dog", "runs", "red", "car", "man"])
@@ -267,7 +271,7 @@ def test_tensorrt_backend_returns_the_torch_top10(exported, tmp_path):
 
 def test_masked_bigru_operator_runs_eagerly_as_run_gru():
     from engine.model import run_gru
-    from export.onnx import MaskedBiGRU
+    from export.graphs.gru import MaskedBiGRU
 
     torch.manual_seed(0)
     gru = torch.nn.GRU(6, 4, batch_first=True, bidirectional=True)

@@ -13,13 +13,12 @@ from engine.datasets import write_bigfile
 from engine.portable import END, PAD, START, UNK, rivrl_words
 from engine.text import (
     MiniLMEncoder,
-    RivrlTextEncoder,
     TextEncoderConfig,
     TextEncoderError,
-    Vocabulary,
     build_text_encoder,
     packaged_model_path,
 )
+from engine.text_rivrl import RivrlTextEncoder, Vocabulary
 
 TEXTS = [
     "a man is playing a guitar on stage",

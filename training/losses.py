@@ -18,6 +18,8 @@ from collections.abc import Mapping
 
 import torch
 
+from kernels import reference
+
 __all__ = ["concept_bce", "cosine_sim", "hybrid_loss", "jaccard_sim", "triplet_loss"]
 
 
@@ -26,40 +28,23 @@ def cosine_sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
-def jaccard_sim(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8, max_elements: int = 1 << 22) -> torch.Tensor:
-    """Soft Jaccard similarity of every pair: ``sum_k min(x_k, y_k) / sum_k max(x_k, y_k)``.
+def jaccard_sim(x: torch.Tensor, y: torch.Tensor, max_elements: int = 1 << 22) -> torch.Tensor:
+    """Soft Jaccard similarity of every pair: ``sum_k min(x_k, y_k) / sum_k max(x_k, y_k)``
+    (kernels.reference.jaccard: 0 where both vectors are all zeros, where RIVRL had NaN).
 
     x: (B1, K), y: (B2, K), non-negative (concept probabilities). Returns (B1, B2); differentiable
-    (min/max pass the gradient to the smaller/larger entry).
-
-    Memory: the pairwise min/max needs a (rows, cols, K) tensor; it is built in blocks holding at
-    most ``max_elements`` numbers (at least one row x one column), so a 128 x 128 x 512 batch runs
-    in two blocks of 4M floats instead of one 8M tensor, and gallery-sized calls stay bounded.
-
-    eps: the denominator is clamped to ``eps``. It only matters when both vectors are all zeros
-    (sigmoid outputs never are), where the similarity is then 0 instead of NaN. RIVRL has no eps.
+    (min/max pass the gradient to the smaller/larger entry). The pairwise (rows, cols, K)
+    intermediate is built in tiles of at most ``max_elements`` numbers (kernels.reference.tiles),
+    so a 128 x 128 x 512 batch runs in two tiles of 4M floats instead of one 8M tensor.
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"jaccard_sim needs (B1, K) and (B2, K), got {tuple(x.shape)} and {tuple(y.shape)}")
-    b1, k = x.shape
-    b2 = y.shape[0]
-    if b1 == 0 or b2 == 0:
-        return x.new_zeros(b1, b2)
-    if b1 * k <= max_elements:  # all rows at once, as many columns as fit
-        rows, cols = b1, max(1, min(b2, max_elements // (b1 * k)))
-    else:  # even one column of all rows is too big: block the rows too
-        rows, cols = max(1, max_elements // k), 1
-    blocks = []
-    for i in range(0, b1, rows):
-        xi = x[i : i + rows, None, :]
-        row = []
-        for j in range(0, b2, cols):
-            yj = y[None, j : j + cols, :]
-            inter = torch.minimum(xi, yj).sum(-1)
-            union = torch.maximum(xi, yj).sum(-1)
-            row.append(inter / union.clamp_min(eps))
-        blocks.append(torch.cat(row, dim=1))
-    return torch.cat(blocks, dim=0)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        return x.new_zeros(x.shape[0], y.shape[0])
+    by_rows: dict = {}  # row-tile start -> that row tile's blocks, in column order (differentiable cat)
+    for rows, cols in reference.tiles(x.shape[0], y.shape[0], x.shape[1], max_elements):
+        by_rows.setdefault(rows.start, []).append(reference.jaccard(x[rows], y[cols]))
+    return torch.cat([torch.cat(blocks, dim=1) for blocks in by_rows.values()], dim=0)
 
 
 def triplet_loss(sim: torch.Tensor, margin: float = 0.2, hardest: bool = True) -> torch.Tensor:

@@ -267,7 +267,7 @@ def _check_train_config(config: TrainConfig) -> None:
 def _fit_dimensions(config: ModelConfig, train: SplitData, vocab: list, anchors, captions: list) -> ModelConfig:
     """Dimensions that come from the data: frame width, concept count, region width, and the
     RIVRL encoder's vocabulary (built from the training captions)."""
-    from engine.text import Vocabulary
+    from engine.text_rivrl import Vocabulary
 
     values = config.to_dict()
     values.update(frame_dim=int(train.frames.shape[2]), concept_dim=len(vocab), use_anchor=anchors is not None)

@@ -7,6 +7,8 @@ embeddings (numpy, float32), and a `TorchScorer` for engine.search.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -37,7 +39,13 @@ class TorchScorer:
         self.latent_dim, self.concept_dim = model.config.latent_dim, model.config.concept_dim
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(array, dtype=np.float32, copy=True)).to(self.device)
+        """A float32 copy on the device. torch casts float16 blocks ~6x faster than numpy; a block may
+        be a read-only view of the memory-mapped gallery, which torch warns about but the cast
+        never writes to."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(array)
+        return tensor.to(self.device, torch.float32, copy=True)
 
     @torch.no_grad()
     def scores(self, q_lat, q_con, lat, con) -> np.ndarray:

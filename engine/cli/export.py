@@ -47,7 +47,7 @@ def add(subparsers) -> argparse.ArgumentParser:
 
 
 def _shapes(args):
-    from export.onnx import ExportShapes
+    from export.spec import ExportShapes
 
     defaults = ExportShapes()
     return ExportShapes(batch=args.batch or defaults.batch, tokens=args.tokens, frames=args.frames or defaults.frames,
