@@ -284,7 +284,7 @@ def notes(result: dict) -> str:
         "(`engine.search.exhaustive`); two-stage search is a FAISS `IVF<sqrt N>,SQfp16` first stage (k-means "
         "on 40 x nlist points) and the exact fused score of each query's own M candidates "
         "(`engine.search.two_stage`). HNSW is not timed: building it over 1M vectors takes tens of minutes on "
-        f"2 cores (engine.md section 4). Wall time {result['wall_seconds']:.0f} s ({parts}), "
+        f"2 cores (ARCHITECTURE.md section 14). Wall time {result['wall_seconds']:.0f} s ({parts}), "
         f"{result['cpu_seconds']:.0f} CPU-seconds.\n")
 
 

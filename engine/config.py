@@ -25,7 +25,7 @@ def _from_dict(cls, values: dict, where: str):
 
 @dataclass
 class ModelConfig:
-    """Every dimension of the CVR-SDGM towers (ARCHITECTURE.md steps 3-7)."""
+    """Every dimension of the CVR-SDGM towers (ARCHITECTURE.md sections 3-7)."""
 
     # engine.text.TextEncoderConfig as a dict (kind minilm|rivrl, path, max_length, finetune, ...;
     # the RIVRL vocabulary is filled in at training time), so the checkpoint's JSON holds it whole.
@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """ARCHITECTURE.md step 8: RIVRL's recipe."""
+    """ARCHITECTURE.md section 8: RIVRL's recipe."""
 
     epochs: int = 50  # an upper bound: early stopping usually ends training before
     batch_size: int = 128

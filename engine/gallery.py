@@ -1,6 +1,6 @@
 """A persisted gallery: video ids + the video tower's embeddings, versioned, checksummed, atomic.
 
-A gallery is a folder (ARCHITECTURE.md, "Files"):
+A gallery is a folder (ARCHITECTURE.md section 12):
 
 - `ids.txt`: one video id per line, in row order;
 - `embeddings.safetensors`: `lat` (N, 2, D) and `con` (N, 2, K), float16 by default (float32 on
@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 DATA_FILES = (IDS, EMBEDDINGS, FAISS_FILE)  # every file a manifest may list (never a path)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32}
-# FAISS index shorthands: `ivf` gets sqrt(N) lists with fp16 codes (engine.md section 4; the
+# FAISS index shorthands: `ivf` gets sqrt(N) lists with fp16 codes (ARCHITECTURE.md section 14; the
 # latency benchmark's index), `hnsw` 32 links per node.
 FAISS_SHORTHANDS = {"flat": "Flat", "ivf": "IVF{nlist},SQfp16", "hnsw": "HNSW32"}
 DEFAULT_NPROBE = 16

@@ -67,7 +67,7 @@ def check_device(kernel, tensors: dict, what: str) -> torch.device:
 
 def check_float(kernel, t: torch.Tensor, name: str, what: str) -> None:
     """fp32/fp16/bf16; bf16 is refused under the interpreter, which computes bf16 arithmetic
-    (dots, sums, max) on the raw bit patterns: silently wrong (research/engine.md, section 1.2)."""
+    (dots, sums, max) on the raw bit patterns: silently wrong (ARCHITECTURE.md section 14)."""
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{what}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     if t.dtype == torch.bfloat16 and is_interpreted(kernel):

@@ -1,4 +1,4 @@
-"""Fused dual-branch hybrid-space scoring of Q queries against N videos (ARCHITECTURE.md, step 7).
+"""Fused dual-branch hybrid-space scoring of Q queries against N videos (ARCHITECTURE.md, section 7).
 
 For query q and video n, with branch b in {global (0), local (1)}:
 

@@ -1,4 +1,4 @@
-"""Fused text-guided hybrid attention (ARCHITECTURE.md, step 4), inference only.
+"""Fused text-guided hybrid attention (ARCHITECTURE.md, section 4), inference only.
 
 For each query b, with projected token states T' (L, d) and their mask, projected anchor regions
 R' (R, d) (all valid unless a region mask is given), projected sentence t' (d), channel gate

@@ -37,3 +37,13 @@ def test_train_on_missing_collection_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "nothing" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "c")
+
+
+def test_a_missing_extra_is_named_with_its_install_command():
+    import pytest
+
+    from engine.cli.common import CLIError, require
+
+    with pytest.raises(CLIError, match=r"needs no_such_module_xyz: pip install 'cvr-sdgm\[train\]'"):
+        require("train", "json", "no_such_module_xyz")
+    require("train", "json")  # installed: nothing to say

@@ -173,7 +173,7 @@ def test_non_contiguous_inputs(poison):
 
 
 def test_reference_matches_float64_definition():
-    """The chunked oracle (tiny chunks: many query and video chunks) against step 7 written out
+    """The chunked oracle (tiny chunks: many query and video chunks) against section 7 written out
     directly in float64."""
     q_lat, q_con, v_lat, v_con, norm = (t.double() for t in make_inputs(6, 23, 12, 10))
     lo, hi = norm[:, 0], norm[:, 1]

@@ -137,7 +137,7 @@ def test_non_contiguous_inputs(poison):
 
 
 def test_reference_matches_float64_definition():
-    """The oracle (tiny chunks) against step 4 with explicit loops in float64."""
+    """The oracle (tiny chunks) against section 4 with explicit loops in float64."""
     tokens, tmask, regions, sentence, beta, gamma, rmask = make_inputs(
         3, 4, 5, 8, torch.float64, seed=9, region_mask=True)
     ref = hybrid_attention_ref(tokens, tmask, regions, sentence, beta, gamma, rmask, chunk=2)

@@ -60,7 +60,7 @@ def test_minilm_matches_direct_transformers(minilm):
 def test_minilm_semantics(minilm):
     s = minilm(TEXTS + ["a man plays guitar at a concert"]).sentence
     sim = s @ s.T
-    # sentence-transformers' own numbers for this model (research/generator.md): 0.214 and 0.095.
+    # sentence-transformers' own numbers for this model: 0.214 and 0.095.
     assert sim[0, 1].item() == pytest.approx(0.214, abs=2e-3)
     assert sim[0, 2].item() == pytest.approx(0.095, abs=2e-3)
     assert sim[0, 3] > sim[0, 1] > sim[0, 2]

@@ -15,7 +15,7 @@ log2(32/4) = 3 stages to reach 4 steps. Why this one and not reflow + one-step d
 needs no offline data set of teacher samples, every target is two teacher calls away (no error
 accumulating over a whole trajectory), and it stays on the teacher's ODE, so the few-step anchors
 look like the teacher's many-step ones (which is what "distance to the teacher" measures). On the
-research demo for this project (/work/shared/research/generator.md section 4) it gave the best
+research demo made before this project's generator (a design study, not in this repository) it gave the best
 4-step result (MSE to the 32-step teacher 0.031 vs 0.036 for the undistilled teacher at 4 steps,
 0.079 for reflow).
 

@@ -1,6 +1,6 @@
 """Train and evaluate the retrieval model on any collection in the MSR-VTT feature layout.
 
-Recipe (ARCHITECTURE.md step 8, RIVRL's): Adam at 1e-4, batch 128, gradient clip 2, the learning
+Recipe (ARCHITECTURE.md section 8, RIVRL's): Adam at 1e-4, batch 128, gradient clip 2, the learning
 rate x0.99 per epoch and x0.5 after `plateau_patience` epochs without validation gain, early stop
 after `early_stop` such epochs; the validation criterion is the sum of R@1/5/10 in both directions.
 After training, the matcher's min-max constants are frozen from the validation set with the best

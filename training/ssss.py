@@ -19,7 +19,7 @@ text encoder budget:
 
 Same captions in any order give the same sentence (ties are broken by the text itself).
 At query time the SSSS protocol draws anchors from all of a video's captions, which leaks the
-answer; benchmarks report it next to the fair per-query protocol (ARCHITECTURE.md step 9).
+answer; benchmarks report it next to the fair per-query protocol (ARCHITECTURE.md section 9).
 """
 from __future__ import annotations
 

@@ -29,6 +29,15 @@ def existing_dir(path: str, what: str) -> str:
     return path
 
 
+def require(extra: str, *modules: str) -> None:
+    """A command that needs an optional extra says so in one line when it is not installed."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise CLIError(f"this command needs {', '.join(missing)}: pip install 'cvr-sdgm[{extra}]'")
+
+
 def set_threads(threads: int) -> None:
     """One torch thread by default: on a shared 2-core machine more threads are slower and noisier."""
     import torch

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from engine.cli.common import require
+
 
 def _profile(text: str) -> tuple:
     """'MIN,OPT,MAX' -> (min, opt, max)."""
@@ -61,6 +63,7 @@ def _cmd_export(args) -> int:
         reason = tensorrt_unavailable()
         if reason:
             raise ValueError(reason)
+    require("export", "onnx", "onnxscript")
     import torch
 
     from export.onnx import DEFAULT_OPSET, ExportOptions, export_onnx

@@ -97,6 +97,9 @@ def handler(args) -> int:
 def _default_export(args) -> str:
     """The export `--backend onnxruntime|tensorrt` runs when no --export is given: made (once) or
     reused in CHECKPOINT/onnx. The command exports; the Retriever only runs export folders."""
+    from engine.cli.common import require
+
+    require("export", "onnx", "onnxscript")
     from export.onnx import SEARCH_MODULES, ExportOptions, export_onnx
 
     out = os.path.join(args.checkpoint, "onnx")

@@ -1,6 +1,8 @@
 """`cvr vision train` and `cvr vision probe`: the built-in ResNet-50 extractor."""
 from __future__ import annotations
 
+from engine.cli.common import require
+
 
 def add(sub) -> None:
     vision = sub.add_parser("vision", help="the ResNet-50 extractor: train the built-in one, probe features")
@@ -38,6 +40,7 @@ def _cmd_vision_train(args) -> int:
 
 
 def _cmd_vision_probe(args) -> int:
+    require("train", "sklearn")
     import torch
 
     from engine.vision import RegionExtractor, VisionConfig
