@@ -81,9 +81,9 @@ def merge_anchor_stores(parts: Sequence, folder) -> Path:
 
 def _rebased(meta: dict, part, folder) -> dict:
     """A store's metadata with its generator reference (relative to the store) moved to `folder`."""
-    if not meta.get("generator"):
-        return meta
-    return dict(meta, generator=paths.rebase(meta["generator"], part, folder))
+    moved = {name: paths.rebase(meta[name], part, folder) for name in ("generator", "vision_weights")
+             if meta.get(name) and meta[name] not in ("builtin", "random")}
+    return dict(meta, **moved)
 
 
 def read_anchor_store(folder):

@@ -13,6 +13,7 @@ and `load_checkpoint`: the torch-free ONNX Runtime path reads a checkpoint's con
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 from engine import files, paths
@@ -22,6 +23,7 @@ FORMAT = "cvr-sdgm/checkpoint/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 LOG = "train_log.json"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -59,6 +61,20 @@ def anchor_generator(folder: str, config: dict, override: str | None = None) -> 
     return generator
 
 
+def warn_on_other_noise(folder: str, config: dict) -> bool:
+    """A model trained on anchors drawn with another noise scheme (engine.portable.NOISE_SCHEME)
+    still searches, since its queries' anchors come from the same generator and distribution, but
+    not with the very anchors it was trained on: say so (once per load). Returns whether it did."""
+    from engine.portable import NOISE_SCHEME
+
+    anchors = config.get("anchors")
+    if not anchors or anchors.get("noise") == NOISE_SCHEME:
+        return False
+    log.warning("%s: trained on anchors drawn with noise %r; this engine draws %r: retrain on a store drawn now "
+                "(`cvr anchors`) for the same anchors at search time", folder, anchors.get("noise"), NOISE_SCHEME)
+    return True
+
+
 def _text_config(text: dict, folder: str, to_file: bool) -> dict:
     """The text encoder's config with its local folder (if any) as a reference (`to_file`) or as a
     path again."""
@@ -69,6 +85,17 @@ def _text_config(text: dict, folder: str, to_file: bool) -> dict:
         source = text["word_vectors"].get("source")
         text["word_vectors"] = dict(text["word_vectors"], source=source and paths.reference(source, folder))
     return text
+
+
+def same_encoder(saved_id: str, found_id: str | None) -> bool:
+    """Whether a frozen text encoder is the one a checkpoint was trained with. A local folder's id
+    is `hf:<name>@<fingerprint>`; checkpoints written before it was portable recorded
+    `<absolute path>@<fingerprint>`, which still matches on the fingerprint."""
+    if found_id == saved_id:
+        return True
+    old_local = os.path.isabs(saved_id.rpartition("@")[0])
+    return bool(found_id) and old_local and found_id.startswith("hf:") and \
+        saved_id.rpartition("@")[2] == found_id.rpartition("@")[2]
 
 
 def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | None = None) -> str:
@@ -107,7 +134,7 @@ def load_checkpoint(folder: str, device: str = "cpu"):
     text = build_text_encoder(_text_config(config["text_encoder"], folder, to_file=False))
     saved_id, found_id = config["text_encoder"].get("model_id"), text.describe().get("model_id")
     frozen = not any(p.requires_grad for p in text.parameters())
-    if frozen and saved_id and found_id != saved_id:
+    if frozen and saved_id and not same_encoder(saved_id, found_id):
         # A frozen encoder's weights are not in the checkpoint: a different one would silently
         # change every query's features.
         raise CheckpointError(f"{folder}: trained with text encoder {saved_id}, but {found_id} is installed")

@@ -82,14 +82,18 @@ def build_faiss_index(vectors, factory: str, seed: int = 0) -> tuple:
         if ivf is not None:
             ivf.cp.min_points_per_centroid = 1  # small galleries: no warning for a small sample
         lists = ivf.nlist if ivf is not None else 256
-        train_points = min(n, TRAIN_POINTS_PER_LIST * lists)
+        # Product quantisers train 256 centroids per sub-vector: FAISS asks 39 points per centroid.
+        train_points = min(n, max(TRAIN_POINTS_PER_LIST * lists, 39 * 256 if "PQ" in factory else 0))
         rows = np.random.default_rng(seed).choice(n, train_points, replace=False)
         try:
             index.train(np.ascontiguousarray(vectors[np.sort(rows)], dtype=np.float32))
         except RuntimeError as error:
             raise GalleryError(f"FAISS cannot train {factory!r} on {n} vectors: {_faiss_message(error)}") from None
-    for start in range(0, n, 16384):
-        index.add(np.ascontiguousarray(vectors[start : start + 16384], dtype=np.float32))
+    try:
+        for start in range(0, n, 16384):
+            index.add(np.ascontiguousarray(vectors[start : start + 16384], dtype=np.float32))
+    except RuntimeError as error:  # e.g. IDMap indexes, which need ids the gallery does not give
+        raise GalleryError(f"FAISS cannot fill {factory!r}: {_faiss_message(error)}") from None
     return index, train_points
 
 
@@ -112,17 +116,24 @@ def faiss_search_parameters(index, nprobe: int | None = None, ef_search: int | N
     for name, value in (("nprobe", nprobe), ("ef-search", ef_search)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise GalleryError(f"--{name} must be a positive integer, got {value!r}")
+    params = None
     if ivf is not None:
-        return faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe or ivf.nprobe))
-    if hnsw is not None:
-        return faiss.SearchParametersHNSW(efSearch=ef_search or hnsw.hnsw.efSearch)
-    return None
+        params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe or ivf.nprobe))
+    elif hnsw is not None:
+        params = faiss.SearchParametersHNSW(efSearch=ef_search or hnsw.hnsw.efSearch)
+    refine = faiss.downcast_index(index)
+    if params is not None and isinstance(refine, faiss.IndexRefine):  # `...,RFlat` / `Refine(...)`
+        params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=params)
+    return params
 
 
 def _hnsw_of(index):
+    """The HNSW index of `index` (itself, or the base of a refining index), or None."""
     import faiss
 
     index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):
+        index = faiss.downcast_index(index.base_index)
     return index if isinstance(index, faiss.IndexHNSW) else None
 
 
@@ -239,7 +250,9 @@ def _check_manifest_fields(manifest: dict, path: str) -> None:
     if not isinstance(files, dict) or not {IDS, EMBEDDINGS} <= set(files) or not set(files) <= set(DATA_FILES):
         raise bad("files")
     faiss = manifest.get("faiss")
-    if (FAISS_FILE in files) != bool(faiss) or (faiss and not isinstance(faiss.get("factory"), str)):
+    if faiss is not None and not (isinstance(faiss, dict) and isinstance(faiss.get("factory"), str)):
+        raise bad("faiss")
+    if (FAISS_FILE in files) != bool(faiss):
         raise bad("faiss")
 
 

@@ -34,7 +34,16 @@ def resolve(ref: str, base: str | os.PathLike) -> str:
         return str(WEIGHTS / ref[len(BUILTIN):])
     if os.path.isabs(ref):
         return ref  # written before references were relative
-    return os.path.normpath(os.path.join(base, ref))
+    # `reference` measured from the resolved base, so resolve it here too (a symlinked base with
+    # `..` in the reference would otherwise land elsewhere).
+    return os.path.normpath(os.path.join(Path(base).resolve(), ref))
+
+
+def weights_reference(weights: str | None, base: str | os.PathLike) -> str:
+    """How to record a `--vision-weights` value: 'builtin' (None), 'random', or a reference."""
+    if weights is None or weights in ("builtin", "random"):
+        return weights or "builtin"
+    return reference(weights, base)
 
 
 def rebase(ref: str, old_base: str | os.PathLike, new_base: str | os.PathLike) -> str:

@@ -120,12 +120,13 @@ class AnchorCache:
         if self.folder.exists() and not self.folder.is_dir():
             raise AnchorError(f"anchor cache {self.folder} exists and is not a folder")
         meta_path = self.folder / CACHE_META
+        files.clean_stale(meta_path)  # a dead writer's temporary cache.json
         if meta_path.is_file():
             self._check(meta_path)
-        elif self.folder.is_dir() and any(self.folder.iterdir()):
+        elif self.folder.is_dir() and any(not p.name.startswith(".") for p in self.folder.iterdir()):
             raise AnchorError(f"anchor cache {self.folder}: holds files but no {CACHE_META} (made before the "
-                                   f"noise scheme was recorded, or not a cache): delete it or use another folder")
-        else:
+                              f"noise scheme was recorded, or not a cache): delete it or use another folder")
+        else:  # a new cache (two processes starting one at once write the same file)
             files.write_json(meta_path, {"format": CACHE_FORMAT, "noise": NOISE_SCHEME})
 
     @staticmethod

@@ -67,15 +67,25 @@ class SearchOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise SearchError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
+    @property
+    def staged(self) -> bool:
+        """Whether a parameter of the two-stage search was given."""
+        return any(v is not None for v in (self.candidates, self.nprobe, self.ef_search))
+
     def resolved_mode(self, gallery: Gallery) -> str:
-        """The mode that runs: `auto` is two-stage above AUTO_TWO_STAGE_ABOVE videos with an index."""
+        """The mode that runs: `auto` is two-stage above AUTO_TWO_STAGE_ABOVE videos, or when a
+        two-stage parameter is given, if the gallery has an index; exhaustive otherwise."""
         self.validate()
-        if self.mode == "two-stage" and gallery.faiss_index is None:
+        wants_index = self.mode == "two-stage" or (self.mode == "auto" and self.staged)
+        if wants_index and gallery.faiss_index is None:
             raise SearchError(f"{gallery.folder}: two-stage search needs a FAISS index: rebuild the gallery with "
                               "`cvr index ... --faiss ivf` (or flat, hnsw, or a faiss index_factory string)")
+        if self.mode == "exhaustive" and self.staged:
+            raise SearchError("--candidates, --nprobe and --ef-search apply to two-stage search only")
         if self.mode != "auto":
             return self.mode
-        return "two-stage" if gallery.faiss_index is not None and len(gallery) > AUTO_TWO_STAGE_ABOVE else "exhaustive"
+        indexed = gallery.faiss_index is not None
+        return "two-stage" if indexed and (self.staged or len(gallery) > AUTO_TWO_STAGE_ABOVE) else "exhaustive"
 
 
 def search(scorer: Scorer, gallery: Gallery, q_lat: np.ndarray, q_con: np.ndarray, k: int,
@@ -87,23 +97,25 @@ def search(scorer: Scorer, gallery: Gallery, q_lat: np.ndarray, q_con: np.ndarra
         raise SearchError(f"k must be between 1 and the gallery size {len(gallery)}, got {k}")
     q_lat, q_con = np.ascontiguousarray(q_lat, np.float32), np.ascontiguousarray(q_con, np.float32)
     if mode == "exhaustive":
-        if options.nprobe is not None or options.ef_search is not None or options.candidates is not None:
-            raise SearchError("--candidates, --nprobe and --ef-search apply to two-stage search only")
         return exhaustive(scorer, gallery.lat, gallery.con, q_lat, q_con, k)
     params = faiss_search_parameters(gallery.faiss_index, options.nprobe, options.ef_search)
     return two_stage(scorer, gallery, q_lat, q_con, k, options.candidates or max(10 * k, 100), params)
 
 
 def exhaustive(scorer: Scorer, lat: np.ndarray, con: np.ndarray, q_lat: np.ndarray, q_con: np.ndarray,
-               k: int) -> tuple:
-    """Exact top-k over every row, scoring `scorer.block_rows` rows at a time and merging each
-    block's top-k into the running one (earlier rows first, so ties keep the lower row)."""
+               k: int, rows: np.ndarray | None = None) -> tuple:
+    """Exact top-k over every row (or over `rows`, ascending), scoring `scorer.block_rows` rows at a
+    time and merging each block's top-k into the running one (earlier rows first, so ties keep the
+    lower row). Returns gallery rows."""
+    total = lat.shape[0] if rows is None else len(rows)
     block = max(1, int(scorer.block_rows(q_lat.shape[0])))
     best = None
-    for start in range(0, lat.shape[0], block):
-        scores = scorer.scores(q_lat, q_con, lat[start : start + block], con[start : start + block])
-        values, rows = topk_stable(scores, k)
-        best = merge_topk(best, (values, rows + start), k)
+    for start in range(0, total, block):
+        part = None if rows is None else rows[start : start + block]
+        lat_block = lat[start : start + block] if part is None else lat[part]
+        con_block = con[start : start + block] if part is None else con[part]
+        values, picked = topk_stable(scorer.scores(q_lat, q_con, lat_block, con_block), k)
+        best = merge_topk(best, (values, picked + start if part is None else part[picked]), k)
     return best
 
 
@@ -114,17 +126,25 @@ def two_stage(scorer: Scorer, gallery: Gallery, q_lat: np.ndarray, q_con: np.nda
     if gallery.faiss_index is None:
         raise GalleryError(f"{gallery.folder}: gallery has no FAISS index")
     m = min(max(m, k), len(gallery))
-    _, candidates = gallery.faiss_index.search(np.ascontiguousarray(q_lat[:, 0]), m, params=params)
+    try:
+        _, candidates = gallery.faiss_index.search(np.ascontiguousarray(q_lat[:, 0]), m, params=params)
+    except RuntimeError as error:
+        raise SearchError(f"{gallery.folder}: the FAISS first stage failed ({_last_line(error)})") from None
     values = np.full((q_lat.shape[0], k), -np.inf, dtype=np.float32)
     rows = np.full((q_lat.shape[0], k), -1, dtype=np.int64)
     for i, found in enumerate(candidates):
         found = np.unique(found[found >= 0])  # gallery order: the stable top-k then breaks ties by row
         if found.size == 0:
             continue
-        scores = scorer.scores(q_lat[i : i + 1], q_con[i : i + 1], gallery.lat[found], gallery.con[found])
-        top, order = topk_stable(scores, k)
-        values[i, : top.shape[1]], rows[i, : top.shape[1]] = top[0], found[order[0]]
+        top, picked = exhaustive(scorer, gallery.lat, gallery.con, q_lat[i : i + 1], q_con[i : i + 1],
+                                 min(k, found.size), rows=found)
+        values[i, : top.shape[1]], rows[i, : top.shape[1]] = top[0], picked[0]
     return values, rows
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def keep_freed_memory() -> bool:

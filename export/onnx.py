@@ -238,20 +238,20 @@ def load_parts(plan: ExportPlan) -> ExportParts:
     """Load the checkpoint (CheckpointError, one line, for damaged weights) and whatever the
     anchors need, and declare every module."""
     model = load_checkpoint(plan.checkpoint)
-    text, files = tokenizer_section(model.text, "tokenizer", "text_encoder")
+    text, extra_files = tokenizer_section(model.text, "tokenizer", "text_encoder")
     regions = None
     specs = [text_encoder_spec(model.text)]
     anchors = None
     if plan.anchors:
         anchor_specs, anchors, anchor_files = _anchor_parts(plan.anchors, model, text, plan.modules)
         specs += anchor_specs
-        files.update(anchor_files)
+        extra_files.update(anchor_files)
         regions = anchors["vision"]["regions"]
     specs += [query_tower_spec(model, regions), video_tower_spec(model), scorer_spec(model)]
     wanted = {*plan.modules, *(["generator_text"] if "generator_step" in plan.modules else [])}
     scorer = {"order": ["lat_g", "lat_l", "con_g", "con_l"], "norm": model.matcher.norm.tolist(),
               "weights": list(model.matcher.weights), "local_branch": model.matcher.local_branch}
-    return ExportParts([spec for spec in specs if spec.name in wanted], text, files, anchors, scorer)
+    return ExportParts([spec for spec in specs if spec.name in wanted], text, extra_files, anchors, scorer)
 
 
 def tokenizer_section(encoder, stem: str, module: str) -> tuple:
@@ -279,7 +279,7 @@ def _anchor_parts(plan_anchors: dict, model, text_section: dict, modules: tuple)
     if plan_anchors.get("regions") not in (None, regions):
         raise ExportError(f"the checkpoint's anchors have {plan_anchors['regions']} regions, but the ResNet at "
                           f"{plan_anchors['image_size']} px gives {regions}")
-    specs, files = [], {}
+    specs, extra_files = [], {}
     if "generator_step" in modules:
         transformer = load_builtin_transformer(plan_anchors["generator"]).eval()
         specs.append(generator_step_spec(transformer, gen_config, plan_anchors["generator_id"]))
@@ -294,7 +294,7 @@ def _anchor_parts(plan_anchors: dict, model, text_section: dict, modules: tuple)
         gen_text = dict(text_section, max_length=gen_config.text_max_length)
     else:
         encoder = MiniLMEncoder(gen_config.text_encoder, max_length=gen_config.text_max_length)
-        gen_text, files = tokenizer_section(encoder, "generator_tokenizer", "generator_text")
+        gen_text, extra_files = tokenizer_section(encoder, "generator_tokenizer", "generator_text")
         specs.append(text_encoder_spec(encoder, "generator_text"))
     generator = {"path": plan_anchors["generator"], "id": plan_anchors["generator_id"], "adapter_id": "none",
                  "default_steps": gen_config.default_steps, "image_size": gen_config.image_size,
@@ -302,7 +302,7 @@ def _anchor_parts(plan_anchors: dict, model, text_section: dict, modules: tuple)
                  "latent_size": gen_config.latent_size, "module": "generator_step"}
     vision = {"module": "vision", "image_size": plan_anchors["image_size"], "regions": regions,
               "weights": plan_anchors["vision_weights"] or "builtin", "id": plan_anchors["vision_id"]}
-    return specs, {"generator": generator, "generator_text": gen_text, "vision": vision}, files
+    return specs, {"generator": generator, "generator_text": gen_text, "vision": vision}, extra_files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +472,9 @@ def _manifest(plan: ExportPlan, parts: ExportParts, modules: dict, out: str) -> 
     anchors = parts.anchors
     if anchors:
         anchors = dict(anchors, generator=dict(anchors["generator"],
-                                               path=paths.reference(anchors["generator"]["path"], out)))
+                                               path=paths.reference(anchors["generator"]["path"], out)),
+                       vision=dict(anchors["vision"], weights=paths.weights_reference(anchors["vision"]["weights"],
+                                                                                        out)))
     return {
         "format": EXPORT_FORMAT, "code_version": EXPORT_VERSION, "key": plan.key, "base_key": plan.base_key,
         "precisions": list(plan.precisions), "opset": plan.opset, "shapes": plan.shapes,

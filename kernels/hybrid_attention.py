@@ -15,7 +15,8 @@ Rows of masked tokens in A are 0 (so a query with every token masked gets an all
 with no valid region gets a_s = m = a_c = a = 0 and A = 0.
 
 beta = sigmoid(W_c [t'; m]) needs m BEFORE the call: the caller computes it with ``region_mean``
-(plain PyTorch, the same masked mean), and the kernel recomputes m for a_c and returns it. The
+(kernels.reference.masked_mean, in the regions' dtype: upcast 16-bit regions first for an fp32 m),
+and the kernel recomputes m in fp32 for a_c and returns it. The
 learned projections and the relevance gate sigmoid(w . [t'; a]) stay ordinary PyTorch around it.
 
 One program per query: it computes the spatial and channel vectors, then walks the tokens in

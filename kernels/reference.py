@@ -85,7 +85,8 @@ def fused_score(q_lat, q_con, v_lat, v_con, norm, weights=(0.6, 0.4), local_bran
 def tiles(rows: int, cols: int, width: int, budget: int = 1 << 24):
     """(row slice, column slice) tiles covering a rows x cols pairwise computation whose
     intermediate is rows x cols x width numbers, each tile holding at most `budget` of them (at
-    least one row and one column): as many columns as fit for all rows, else rows in blocks."""
+    least one row and one column), row-major: as many columns as fit beside one row, then as many
+    rows as fit beside those columns."""
     width = max(1, width)
     col_tile = max(1, min(cols, budget // width))
     row_tile = max(1, budget // (col_tile * width))

@@ -2,6 +2,8 @@
 seeding, cache, folders, the anchor store, and a real-FLUX diffusers folder (tiny random pipeline)."""
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,6 +162,14 @@ def test_stale_or_foreign_anchor_caches_are_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(P.AnchorError, match="is not a folder"):
         P.AnchorCache(tmp_path / "file")
+    # A dead writer's temporary cache.json is a leftover, not a foreign file.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (fresh / f".{P.CACHE_META}.tmp-{dead.pid}-x").write_text("{")
+    P.AnchorCache(fresh)
+    assert sorted(p.name for p in fresh.iterdir()) == [P.CACHE_META]
 
 
 def test_folder_roundtrip_and_id(tmp_path):
@@ -318,3 +328,15 @@ def test_merging_stores_drawn_with_other_settings_is_refused(tmp_path):
     with pytest.raises(A.AnchorError, match="other settings"):
         S.merge_anchor_stores([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_checkpoint_trained_on_anchors_of_another_noise_is_flagged(caplog):
+    import logging
+
+    from engine.checkpoint import warn_on_other_noise
+
+    with caplog.at_level(logging.WARNING):
+        assert warn_on_other_noise("old-ckpt", {"anchors": {"generator": "builtin:x"}})  # recorded none
+    assert "old-ckpt: trained on anchors drawn with noise None" in caplog.text and "cvr anchors" in caplog.text
+    assert not warn_on_other_noise("ckpt", {"anchors": {"noise": P.NOISE_SCHEME}})
+    assert not warn_on_other_noise("text-only", {"anchors": None})

@@ -235,6 +235,10 @@ def test_load_refuses_missing_damaged_and_foreign_galleries(built, model, tmp_pa
     os.remove(os.path.join(g, "faiss.index"))
     refused(g, "missing file faiss.index")
 
+    g = _copy(built, tmp_path / "faiss_field")
+    _edit_manifest(g, faiss="ivf")  # a string where the index's record belongs
+    refused(g, "missing or invalid field 'faiss'")
+
 
 # ---------------------------------------------------------------------------------------------
 # Refusals when building
@@ -419,4 +423,6 @@ def test_search_parameters_are_checked_against_the_index(model, tmp_path):
         faiss_search_parameters(Gallery.load(flat).faiss_index, nprobe=3)
     with pytest.raises(GalleryError, match="FAISS cannot build 'NotAnIndex'"):
         write_gallery(str(tmp_path / "bad"), ["a"], lat[:1], con[:1], {"id": "x"}, faiss="NotAnIndex")
+    with pytest.raises(GalleryError, match="FAISS cannot fill 'IDMap,Flat'"):
+        write_gallery(str(tmp_path / "bad"), ["a"], lat[:1], con[:1], {"id": "x"}, faiss="IDMap,Flat")
     assert not os.path.exists(tmp_path / "bad")

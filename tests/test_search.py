@@ -155,6 +155,8 @@ def test_modes_and_options(model, flat_gallery, queries):
     assert_top_k_of(*search(scorer, flat_gallery, q_lat, q_con, 10), full)
     assert_top_k_of(*search(scorer, flat_gallery, q_lat, q_con, 10, SearchOptions(mode="two-stage", candidates=400)),
                     full)
+    # Two-stage parameters in auto mode ask for two stages, whatever the gallery's size.
+    assert SearchOptions(candidates=50).resolved_mode(flat_gallery) == "two-stage"
     for bad, message in ((SearchOptions(mode="fast"), "search mode must be one of"),
                          (SearchOptions(candidates=0), "--candidates must be a positive integer"),
                          (SearchOptions(mode="two-stage", nprobe=2), "--nprobe is a parameter of IVF"),
@@ -191,3 +193,29 @@ def test_cli_search_modes(tiny_ckpt, tmp_path, capsys, msrvtt):
         assert main(base + flags) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("cvr: error:") and err.count("\n") == 1
+
+
+def test_two_stage_scores_many_candidates_in_blocks(model, flat_gallery, queries):
+    """M candidates go through the scorer's blocks, like an exhaustive scan: never one float32 copy
+    of all of them, and the same answer."""
+    q_lat, q_con = queries
+    scorer = Blocks(model, 37)
+    values, found = two_stage(scorer, flat_gallery, q_lat, q_con, k=20, m=400)
+    assert max(scorer.calls) <= 37 and sum(scorer.calls) == 400 * len(q_lat)
+    assert_top_k_of(values, found, direct_scores(model, q_lat, q_con, flat_gallery.lat, flat_gallery.con))
+
+
+@pytest.mark.parametrize("factory, options", [
+    ("IVF8,Flat,RFlat", SearchOptions(mode="two-stage", nprobe=8)),
+    ("HNSW8,Flat,RFlat", SearchOptions(mode="two-stage", ef_search=32)),
+    ("IVF4,PQ4,RFlat", SearchOptions(mode="two-stage", nprobe=4, candidates=400)),
+])
+def test_refining_and_quantised_indexes_take_their_search_parameters(model, tmp_path, factory, options):
+    lat, con = random_embeddings(400, 32, 11, seed=9, clusters=8)
+    out = str(tmp_path / "g")
+    write_gallery(out, [f"v{i}" for i in range(400)], lat, con, {"id": model.checkpoint_id}, faiss=factory)
+    gallery = Gallery.load(out)
+    scorer = TorchScorer(model, "cpu")
+    values, found = search(scorer, gallery, lat[:5], con[:5], 10, options)
+    assert (found >= 0).all() and (values[:, :-1] >= values[:, 1:]).all()
+    assert (found[:, 0] == np.arange(5)).mean() >= 0.8  # a stored video is (nearly always) its own best match

@@ -242,8 +242,9 @@ def _recorded_anchors(store: AnchorStore, checkpoint: str) -> dict:
     """The anchor store's metadata with its generator and the store itself recorded relative to
     the checkpoint."""
     meta = dict(store.meta, store=paths.reference(store.folder, checkpoint))
-    if meta.get("generator"):
-        meta["generator"] = paths.rebase(meta["generator"], store.folder, checkpoint)
+    for name in ("generator", "vision_weights"):
+        if meta.get(name) and meta[name] not in ("builtin", "random"):
+            meta[name] = paths.rebase(meta[name], store.folder, checkpoint)
     return meta
 
 

@@ -12,7 +12,7 @@ def open_exported(backend: str, checkpoint: str, export_dir: str | None, device:
     """An OnnxRuntimeBackend or TensorRTBackend over `export_dir`, refused with one line when the
     folder was exported from another checkpoint (or, when given, another generator or ResNet)."""
     from engine.backends.onnxruntime import ExportedModelError
-    from engine.checkpoint import WEIGHTS, CheckpointError, checkpoint_id, read_checkpoint_config
+    from engine.checkpoint import WEIGHTS, CheckpointError, checkpoint_id, read_checkpoint_config, warn_on_other_noise
     from engine.retriever import QueryError
 
     if not export_dir:
@@ -22,6 +22,7 @@ def open_exported(backend: str, checkpoint: str, export_dir: str | None, device:
     if not os.path.isfile(os.path.join(checkpoint, WEIGHTS)):
         raise CheckpointError(f"{checkpoint}: no {WEIGHTS}")
     meta = config.get("anchors") or {}
+    warn_on_other_noise(checkpoint, config)
     steps = steps if steps is not None else meta.get("steps")
     seed = int(meta.get("seed", 0))
     try:

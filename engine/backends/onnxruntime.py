@@ -5,13 +5,15 @@ tower, video tower, scorer, and for a checkpoint with anchors the generator's de
 the ResNet-50 region extractor), the tokenizer, and a `manifest.json`. This module runs them:
 
     engine = OnnxRuntimeBackend("runs/demo/full/onnx")   # device="auto": CUDA when a GPU is present
-    lat, con = engine.encode_queries(["a red circle moves left"])  # numpy (Q, 2, D), (Q, 2, K)
-    values, indices = engine.topk(lat, con, video_lat, video_con, k=10)
+    text = engine.encode_text(["a red circle moves left"])
+    lat, con = engine.encode_queries(text, engine.regions(engine.generate(["a red circle moves left"])))
+    scores = engine.scorer.scores(lat, con, video_lat, video_con)  # what engine.search ranks
 
 Everything here is numpy + onnxruntime + tokenizers: no torch import, so a deployment needs
 neither PyTorch nor the checkpoint's modules. What this path shares with the PyTorch one (prompt
-seeds and the starting noise, sigmas, latent packing, the anchor cache, RIVRL's tokenizer, the
-stable top-k) is engine/portable.py, written once for both.
+seeds and the starting noise, sigmas, latent packing, the anchor cache, RIVRL's tokenizer) is
+engine/portable.py, written once for both; ranking is engine/search.py's, the same for every
+backend.
 
 `ExportedBackend` holds the numpy pipeline; a subclass only says how a module is opened and run
 (`OnnxRuntimeBackend` here, `engine.backends.tensorrt.TensorRTBackend` for TensorRT engines).
@@ -44,7 +46,7 @@ from engine.search import block_rows
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "cvr-sdgm/export/1"
-EXPORT_VERSION = 2  # bump when graphs or the manifest change: every cached export is then redone
+EXPORT_VERSION = 3  # bump when graphs or the manifest change: every cached export is then redone
 MANIFEST = "manifest.json"
 # Scoring materialises (queries x videos x K) twice for the Jaccard passes; galleries are scored in
 # chunks of videos so that this stays near 64 M floats whatever the gallery size.

@@ -12,9 +12,11 @@ import warnings
 import numpy as np
 import torch
 
-from engine.checkpoint import anchor_generator, load_checkpoint, read_checkpoint_config
+from engine.checkpoint import anchor_generator, load_checkpoint, read_checkpoint_config, warn_on_other_noise
 from engine.model import Embeddings
-from engine.search import block_rows
+from engine.search import BLOCK_ELEMENTS, block_rows
+
+GPU_BLOCK_ELEMENTS = 1 << 26  # not measured yet: no GPU has run this path (see the README)
 
 
 class DeviceError(ValueError):
@@ -54,7 +56,9 @@ class TorchScorer:
         return self.matcher(query, video).float().cpu().numpy()
 
     def block_rows(self, queries: int) -> int:
-        return block_rows(queries, self.latent_dim, self.concept_dim)
+        # A GPU wants far larger blocks than a CPU's caches: each block is one host-to-device copy.
+        budget = GPU_BLOCK_ELEMENTS if self.device.type == "cuda" else BLOCK_ELEMENTS
+        return block_rows(queries, self.latent_dim, self.concept_dim, budget)
 
 
 class TorchPipeline:
@@ -82,6 +86,7 @@ class TorchPipeline:
 
         config = read_checkpoint_config(checkpoint)
         meta = config.get("anchors") or {}
+        warn_on_other_noise(checkpoint, config)
         folder = anchor_generator(checkpoint, config, generator)
         steps = steps if steps is not None else meta.get("steps")
         options = GeneratorOptions(steps=steps, seed=int(meta.get("seed", 0)))

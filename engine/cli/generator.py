@@ -118,10 +118,10 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def _cmd_anchors(args) -> int:
-    from engine import paths
     from engine.anchor_store import write_anchor_store
     from engine.anchors import AnchorGenerator, GeneratorOptions
     from engine.datasets import Collection, video_id_of
+    from engine.paths import reference, weights_reference
     from engine.vision import RegionExtractor, VisionConfig
 
     existing_dir(args.generator, "generator")
@@ -164,7 +164,8 @@ def _cmd_anchors(args) -> int:
     vision = VisionConfig(image_size=args.image_size, weights=weights)
     extractor = RegionExtractor.from_config(vision, device=args.device or "cpu")
     meta = {"protocol": args.protocol, "collection": args.collection, "split": args.split,
-            "generator": paths.reference(args.generator, args.out), "vision_weights": weights or "builtin"}
+            "generator": reference(args.generator, args.out),
+            "vision_weights": weights_reference(weights, args.out)}
     write_anchor_store(args.out, generator, extractor, ids, prompts, meta, steps=args.steps, seed=args.seed,
                        batch_size=args.batch_size, png_dir=args.png, progress=not args.quiet)
     print(f"wrote {len(ids)} anchors ({args.protocol} protocol) to {args.out}")
@@ -194,16 +195,14 @@ def _anchors_in_parallel(args, n_ids: int) -> int:
     write (same ids and anchors; the floats differ only by the rounding of other batch groupings).
     Worth it on a multi-core CPU, where one thread per process is also the least noisy way to use
     the cores."""
-    import shutil
     import subprocess
-    import tempfile
 
+    from engine import files
     from engine.anchor_store import merge_anchor_stores
 
     workers = min(args.workers, n_ids)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    parts_dir = tempfile.mkdtemp(prefix=os.path.basename(args.out) + ".parts-", dir=parent)
+    # The shards live in a staging folder beside --out: a killed run's is cleaned by the next writer.
+    parts_dir = files.make_staging(args.out)
     parts = [os.path.join(parts_dir, str(i)) for i in range(workers)]
     children = []
     print(f"drawing {n_ids} anchors in {workers} worker processes", flush=True)
@@ -222,7 +221,7 @@ def _anchors_in_parallel(args, n_ids: int) -> int:
                 child.kill()
                 child.wait()
             log.close()
-        shutil.rmtree(parts_dir, ignore_errors=True)
+        files.remove(parts_dir)
     print(f"wrote {n_ids} anchors ({args.protocol} protocol) to {args.out} ({workers} worker processes)")
     return 0
 
