@@ -17,10 +17,12 @@ import numpy as np
 
 from engine import files, paths
 from engine.anchors import AnchorError, AnchorGenerator
+from engine.integrity import SEAL, check_seal, seal, verify_files
 from engine.portable import NOISE_SCHEME
 
 META_FILE = "anchor_meta.json"
 STORE_FORMAT = "cvr-sdgm/anchors/1"
+DRAW_AGAIN = "draw the store again with `cvr anchors`"
 
 
 def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Sequence[str], prompts: Sequence[str],
@@ -41,7 +43,9 @@ def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Seque
     dim = extractor.feature_dim
     folder = Path(folder)
     if png_dir:
-        Path(png_dir).mkdir(parents=True, exist_ok=True)
+        from engine.outputs import mark_anchor_pngs
+
+        mark_anchor_pngs(png_dir)  # so that a later `cvr anchors --png` may write into it again
     with BigFileWriter(folder, r * dim) as writer:
         for start in tqdm(range(0, len(ids), batch_size), desc="anchor store", unit="batch", disable=not progress):
             batch_ids = list(ids[start:start + batch_size])
@@ -56,8 +60,14 @@ def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Seque
                 "anchor_size": generator.image_size, "generator_id": generator.generator_id,
                 "adapter_id": generator.adapter_id, "steps": steps or generator.default_steps, "seed": seed,
                 "noise": NOISE_SCHEME, **meta}
-        writer.add_file(META_FILE, files.to_json(full))
+        writer.add_file(META_FILE, _sealed_meta(full))
     return folder
+
+
+def _sealed_meta(meta: dict):
+    """anchor_meta.json's text from the store's files' digests (BigFileWriter.add_file), sealed."""
+    settings = {k: v for k, v in meta.items() if k not in ("files", SEAL)}
+    return lambda digests: files.to_json(seal({**settings, "files": digests}))
 
 
 def merge_anchor_stores(parts: Sequence, folder) -> Path:
@@ -70,13 +80,18 @@ def merge_anchor_stores(parts: Sequence, folder) -> Path:
     with BigFileWriter(Path(folder), row_floats) as writer:
         for part in parts:
             ids, regions, meta = read_anchor_store(part)
-            if _rebased(meta, part, folder) != _rebased(first[2], parts[0], folder):
+            if _settings(_rebased(meta, part, folder)) != _settings(_rebased(first[2], parts[0], folder)):
                 raise AnchorError(f"{part}: drawn with other settings than {parts[0]}; cannot merge")
             for start in range(0, len(ids), 1024):
                 chunk = np.asarray(regions[start : start + 1024]).reshape(-1, row_floats)
                 writer.add(ids[start : start + 1024], chunk)
-        writer.add_file(META_FILE, files.to_json(_rebased(first[2], parts[0], folder)))
+        writer.add_file(META_FILE, _sealed_meta(_rebased(first[2], parts[0], folder)))
     return Path(folder)
+
+
+def _settings(meta: dict) -> dict:
+    """What a store was drawn with: its metadata less the digests of its own files."""
+    return {k: v for k, v in meta.items() if k not in ("files", SEAL)}
 
 
 def _rebased(meta: dict, part, folder) -> dict:
@@ -91,6 +106,7 @@ def read_anchor_store(folder):
     from engine.datasets import FEATURE_DTYPE, FEATURE_FILE, BigFile
 
     folder = Path(folder)
+    files.recover(folder)  # a writer killed mid-swap may have left it aside
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise AnchorError(f"{folder} is not an anchor store (no {META_FILE})")
@@ -100,9 +116,13 @@ def read_anchor_store(folder):
         raise AnchorError(f"{meta_path}: unreadable ({error})") from None
     if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
         raise AnchorError(f"{meta_path}: not an anchor store's metadata")
+    check_seal(meta, str(meta_path), DRAW_AGAIN, AnchorError)  # stores drawn before seals load as before
+    if not isinstance(meta.get("files", {}), dict):
+        raise AnchorError(f"{meta_path}: invalid field 'files'")
+    verify_files(str(folder), meta.get("files", {}), DRAW_AGAIN, AnchorError)
     if meta.get("noise") != NOISE_SCHEME:
         raise AnchorError(f"{folder}: anchors drawn with noise {meta.get('noise')!r}, this engine draws "
-                          f"{NOISE_SCHEME!r}: draw the store again with `cvr anchors`")
+                          f"{NOISE_SCHEME!r}: {DRAW_AGAIN}")
     big = BigFile(folder)
     n, dim = big.shape
     r, d = int(meta["regions"]), int(meta["dim"])

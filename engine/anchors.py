@@ -38,6 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from engine import files
+from engine.config import check_types
 from engine.fingerprints import (
     GENERATOR_CONFIG,
     TRANSFORMER_DIR,
@@ -153,7 +154,9 @@ class BuiltinConfig:
     @classmethod
     def from_dict(cls, data: dict) -> BuiltinConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        check_types(cls, values, "generator config", AnchorError)
+        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------------

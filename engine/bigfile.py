@@ -12,6 +12,8 @@ reads. Problems are one-line :class:`engine.formats.DataFormatError` messages na
 from __future__ import annotations
 
 import ast
+import contextlib
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import files
+from engine.errors import InputError, MissingEntryError
 from engine.formats import COUNT, DataFormatError, check_token, read_text, show, text_lines
 
 FEATURE_FILE = "feature.bin"
@@ -192,7 +195,7 @@ class BigFile:
         try:
             return self._index[id_]
         except (KeyError, TypeError):
-            raise KeyError(f"id {show(id_)} is not in {self.id_file}") from None
+            raise MissingEntryError(f"id {show(id_)} is not in {self.id_file}") from None
 
     # -- reading rows -------------------------------------------------------------------------
 
@@ -227,7 +230,7 @@ class BigFile:
         """Frame features of one video, ``(F, dim)`` float32, in frame order."""
         mapping = self.video2frames()
         if video_id not in mapping:
-            raise KeyError(f"video {show(video_id)} is not in {self.video2frames_file}")
+            raise MissingEntryError(f"video {show(video_id)} is not in {self.video2frames_file}")
         return self.read(mapping[video_id])
 
     def video_ids(self) -> list[str]:
@@ -244,19 +247,19 @@ def _as_f4_rows(rows: object, dim: int, n_ids: int) -> np.ndarray:
     """Validate one block of rows and return it as C-contiguous '<f4' (the on-disk layout)."""
     arr = np.asarray(rows)
     if arr.ndim != 2:
-        raise ValueError(f"rows must be a 2-D array, got shape {arr.shape}")
+        raise InputError(f"rows must be a 2-D array, got shape {arr.shape}")
     if arr.dtype.kind not in "fiu":
-        raise ValueError(f"rows must hold real numbers, got dtype {arr.dtype}")
+        raise InputError(f"rows must hold real numbers, got dtype {arr.dtype}")
     if arr.shape[1] != dim:
-        raise ValueError(f"rows have {arr.shape[1]} columns, expected dim={dim}")
+        raise InputError(f"rows have {arr.shape[1]} columns, expected dim={dim}")
     if arr.shape[0] != n_ids:
-        raise ValueError(f"got {n_ids} ids for {arr.shape[0]} rows")
+        raise InputError(f"got {n_ids} ids for {arr.shape[0]} rows")
     # float64 values beyond float32 range become inf here and are caught just below.
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(arr, dtype=FEATURE_DTYPE)
     finite = np.isfinite(out).all(axis=1)
     if not finite.all():
-        raise ValueError(f"row {int(np.argmin(finite))} of this block has a non-finite value (NaN/inf)")
+        raise InputError(f"row {int(np.argmin(finite))} of this block has a non-finite value (NaN/inf)")
     return out
 
 
@@ -288,23 +291,31 @@ class BigFileWriter:
 
     def __init__(self, folder: str | os.PathLike, dim: int):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+            raise InputError(f"dim must be a positive int, got {dim!r}")
         self.folder = Path(folder)
         self.dim = int(dim)
         if os.path.lexists(self.folder) and not self.folder.is_dir():
-            raise ValueError(f"{self.folder} exists and is not a directory")
-        self._tmp = files.make_staging(self.folder)
+            raise InputError(f"{self.folder} exists and is not a directory")
+        self._lock = contextlib.ExitStack()  # one writer of the folder at a time, until close/abort
+        self._lock.enter_context(files.lock(self.folder))
+        try:
+            self._tmp = files.make_staging(self.folder)
+        except BaseException:
+            self._lock.close()
+            raise
         try:
             # Held open across add() calls to stream rows; closed in close()/abort().
             self._bin = open(self._tmp / FEATURE_FILE, "wb")  # noqa: SIM115
         except BaseException:
             files.remove(self._tmp)
+            self._lock.close()
             raise
         self.ids: list[str] = []
         self._seen: set[str] = set()
         self._video2frames: dict[str, list[str]] | None = None
         self._from_add_video = False
-        self._extra: dict[str, bytes] = {}
+        self._extra: dict = {}
+        self._feature_digest = hashlib.sha256()
         self.closed = False
 
     @property
@@ -333,7 +344,9 @@ class BigFileWriter:
             if id_ in self._seen or id_ in fresh:
                 raise ValueError(f"duplicate id {show(id_)}")
             fresh.add(id_)
-        self._bin.write(block.tobytes())
+        payload = block.tobytes()
+        self._bin.write(payload)
+        self._feature_digest.update(payload)  # hashed as it streams: no second read of a large file
         self.ids.extend(ids)
         self._seen |= fresh
 
@@ -358,13 +371,14 @@ class BigFileWriter:
             raise ValueError("add_video() was already used; do not mix it with set_video2frames()")
         self._video2frames = _check_video2frames(mapping)
 
-    def add_file(self, name: str, data: bytes | str) -> None:
+    def add_file(self, name: str, data) -> None:
         """Another file to write into the folder at close (e.g. an anchor store's metadata), so the
-        folder appears complete or not at all."""
+        folder appears complete or not at all. `data`: bytes, str, or a function of the BigFile's
+        files' sha256 ({name: hex}) returning either, for metadata that records them."""
         self._check_open()
         if os.path.basename(name) != name or name in (FEATURE_FILE, SHAPE_FILE, ID_FILE, VIDEO2FRAMES_FILE):
             raise ValueError(f"extra file name {name!r} must be a plain name, not one of the BigFile's own")
-        self._extra[name] = data.encode("utf-8") if isinstance(data, str) else data
+        self._extra[name] = data
 
     def _finish_files(self) -> None:
         """Complete the temporary folder: feature.bin synced, then the three text files."""
@@ -381,8 +395,12 @@ class BigFileWriter:
                     raise ValueError(f"frame {show(missing)} of video {show(video_id)} has no row")
             # repr of a plain dict of lists of str: what RIVRL writes and literal_eval reads.
             files.write_synced(self._tmp / VIDEO2FRAMES_FILE, repr(self._video2frames).encode("utf-8"))
+        digests = {FEATURE_FILE: self._feature_digest.hexdigest()}
+        for name in (SHAPE_FILE, ID_FILE, VIDEO2FRAMES_FILE):
+            if (self._tmp / name).is_file():
+                digests[name] = files.sha256_file(self._tmp / name)
         for name, data in self._extra.items():
-            files.write_synced(self._tmp / name, data)
+            files.write_synced(self._tmp / name, data(digests) if callable(data) else data)
 
     def close(self) -> Path:
         """Finish the folder and rename it into place; returns the target path."""
@@ -397,6 +415,7 @@ class BigFileWriter:
             self.abort()
             raise
         self.closed = True
+        self._lock.close()
         return self.folder
 
     def abort(self) -> None:
@@ -405,6 +424,7 @@ class BigFileWriter:
             self._bin.close()
         files.remove(self._tmp)
         self.closed = True
+        self._lock.close()
 
     def __enter__(self):
         return self

@@ -18,15 +18,18 @@ import os
 
 from engine import files, paths
 from engine.config import ModelConfig, read_format_json
+from engine.errors import CVRError
+from engine.integrity import check_seal, seal, verify_files
 
 FORMAT = "cvr-sdgm/checkpoint/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 LOG = "train_log.json"
+RETRAIN = "restore it or train it again with `cvr train`"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CVRError):
     """A checkpoint folder that cannot be loaded (one-line message)."""
 
 
@@ -44,7 +47,13 @@ def checkpoint_id(folder: str) -> str:
 
 
 def read_checkpoint_config(folder: str) -> dict:
-    return read_format_json(folder, CONFIG, FORMAT, CheckpointError, "checkpoint")
+    """config.json, checked against its own digest (an edited field is refused like a damaged file)."""
+    config = read_format_json(folder, CONFIG, FORMAT, CheckpointError, "checkpoint")
+    check_seal(config, os.path.join(folder, CONFIG), RETRAIN, CheckpointError)
+    files_field = config.get("files", {})
+    if not isinstance(files_field, dict) or not all(isinstance(v, str) for v in files_field.values()):
+        raise CheckpointError(f"{os.path.join(folder, CONFIG)}: invalid field 'files'")
+    return config
 
 
 def anchor_generator(folder: str, config: dict, override: str | None = None) -> str:
@@ -104,7 +113,8 @@ def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | N
 
     with files.staged_folder(folder) as work:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
-        save_file(tensors, os.path.join(work, WEIGHTS), metadata={"format": FORMAT})
+        with files.safetensors_errors(os.path.join(folder, WEIGHTS)):
+            save_file(tensors, os.path.join(work, WEIGHTS), metadata={"format": FORMAT})
         files.fsync_file(os.path.join(work, WEIGHTS))
         config = {
             "format": FORMAT,
@@ -114,7 +124,8 @@ def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | N
             **(extra or {}),
         }
         config["model"]["text"] = _text_config(config["model"]["text"], folder, to_file=True)
-        files.write_synced(os.path.join(work, CONFIG), files.to_json(config))
+        config["files"] = {WEIGHTS: files.sha256_file(os.path.join(work, WEIGHTS))}
+        files.write_synced(os.path.join(work, CONFIG), files.to_json(seal(config)))
         files.write_synced(os.path.join(work, LOG), files.to_json(log or []))
     return checkpoint_id(folder)
 
@@ -142,6 +153,8 @@ def load_checkpoint(folder: str, device: str = "cpu"):
     weights = os.path.join(folder, WEIGHTS)
     if not os.path.exists(weights):
         raise CheckpointError(f"{folder}: no {WEIGHTS}")
+    # Written before digests were recorded: no "files" (the weights' shapes are still checked).
+    verify_files(folder, config.get("files", {}), RETRAIN, CheckpointError)
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as error:
@@ -154,6 +167,9 @@ def load_checkpoint(folder: str, device: str = "cpu"):
             raise CheckpointError(
                 f"{weights}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(tensor.shape)}"
             )
+        if tensors[name].is_floating_point() and not tensors[name].isfinite().all():
+            # NaN or infinite weights would rank every video by NaN scores, i.e. in file order.
+            raise CheckpointError(f"{weights}: tensor {name} holds NaN or infinite values: retrain or restore it")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{weights}: unexpected tensor {unexpected[0]}")

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
+from engine.errors import CVRError
 
-class ConfigError(ValueError):
+
+class ConfigError(CVRError):
     """A configuration that cannot be used (one-line message)."""
 
 
@@ -20,7 +23,47 @@ def _from_dict(cls, values: dict, where: str):
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown {cls.__name__} keys {unknown}")
+    check_types(cls, values, where, ConfigError)
     return cls(**values)
+
+
+# JSON types each annotation accepts (bool is an int in Python, never in a config); a value of
+# another type is refused, never coerced: "512" is not 512, and 0.5 is not a dimension.
+_JSON_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict, "list": list,
+               "tuple": (list, tuple)}
+
+
+def check_types(cls, values: dict, where: str, error: type = None) -> None:
+    """Refuse (one line, `error`) a field of dataclass `cls` whose JSON value has the wrong type for
+    its annotation (`int`, `float`, `str | None`, `tuple[int, ...]`, ...), or a non-finite float."""
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        annotation = annotations.get(name)
+        if isinstance(annotation, str) and not _fits(value, annotation):
+            raise (error or ConfigError)(f"{where}: {cls.__name__} field {name!r} must be {annotation}, "
+                                         f"got {json.dumps(value)[:60]}")
+
+
+def _fits(value, annotation: str) -> bool:
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None":
+            if value is None:
+                return True
+            continue
+        base, _, inner = option.partition("[")
+        types = _JSON_TYPES.get(base)
+        if types is None:
+            return True  # an annotation this check does not know is left to the class
+        if isinstance(value, bool) != (base == "bool") or not isinstance(value, types):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        if inner and base in ("tuple", "list"):
+            element = inner.rstrip("]").split(",")[0].strip()
+            if not all(_fits(item, element) for item in value):
+                continue
+        return True
+    return False
 
 
 @dataclass
@@ -49,7 +92,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> ModelConfig:
-        return _from_dict(cls, dict(values), where)
+        config = _from_dict(cls, dict(values), where)
+        try:
+            config.validate()
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        return config
 
     def validate(self) -> None:
         if self.attention not in ("hybrid", "spatial", "channel", "meanpool"):
@@ -58,6 +106,8 @@ class ModelConfig:
                      "video_local_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -81,7 +131,14 @@ def read_format_json(folder: str, name: str, fmt: str, error: type, kind: str) -
     """Read `folder/name`, a JSON object whose "format" is `fmt`; anything else raises `error`
     with one line (missing folder, missing file, bad JSON, another format)."""
     if not os.path.isdir(folder):
-        raise error(f"{folder}: no such {kind} folder")
+        from engine.files import recover
+
+        recover(folder)  # a writer killed mid-swap may have left it aside
+    if not os.path.isdir(folder):
+        from engine.files import why_not_a_folder
+
+        reason = why_not_a_folder(folder)
+        raise error(f"{folder}: no such {kind} folder" if reason == "no such folder" else f"{folder}: {reason}")
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise error(f"{folder}: not a {kind} (no {name})")

@@ -35,6 +35,7 @@ from engine.bigfile import (
     BigFileWriter,
     write_bigfile,
 )
+from engine.errors import MissingEntryError
 from engine.formats import COUNT, DataFormatError, check_token, has_space, read_text, show, text_lines
 
 __all__ = [
@@ -258,7 +259,7 @@ def tag_targets(
     out = np.zeros((len(order), len(vocab)), dtype=np.float32)
     for i, video_id in enumerate(order):
         if video_id not in video_tags:
-            raise KeyError(f"video {show(video_id)} has no tag entry")
+            raise MissingEntryError(f"video {show(video_id)} has no tag entry")
         in_vocab = [(column[t], c) for t, c in video_tags[video_id].items() if t in column]
         top = max((c for _, c in in_vocab), default=0)
         if top <= 0:
@@ -285,7 +286,8 @@ class Collection:
         self.name = name
         self.path = self.root / name
         if not self.path.is_dir():
-            raise DataFormatError(self.path, "collection folder not found")
+            reason = files.why_not_a_folder(self.path)
+            raise DataFormatError(self.path, "collection folder not found" if reason == "no such folder" else reason)
         self._features: dict[str, BigFile] = {}
 
     def __repr__(self) -> str:
@@ -362,6 +364,13 @@ class Collection:
                 "max": max(counts, default=0),
             }
         vocab_path = self.tag_vocab_path(tag_vocab_size)
+        problems = self._problems(big, splits, feature)
+        vocab_size = None
+        if vocab_path.is_file():
+            try:
+                vocab_size = len(read_tag_vocab(vocab_path))
+            except (DataFormatError, ValueError) as error:
+                problems.append(str(error).splitlines()[0])
         return {
             "collection": self.name,
             "root": str(self.root),
@@ -370,8 +379,28 @@ class Collection:
             "dim": big.dim,
             "splits": splits,
             "frames_per_video": frames,
-            "tag_vocab_size": len(read_tag_vocab(vocab_path)) if vocab_path.is_file() else None,
+            "tag_vocab_size": vocab_size,
+            "problems": problems,
         }
+
+    def _problems(self, big: BigFile, splits: dict, feature: str) -> list:
+        """What `cvr train` and `cvr index` would refuse in this collection, one line each."""
+        problems = []
+        for split, counts in splits.items():
+            if counts and counts["videos_without_features"]:
+                problems.append(f"{counts['videos_without_features']} videos of the {split} split have captions but "
+                                f"no features in {self.feature_dir(feature)}")
+        vectors = big.vectors
+        bad_rows = sum(int((~np.isfinite(vectors[start : start + 4096]).all(axis=1)).sum())
+                       for start in range(0, big.n, 4096))
+        if bad_rows:
+            problems.append(f"{big.folder}: {bad_rows} feature rows hold NaN or infinite values")
+        if self.tags_path().is_file():
+            try:
+                self.tags()
+            except DataFormatError as error:
+                problems.append(str(error).splitlines()[0])
+        return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,11 +419,11 @@ def video_frames(features: BigFile, video_ids: Sequence[str], max_frames: int) -
     for video_id in video_ids:
         rows = features.frames_of(video_id) if features.has_video2frames else features.read([video_id])
         if len(rows) == 0:
-            raise ValueError(f"{features.folder}: video {video_id} has no frames")
+            raise DataFormatError(features.folder, f"video {video_id} has no frames")
         if len(rows) > max_frames:
             rows = rows[np.linspace(0, len(rows) - 1, max_frames).round().astype(int)]
         if not np.isfinite(rows).all():
-            raise ValueError(f"{features.folder}: video {video_id} has NaN or infinite frame features")
+            raise DataFormatError(features.folder, f"video {video_id} has NaN or infinite frame features")
         per_video.append(rows)
     length = max(len(r) for r in per_video)
     frames = np.zeros((len(per_video), length, features.dim), np.float32)

@@ -11,19 +11,32 @@ Every writer in the project goes through this module, so that all of them share 
 - temporary names carry the writer's pid and a random part (`.NAME.tmp-PID-XXXX`,
   `.NAME.old-PID-XXXX`), so two writers never collide, and `clean_stale` can tell the leftovers
   of a dead writer from a live writer's work: it removes them, and puts an old folder back where a
-  kill fell between the two renames of a swap.
+  kill fell between the two renames of a swap (`recover`, which readers call);
+- one writer at a time: `lock` holds the OS lock of `<target>.lock` (`staged_folder` takes it),
+  released by the OS when its process dies;
+- `fault_point` names the steps where the fault tests kill a writer.
 
 Files get mode 0644 and folders 0755 (mkstemp and mkdtemp make owner-only ones).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+
+from engine.errors import CVRError
 
 FILE_MODE = 0o644
 FOLDER_MODE = 0o755
@@ -118,6 +131,24 @@ def write_json(path: str | os.PathLike, value) -> Path:
     return atomic_write(path, to_json(value))
 
 
+@contextlib.contextmanager
+def safetensors_errors(path: str | os.PathLike):
+    """safetensors reports a failed write (a full disk, say) as a SafetensorError whose text holds
+    the OS error code: raise it as the OSError it is, naming `path`, so it is one line."""
+    import re
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        code = re.search(r"(?:os error |code: )(\d+)", str(error))
+        if code is None:
+            raise CVRError(f"{path}: cannot write ({str(error).splitlines()[0]})") from None
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
+
+
 def copy_atomic(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     with atomic_path(target) as temporary:
         shutil.copyfile(source, temporary)
@@ -140,40 +171,95 @@ def make_staging(target: str | os.PathLike) -> Path:
 
 
 def move_into_place(work: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Rename the finished folder `work` onto `target`. An existing target is first moved aside
-    under a hidden `.old-` name, the new folder renamed in, and only then the old one deleted; if
-    the second rename fails, the old folder is moved back (and `clean_stale` restores it if the
-    process died in between)."""
+    """Put the finished folder `work` at `target`, so that a kill at any moment leaves the old or
+    the new folder there. An existing target is exchanged with `work` in one step (Linux
+    renameat2 RENAME_EXCHANGE) and the old folder, now at the staging name, deleted. Where the
+    filesystem cannot exchange, the target is moved aside under a hidden `.old-` name and the new
+    folder renamed in; a kill between those two renames leaves the old folder aside, and
+    `recover` (which every reader and writer of the target calls) puts it back."""
     work, target = Path(work), Path(target).absolute()
     fsync_dir(work)
+    fault_point("before-swap")
     if not os.path.lexists(target):
         os.rename(work, target)
         fsync_dir(target.parent)
+        fault_point("after-swap")
+        return
+    if exchange(work, target):
+        fsync_dir(target.parent)
+        fault_point("after-swap")  # target is the new folder; the old one waits at the staging name
+        remove(work)
         return
     old = Path(tempfile.mkdtemp(prefix=_temporary_name(target, "old"), dir=target.parent))
     os.rmdir(old)  # rename needs the name free; the random part keeps it ours
     os.rename(target, old)
+    fault_point("between-renames")
     try:
         os.rename(work, target)
     except BaseException:
         os.rename(old, target)
         raise
     fsync_dir(target.parent)
+    fault_point("after-swap")
     remove(old)
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE). False where the
+    C library, the kernel or the filesystem cannot (or CVR_RENAME_EXCHANGE=0 says not to)."""
+    if os.environ.get("CVR_RENAME_EXCHANGE") == "0":
+        return False
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(a), None, str(b))
+
+
+@functools.cache
+def _renameat2():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name, use_errno=True), "renameat2", None) if name else None
+    except OSError:
+        return None
+
+
+def fault_point(step: str) -> None:
+    """A named step of a write where the fault tests kill the process (CVR_TEST_KILL_AT=step): the
+    real SIGKILL, which runs no clean-up, at exactly that point. Free when the variable is unset."""
+    if os.environ.get("CVR_TEST_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def recover(target: str | os.PathLike) -> list:
+    """What a killed writer left beside `target` is cleaned, and a folder it had moved aside is put
+    back (`clean_stale`); readers call this first. Returns the paths handled; problems (a read-only
+    folder) are left to the read itself to report."""
+    try:
+        return clean_stale(target)
+    except OSError:
+        return []
 
 
 @contextlib.contextmanager
 def staged_folder(target: str | os.PathLike):
-    """Build a folder atomically: yields a staging folder; when the block ends without an
-    exception it replaces `target` (move_into_place), else it is removed and `target` is left as
-    it was."""
-    work = make_staging(target)
-    try:
-        yield work
-        move_into_place(work, target)
-    except BaseException:
-        remove(work)
-        raise
+    """Build a folder atomically, as its one writer: holds `lock(target)`, yields a staging folder;
+    when the block ends without an exception it replaces `target` (move_into_place), else it is
+    removed and `target` is left as it was."""
+    with lock(target):
+        work = make_staging(target)
+        try:
+            yield work
+            move_into_place(work, target)
+        except BaseException:
+            remove(work)
+            raise
 
 
 def remove(path: str | os.PathLike) -> None:
@@ -186,28 +272,35 @@ def remove(path: str | os.PathLike) -> None:
             path.unlink()
 
 
+def leftovers(target: str | os.PathLike) -> list:
+    """What writers left beside `target`: (path, kind "tmp" or "old", pid, whether it is alive)."""
+    target = Path(target).absolute()
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for entry in sorted(os.listdir(target.parent)):
+        for kind in _KINDS:
+            prefix = f".{target.name}.{kind}-"
+            pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+            if pid.isdigit():
+                found.append((target.parent / entry, kind, int(pid), _alive(int(pid))))
+    return found
+
+
 def clean_stale(target: str | os.PathLike) -> list:
     """Remove what dead writers left beside `target`: their temporary files and staging folders,
     and the old folder a swap had moved aside (put back when `target` is missing: the kill fell
     between the two renames). Leftovers of live processes are left alone. Returns the paths handled."""
     target = Path(target).absolute()
-    if not target.parent.is_dir():
-        return []
     handled = []
-    for entry in sorted(os.listdir(target.parent)):
-        for kind in _KINDS:
-            prefix = f".{target.name}.{kind}-"
-            if not entry.startswith(prefix):
-                continue
-            pid = entry[len(prefix):].split("-", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            path = target.parent / entry
-            if kind == "old" and not os.path.lexists(target):
-                os.rename(path, target)
-            else:
-                remove(path)
-            handled.append(str(path))
+    for path, kind, _pid, alive in leftovers(target):
+        if alive:
+            continue
+        if kind == "old" and not os.path.lexists(target):
+            os.rename(path, target)
+        else:
+            remove(path)
+        handled.append(str(path))
     return handled
 
 
@@ -221,3 +314,133 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's live process
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks: one writer of a folder at a time
+
+
+class LockedError(CVRError):
+    """Another process holds the lock of a folder for longer than we were ready to wait."""
+
+
+_HELD: dict = {}  # lock path -> [threading.RLock, depth, fd]: re-entrant within one process
+_HELD_GUARD = threading.Lock()
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another writer (CVR_LOCK_TIMEOUT, default 600)."""
+    try:
+        return float(os.environ.get("CVR_LOCK_TIMEOUT", "600"))
+    except ValueError:
+        return 600.0
+
+
+@contextlib.contextmanager
+def lock(target: str | os.PathLike, timeout: float | None = None):
+    """Hold the OS lock (flock) of `target`: the file `<target>.lock` beside it (a lock inside the
+    folder would be swapped away with it). A second process waits for it (saying so once on
+    stderr) up to `timeout` seconds (default `lock_timeout()`), then gets a LockedError naming the
+    holder's pid. The OS releases the lock when its process dies, killed or not. Re-entrant within
+    one process, so a command may lock a folder it then writes through a function that locks too."""
+    path = os.path.abspath(os.fspath(target)) + ".lock"
+    with _HELD_GUARD:
+        entry = _HELD.setdefault(path, [threading.RLock(), 0, None])
+    with entry[0]:
+        if entry[1] == 0:
+            entry[2] = _acquire(path, lock_timeout() if timeout is None else timeout)
+        entry[1] += 1
+        try:
+            yield path
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                os.close(entry[2])  # releases the flock
+                entry[2] = None
+
+
+def _acquire(path: str, timeout: float) -> int:
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        deadline, told = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"{path[:-5]}: another writer (pid {holder}) holds {path}; try again when it "
+                                      "is done") from None
+                if not told:
+                    print(f"cvr: waiting for {path} (pid {holder} is writing {path[:-5]})", file=sys.stderr)
+                    told = True
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: never replace what this command did not write
+
+
+class NotOursError(CVRError):
+    """An output path holds something the command did not write."""
+
+
+def why_not_a_folder(path: str | os.PathLike) -> str:
+    """Why `path` cannot be used as a folder, in words: "no such folder", "permission denied"
+    (a parent that cannot be entered reads as missing to os.path.isdir), "not a folder"."""
+    try:
+        status = os.stat(path)
+    except PermissionError:
+        return "permission denied"
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such folder"
+    except OSError as error:
+        return error.strerror or "cannot be opened"
+    import stat
+
+    if not stat.S_ISDIR(status.st_mode):
+        return "not a folder"
+    return "permission denied" if not os.access(path, os.R_OK | os.X_OK) else "unreadable"
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file's value; CVRError (one line naming the file) when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CVRError(f"{path}: not valid JSON ({getattr(error, 'msg', error)})") from None
+
+
+def json_format(path: str | os.PathLike) -> str | None:
+    """The "format" tag of a JSON object file, or None (missing, unreadable, another shape)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return value.get("format") if isinstance(value, dict) and isinstance(value.get("format"), str) else None
+
+
+def check_output(path: str | os.PathLike, is_ours, what: str, command: str, overwrite: bool = False) -> None:
+    """Refuse (one line) to write `path` when it holds something that `is_ours(path)` does not
+    recognise as `what` (a format tag): an empty folder, a missing path, or an output of the same
+    kind may be written; anything else only with `overwrite` (`--overwrite`)."""
+    path = Path(path)
+    if not os.path.lexists(path) or overwrite:
+        return
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    if not is_ours(path):
+        raise NotOursError(f"{path}: holds something that is not {what}, which `{command}` would replace: "
+                           "refusing (choose another path, or pass --overwrite to replace it)")

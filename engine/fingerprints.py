@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.errors import InputError
 from engine.files import sha256_file, sha256_text
 from engine.paths import WEIGHTS
 from engine.portable import AnchorError
@@ -92,5 +93,5 @@ def vision_id(weights: str | None) -> str:
     if os.path.isdir(path):
         return f"folder:{folder_fingerprint(path)}"
     if not os.path.isfile(path):
-        raise ValueError(f"vision weights not found: {path}")
+        raise InputError(f"vision weights not found: {path}")
     return f"file:{sha256_file(path)[:16]}"

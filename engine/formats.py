@@ -11,11 +11,13 @@ import os
 import re
 from pathlib import Path
 
+from engine.errors import CVRError
+
 # Non-negative decimal integers (shape.txt, tag counts).
 COUNT = re.compile(r"[0-9]+")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(CVRError):
     """A data file is missing or malformed.
 
     The message is always one line: ``"<path>:<line>: <what>"``, or ``"<path>: <what>"`` when

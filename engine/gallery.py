@@ -26,10 +26,12 @@ import struct
 
 import numpy as np
 
-from engine.files import sha256_file
+from engine.errors import CVRError
+from engine.integrity import check_seal, verify_files
 
 FORMAT = "cvr-sdgm/gallery"
 VERSION = 2  # 2: FAISS described by a factory string; no absolute paths
+REBUILD = "rebuild it with `cvr index`"
 IDS = "ids.txt"
 EMBEDDINGS = "embeddings.safetensors"
 FAISS_FILE = "faiss.index"
@@ -46,7 +48,7 @@ TRAIN_POINTS_PER_LIST = 40  # k-means sample: FAISS's own minimum per centroid, 
 FINITE_CHECK_ROWS = 1 << 16
 
 
-class GalleryError(ValueError):
+class GalleryError(CVRError):
     """A gallery (or the input to build one) that cannot be used; the message is one line."""
 
 
@@ -195,8 +197,10 @@ class Gallery:
     @classmethod
     def load(cls, folder: str, checkpoint_id: str | None = None, verify: bool = True) -> Gallery:
         """Load and validate a gallery folder; with `checkpoint_id`, refuse one built by another
-        checkpoint. `verify=False` skips the sha256 pass (the structural checks still run)."""
-        manifest = _read_manifest(folder)
+        checkpoint. Every file is checked against its digest (engine.integrity.verify_files: hashed
+        once, then vouched for by the folder's verified stamp); `verify=False` skips that (the
+        structural checks and the manifest's own digest still run)."""
+        manifest = read_manifest(folder)
         if checkpoint_id is not None and manifest["checkpoint"]["id"] != checkpoint_id:
             raise GalleryError(
                 f"{folder}: gallery was built with checkpoint {manifest['checkpoint']['id'][:12]}, not "
@@ -207,14 +211,13 @@ class Gallery:
         ids = _read_ids(folder, manifest["count"])
         lat, con = _read_embeddings(folder, manifest)
         if verify:  # after the structural checks, whose messages are more specific
-            for name, expected in manifest["files"].items():
-                if sha256_file(os.path.join(folder, name)) != expected:
-                    raise GalleryError(f"{os.path.join(folder, name)}: checksum mismatch (file damaged or edited)")
+            verify_files(folder, manifest["files"], REBUILD, GalleryError)
         index = _read_faiss(folder, manifest) if manifest.get("faiss") else None
         return cls(folder, ids, lat, con, manifest, index)
 
 
-def _read_manifest(folder: str) -> dict:
+def read_manifest(folder: str) -> dict:
+    """A gallery's manifest, checked (format, version and the fields loading relies on)."""
     from engine.config import read_format_json
 
     manifest = read_format_json(folder, MANIFEST, FORMAT, GalleryError, "gallery")
@@ -222,6 +225,7 @@ def _read_manifest(folder: str) -> dict:
     if manifest.get("version") != VERSION:
         raise GalleryError(f"{path}: gallery format version {manifest.get('version')!r}, this engine reads {VERSION}: "
                            "rebuild it with `cvr index`")
+    check_seal(manifest, path, REBUILD, GalleryError)  # before its fields are trusted
     _check_manifest_fields(manifest, path)
     return manifest
 

@@ -28,24 +28,27 @@ from engine.gallery import (
     faiss_factory,
     faiss_record,
 )
+from engine.integrity import seal
+from engine.outputs import claim
 
 KEEP = "keep"  # `faiss=KEEP` when appending: the gallery's own index kind, rebuilt for the new size
 
 
 def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = "float16", faiss: str | None = None,
-                  sources: list | None = None) -> dict:
+                  sources: list | None = None, overwrite: bool = False) -> dict:
     """Write a complete gallery folder atomically; returns its manifest.
 
     `lat` (N, 2, D) and `con` (N, 2, K) are numpy arrays (or anything numpy converts), cast to
     `dtype`; `checkpoint` is {"id": sha256, "path": folder, "norm": {...}}; `faiss` a shorthand
     (flat, ivf, hnsw) or a faiss index_factory string, built from the cast global latent vectors so
-    that the first stage sees exactly what reranking sees."""
+    that the first stage sees exactly what reranking sees. `out` may hold a gallery (or be empty);
+    anything else only with `overwrite`."""
     if dtype not in DTYPES:
         raise GalleryError(f"dtype must be float16 or float32, got {dtype!r}")
     lat, con = (np.ascontiguousarray(np.asarray(x), dtype=DTYPES[dtype]) for x in (lat, con))
     _check_arrays(ids, lat, con)
     out = os.path.abspath(out)
-    check_replaceable(out)
+    claim(out, "gallery", "cvr index", overwrite)
     with files.staged_folder(out) as work:
         written = {IDS: _write_ids(work, ids), EMBEDDINGS: _write_embeddings(work, lat, con)}
         faiss_info = None
@@ -54,7 +57,7 @@ def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = 
             index, train_points = build_faiss_index(lat[:, 0], factory)
             written[FAISS_FILE] = _write_faiss(work, index)
             faiss_info = faiss_record(index, faiss, factory, train_points)
-        manifest = {
+        manifest = seal({
             "format": FORMAT, "version": VERSION,
             "checkpoint": {"id": checkpoint["id"],
                            "path": checkpoint.get("path") and paths.reference(checkpoint["path"], out)},
@@ -64,7 +67,7 @@ def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = 
             "faiss": faiss_info,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "sources": sources or [],
-        }
+        })  # sealed: an edited field is caught like a damaged file
         files.write_synced(os.path.join(work, MANIFEST), files.to_json(manifest))  # last: it makes a gallery
     return manifest
 
@@ -82,28 +85,6 @@ def _check_arrays(ids: list, lat: np.ndarray, con: np.ndarray) -> None:
     check_finite(con, "concept embeddings")
 
 
-def check_replaceable(out: str) -> None:
-    """Only a gallery (even a damaged one) or an empty folder may be replaced: `--out` pointing at
-    some other folder by mistake must not delete it."""
-    if not os.path.exists(out):
-        return
-    if not os.path.isdir(out):
-        raise GalleryError(f"{out}: exists and is not a folder: refusing to replace it with a gallery")
-    if os.listdir(out) and not _looks_like_gallery(out):
-        raise GalleryError(f"{out}: exists and is not a gallery: refusing to replace it")
-
-
-def _looks_like_gallery(folder: str) -> bool:
-    import json
-
-    try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
 def _write_ids(work, ids: list) -> str:
     path = os.path.join(work, IDS)
     files.write_synced(path, "".join(f"{v}\n" for v in ids))
@@ -114,7 +95,8 @@ def _write_embeddings(work, lat: np.ndarray, con: np.ndarray) -> str:
     from safetensors.numpy import save_file
 
     path = os.path.join(work, EMBEDDINGS)
-    save_file({"lat": lat, "con": con}, path, metadata={"format": FORMAT, "version": str(VERSION)})
+    with files.safetensors_errors(path):
+        save_file({"lat": lat, "con": con}, path, metadata={"format": FORMAT, "version": str(VERSION)})
     files.fsync_file(path)
     return files.sha256_file(path)
 
@@ -134,14 +116,23 @@ def _write_faiss(work, index) -> str:
 
 def build_gallery(checkpoint: str, root: str, collection: str, split: str | None = None, out: str = "gallery",
                   feature: str | None = None, dtype: str | None = None, batch_size: int = 256,
-                  append: bool = False, progress: bool = True, faiss: str | None = None, model=None) -> dict:
+                  append: bool = False, progress: bool = True, faiss: str | None = None, model=None,
+                  overwrite: bool = False) -> dict:
     """Run the checkpoint's video tower over a collection's videos and write the gallery `out`.
 
     Videos: the split's (`split` given) or every video of the feature folder. `feature` defaults to
     the one the checkpoint was trained on. `dtype`: float16 (default for a new gallery) or float32;
     with `append`, the existing gallery's. `faiss`: a shorthand or factory string, 'none' for no
     index; None (or KEEP) keeps an appended gallery's index. `model`: the loaded checkpoint, to save
-    loading it again. Returns the manifest written."""
+    loading it again. One writer at a time (engine.files.lock over the read of an appended gallery
+    and the write). Returns the manifest written."""
+    with files.lock(os.path.abspath(out)):
+        return _build_gallery(checkpoint, root, collection, split, out, feature, dtype, batch_size, append, progress,
+                              faiss, model, overwrite)
+
+
+def _build_gallery(checkpoint, root, collection, split, out, feature, dtype, batch_size, append, progress, faiss,
+                   model, overwrite) -> dict:
     from engine.checkpoint import checkpoint_id, load_checkpoint, read_checkpoint_config
 
     config = read_checkpoint_config(checkpoint)  # CheckpointError for a missing or foreign folder
@@ -154,7 +145,7 @@ def build_gallery(checkpoint: str, root: str, collection: str, split: str | None
     if not feature:
         raise GalleryError(f"{checkpoint}: the checkpoint records no training feature: pass --feature")
     existing = Gallery.load(out, checkpoint_id=model.checkpoint_id) if append else None
-    check_replaceable(os.path.abspath(out))  # before the costly part, not only when writing
+    claim(os.path.abspath(out), "gallery", "cvr index", overwrite)  # before the costly part
     dtype, faiss = _resolve_options(existing, dtype, faiss, out)
 
     bigfile, video_ids = _videos(root, collection, split, feature)
@@ -175,7 +166,8 @@ def build_gallery(checkpoint: str, root: str, collection: str, split: str | None
         video_ids = existing.ids + video_ids
         sources = existing.manifest.get("sources", []) + sources
     info = {"id": model.checkpoint_id, "path": checkpoint, "norm": config.get("norm")}
-    return write_gallery(out, video_ids, lat, con, info, dtype=dtype, faiss=faiss, sources=sources)
+    return write_gallery(out, video_ids, lat, con, info, dtype=dtype, faiss=faiss, sources=sources,
+                         overwrite=overwrite)
 
 
 def _resolve_options(existing: Gallery | None, dtype: str | None, faiss, out: str) -> tuple:

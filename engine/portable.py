@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from engine.errors import CVRError
 
-class AnchorError(ValueError):
+log = logging.getLogger(__name__)
+
+
+class AnchorError(CVRError):
     """Bad input for the anchor generator, or an anchor cache or store that cannot be used
     (one-line message)."""
 
@@ -96,7 +101,8 @@ def latents_to_images(latents: np.ndarray, fold: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The anchor cache
 
-CACHE_FORMAT = "cvr-sdgm/anchor-cache/1"
+CACHE_FORMAT = "cvr-sdgm/anchor-cache/2"  # 2: each entry carries its key and the sha256 of its pixels
+OLD_CACHE_FORMATS = ("cvr-sdgm/anchor-cache/1",)
 CACHE_META = "cache.json"
 
 
@@ -107,9 +113,10 @@ def anchor_cache_key(prompt: str, generator: str, adapter: str, steps: int, size
 
 
 class AnchorCache:
-    """Anchors on disk, one .npy (uint8 H x W x 3) per key, written atomically and read with
-    allow_pickle=False. The folder's cache.json records the noise scheme its anchors were drawn
-    with; a folder drawn with another scheme (or holding something else) is refused."""
+    """Anchors on disk, one .npz per key (uint8 H x W x 3 pixels, the key, their sha256), written
+    atomically and read with allow_pickle=False. The folder's cache.json records the noise scheme
+    its anchors were drawn with; a folder drawn with another scheme (or holding something else) is
+    refused."""
 
     def __init__(self, folder):
         from engine import files
@@ -135,6 +142,9 @@ class AnchorCache:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = None
+        if isinstance(meta, dict) and meta.get("format") in OLD_CACHE_FORMATS:
+            raise AnchorError(f"anchor cache {meta_path.parent} was written by an older engine (entries without "
+                              "digests): delete it (it is only a cache) or use another folder")
         if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
             raise AnchorError(f"{meta_path}: not an anchor cache")
         if meta.get("noise") != NOISE_SCHEME:
@@ -144,21 +154,42 @@ class AnchorCache:
     key = staticmethod(anchor_cache_key)
 
     def _path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.npy"
+        return self.folder / key[:2] / f"{key}.npz"
 
     def get(self, key: str) -> np.ndarray | None:
+        """The cached anchor of `key`, or None. An entry is used only when it names this key and
+        its pixels match its digest; a damaged or misplaced one is reported and drawn again."""
         path = self._path(key)
-        if not path.is_file():
+        image = self._read(path, key) if path.is_file() else None
+        if image is None:
             self.misses += 1
             return None
         self.hits += 1
-        return np.load(path, allow_pickle=False)
+        return image
+
+    @staticmethod
+    def _read(path: Path, key: str) -> np.ndarray | None:
+        try:
+            with np.load(path, allow_pickle=False) as entry:
+                image, stored_key, digest = entry["image"], str(entry["key"]), str(entry["sha256"])
+        except (OSError, ValueError, KeyError, EOFError):
+            image = stored_key = digest = None
+        if image is None or stored_key != key or digest != _pixels_digest(image):
+            log.warning("anchor cache entry %s is damaged or not this prompt's: drawing it again", path)
+            return None
+        return image
 
     def put(self, key: str, image: np.ndarray) -> None:
         from engine import files
 
+        image = np.ascontiguousarray(image, dtype=np.uint8)
         with files.atomic_path(self._path(key)) as temporary, open(temporary, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+            np.savez(handle, image=image, key=np.str_(key), sha256=np.str_(_pixels_digest(image)))
+
+
+def _pixels_digest(image: np.ndarray) -> str:
+    """sha256 of an anchor's shape and uint8 pixels."""
+    return hashlib.sha256(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
 def png_name(generator_id: str, adapter_id: str, steps: int, prompt: str) -> str:
@@ -215,12 +246,14 @@ def topk_stable(scores: np.ndarray, k: int) -> tuple:
     values = np.empty((q, k), dtype=scores.dtype)
     indices = np.empty((q, k), dtype=np.int64)
     for i, row in enumerate(scores):
+        # NaN ranks last (as -inf) rather than breaking the selection; callers refuse it afterwards.
+        key = np.where(np.isnan(row), -np.inf, row) if np.isnan(row).any() else row
         if k < n:
-            kth = np.partition(row, n - k)[n - k]
-            candidates = np.flatnonzero(row >= kth)
+            kth = np.partition(key, n - k)[n - k]
+            candidates = np.flatnonzero(key >= kth)
         else:
             candidates = np.arange(n)
-        order = candidates[np.lexsort((candidates, -row[candidates]))][:k]
+        order = candidates[np.lexsort((candidates, -key[candidates]))][:k]
         values[i], indices[i] = row[order], order
     return values, indices
 

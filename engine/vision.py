@@ -24,13 +24,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from engine.errors import CVRError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_DIM = 2048
 BUILTIN_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "resnet50_synth_bn.safetensors")
 
 
-class VisionWeightsError(ValueError):
+class VisionWeightsError(CVRError):
     """Weights that cannot be loaded as a ResNet-50 (one-line message)."""
 
 
@@ -260,7 +262,7 @@ def save_builtin(model, path: str, seed: int, trained_stages: int = 0, extra: di
     metadata.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (extra or {}).items()})
     from engine import files
 
-    with files.atomic_path(path) as temporary:
+    with files.atomic_path(path) as temporary, files.safetensors_errors(path):
         save_file(tensors, temporary, metadata=metadata)
 
 

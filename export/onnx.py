@@ -67,6 +67,8 @@ from engine.checkpoint import (
     read_checkpoint_config,
 )
 from engine.files import sha256_file
+from engine.integrity import seal
+from engine.outputs import claim
 from export.graphs.generator_step import generator_step_spec
 from export.graphs.gru import TRANSLATIONS
 from export.graphs.query_tower import query_tower_spec
@@ -108,6 +110,7 @@ class ExportOptions:
     # generator step do not change with the checkpoint, and are the slow ones to export.
     module_cache: str | None = None
     force: bool = False  # export again even when the cached files match
+    overwrite: bool = False  # replace an --out that holds something else than an export
     log: Callable | None = None  # called with one line per step (the CLI passes print)
 
 
@@ -444,28 +447,22 @@ def export_onnx(checkpoint: str, out: str, options: ExportOptions | None = None)
     if existing is not None:
         log(f"reused {out}: same checkpoint, generator, shapes and export code (key {plan.key[:12]})")
         return ExportResult(out, existing, True)
-    _check_replaceable(out)
+    claim(out, "export", "cvr export", options.overwrite)  # never replace a folder that is not an export
     parts = load_parts(plan)
     with files.staged_folder(out) as work:
         modules = {spec.name: _export_one(spec, str(work), plan, options.module_cache, log) for spec in parts.specs}
+        written = {}
         for name, text in parts.files.items():
-            files.write_synced(os.path.join(work, name), text)
-        manifest = _manifest(plan, parts, modules, out)
+            written[name] = files.sha256_file(files.write_synced(os.path.join(work, name), text))
+        manifest = _manifest(plan, parts, modules, out, written)
         files.write_synced(os.path.join(work, MANIFEST), files.to_json(manifest))  # last: it vouches for the rest
     log(f"wrote {out} ({len(modules)} modules, key {plan.key[:12]})")
     return ExportResult(out, manifest, False)
 
 
-def _check_replaceable(out: str) -> None:
-    """Never replace a folder that is not an export (a typo in --out must not delete data)."""
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
-        raise ExportError(f"{out}: exists and is not an export folder; choose another --out")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"{out}: exists and is not a folder")
-
-
-def _manifest(plan: ExportPlan, parts: ExportParts, modules: dict, out: str) -> dict:
-    """The export's manifest; the checkpoint and generator are recorded relative to `out`."""
+def _manifest(plan: ExportPlan, parts: ExportParts, modules: dict, out: str, written: dict) -> dict:
+    """The export's manifest; the checkpoint and generator are recorded relative to `out`, and
+    `written` holds the sha256 of the tokenizer files beside the graphs."""
     import onnx
     import onnxruntime
 
@@ -475,11 +472,12 @@ def _manifest(plan: ExportPlan, parts: ExportParts, modules: dict, out: str) -> 
                                                path=paths.reference(anchors["generator"]["path"], out)),
                        vision=dict(anchors["vision"], weights=paths.weights_reference(anchors["vision"]["weights"],
                                                                                         out)))
-    return {
+    return seal({
         "format": EXPORT_FORMAT, "code_version": EXPORT_VERSION, "key": plan.key, "base_key": plan.base_key,
         "precisions": list(plan.precisions), "opset": plan.opset, "shapes": plan.shapes,
         "checkpoint": {"path": paths.reference(plan.checkpoint, out), "id": plan.checkpoint_id},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "text": parts.text, "anchors": anchors, "scorer": parts.scorer, "modules": modules,
         "parity_batches": list(PARITY_BATCHES),
-    }
+        "files": written,
+    })  # sealed: loading checks it and every file it names

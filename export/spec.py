@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.errors import CVRError
 
-class ExportError(ValueError):
+
+class ExportError(CVRError):
     """An export that cannot be made (one-line message)."""
 
 @dataclass

@@ -33,6 +33,7 @@ from engine.backends.tensorrt import (
     tensorrt_unavailable,
 )
 from engine.files import sha256_file
+from engine.integrity import seal
 from export.onnx import (
     DEFAULT_OPSET,
     ExportOptions,
@@ -61,12 +62,13 @@ class TensorRTOptions:
     vision_weights: str | None = None
     module_cache: str | None = None
     force: bool = False  # rebuild the engines (not the ONNX files) even when the cache matches
+    overwrite: bool = False  # replace an --out that holds something else than an export
     log: Callable | None = None
 
     def onnx_options(self) -> ExportOptions:
         return ExportOptions(precisions=(self.precision,), modules=self.modules, opset=self.opset, shapes=self.shapes,
                              generator=self.generator, vision_weights=self.vision_weights,
-                             module_cache=self.module_cache, log=self.log)
+                             module_cache=self.module_cache, overwrite=self.overwrite, log=self.log)
 
 
 def export_tensorrt(checkpoint: str, out: str, options: TensorRTOptions | None = None) -> ExportResult:
@@ -106,6 +108,7 @@ def export_tensorrt(checkpoint: str, out: str, options: TensorRTOptions | None =
                 "tensorrt": trt.__version__, "device": device["name"], "capability": device["capability"],
                 "workspace_gb": options.workspace_gb, "shapes": manifest["shapes"], "timing_cache": TIMING_CACHE,
                 "modules": modules}
+        meta = seal(meta)
         files.write_synced(os.path.join(work, ENGINES_FILE), files.to_json(meta))
     log(f"wrote {folder} ({len(modules)} engines, key {key[:12]})")
     return ExportResult(folder, meta, False)

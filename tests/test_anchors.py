@@ -206,8 +206,13 @@ def test_anchor_store_roundtrip(tmp_path):
         S.read_anchor_store(tmp_path / "png")
     # A store drawn with another noise scheme is refused with the command that redraws it.
     meta_path = out / S.META_FILE
-    meta_path.write_text(json.dumps(dict(meta, noise="torch-mt19937")))
+    from engine.integrity import seal
+
+    meta_path.write_text(json.dumps(seal(dict(meta, noise="torch-mt19937"))))
     with pytest.raises(A.AnchorError, match="drawn with noise 'torch-mt19937'.*cvr anchors"):
+        S.read_anchor_store(out)
+    meta_path.write_text(json.dumps(dict(meta, noise="torch-mt19937")))  # edited: its digest no longer matches
+    with pytest.raises(A.AnchorError, match="edited or damaged.*cvr anchors"):
         S.read_anchor_store(out)
 
 
@@ -312,10 +317,12 @@ def test_anchors_with_worker_processes_write_the_single_process_store(tmp_path, 
     assert main([*common, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
     ids_one, regions_one, meta_one = S.read_anchor_store(tmp_path / "one")
     ids_two, regions_two, meta_two = S.read_anchor_store(tmp_path / "two")
-    assert len(ids_one) == 11 and ids_two == ids_one and meta_two == meta_one
+    settings = lambda meta: {k: v for k, v in meta.items() if k not in ("files", "digest")}  # noqa: E731
+    assert len(ids_one) == 11 and ids_two == ids_one and settings(meta_two) == settings(meta_one)
     # Same anchors; only float rounding differs, as shards batch the ids differently.
     np.testing.assert_allclose(np.asarray(regions_two), np.asarray(regions_one), atol=1e-4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["generator", "one", "two"]  # no parts left behind
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+    assert left == ["generator", "one", "two"]  # no parts left behind
 
 
 def test_merging_stores_drawn_with_other_settings_is_refused(tmp_path):

@@ -18,6 +18,7 @@ from engine.cli import main
 from engine.files import clean_stale
 from engine.gallery import EMBEDDINGS, IDS, MANIFEST, Gallery, GalleryError, faiss_factory, faiss_search_parameters
 from engine.indexing import build_gallery, write_gallery
+from engine.integrity import seal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FEATURE = "resnext101-resnet152"
@@ -156,7 +157,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_gallery(msrvtt, ckpt, model, 
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(GalleryError, match="exists and is not a gallery"):
+    with pytest.raises(files.NotOursError, match="is not a gallery.*--overwrite"):
         build_gallery(ckpt, msrvtt, "msrvtt10k", out=str(precious), model=model, progress=False)
     assert (precious / "notes.txt").read_text() == "keep me"
 
@@ -165,7 +166,9 @@ def test_refuses_to_replace_a_folder_that_is_not_a_gallery(msrvtt, ckpt, model, 
 # Refusals when loading
 
 
-def _edit_manifest(folder, **changes):
+def _edit_manifest(folder, reseal=True, **changes):
+    """Change manifest fields; resealed by default (as if written so), so that the field checks
+    behind the manifest's own digest are what is tested."""
     path = os.path.join(folder, MANIFEST)
     manifest = json.load(open(path))
     for key, value in changes.items():
@@ -174,7 +177,7 @@ def _edit_manifest(folder, **changes):
         for name in path_keys:
             parent = parent[name]
         parent[last] = value
-    json.dump(manifest, open(path, "w"))
+    json.dump(seal(manifest) if reseal else manifest, open(path, "w"))
 
 
 def test_load_refuses_missing_damaged_and_foreign_galleries(built, model, tmp_path):
@@ -218,6 +221,8 @@ def test_load_refuses_missing_damaged_and_foreign_galleries(built, model, tmp_pa
     g = _copy(built, tmp_path / "edited_checkpoint")
     _edit_manifest(g, checkpoint__id="1" * 64)
     refused(g, "built with checkpoint 111111111111", checkpoint_id=model.checkpoint_id)
+    _edit_manifest(g, reseal=False, checkpoint__id="2" * 64)  # edited by hand: its digest tells
+    refused(g, "manifest.json: edited or damaged")
 
     g = _copy(built, tmp_path / "dims")
     _edit_manifest(g, dims__latent=64)
@@ -308,7 +313,9 @@ def test_a_failed_write_keeps_the_previous_gallery(built, msrvtt, ckpt, model, t
     assert after.ids == before.ids and np.array_equal(after.lat, before.lat)
     assert _leftovers(out) == []
 
-    # The second rename fails: the old gallery is put back.
+    # The second rename fails (where the filesystem cannot exchange two folders in one step):
+    # the old gallery is put back.
+    monkeypatch.setenv("CVR_RENAME_EXCHANGE", "0")
     real_rename = os.rename
 
     def failing_rename(src, dst):

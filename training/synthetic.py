@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from engine.errors import InputError
+
 # ---------------------------------------------------------------------------------------------
 # The scene vocabulary. Each attribute value has synonyms; captions pick among them at random.
 
@@ -312,13 +314,13 @@ class SynthConfig:
 
     def validate(self) -> None:
         if self.videos < 3:
-            raise ValueError(f"--videos must be at least 3 (one per split), got {self.videos}")
+            raise InputError(f"--videos must be at least 3 (one per split), got {self.videos}")
         if self.frames < 2:
-            raise ValueError(f"--frames must be at least 2 (motion needs two), got {self.frames}")
+            raise InputError(f"--frames must be at least 2 (motion needs two), got {self.frames}")
         if self.size < 16:
-            raise ValueError(f"--size must be at least 16 pixels, got {self.size}")
+            raise InputError(f"--size must be at least 16 pixels, got {self.size}")
         if self.captions_per_video < 1:
-            raise ValueError(f"--captions must be at least 1, got {self.captions_per_video}")
+            raise InputError(f"--captions must be at least 1, got {self.captions_per_video}")
 
 
 def split_of(index: int, n_videos: int, fractions: tuple) -> str:

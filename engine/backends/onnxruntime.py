@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.errors import CVRError
+from engine.integrity import check_seal, verify_files
 from engine.portable import (
     PAD,
     SPECIALS,
@@ -46,14 +48,15 @@ from engine.search import block_rows
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "cvr-sdgm/export/1"
-EXPORT_VERSION = 3  # bump when graphs or the manifest change: every cached export is then redone
+EXPORT_VERSION = 4  # bump when graphs or the manifest change: every cached export is then redone
+EXPORT_AGAIN = "export again with `cvr export --force`"
 MANIFEST = "manifest.json"
 # Scoring materialises (queries x videos x K) twice for the Jaccard passes; galleries are scored in
 # chunks of videos so that this stays near 64 M floats whatever the gallery size.
 SCORE_BUDGET = 1 << 26
 
 
-class ExportedModelError(ValueError):
+class ExportedModelError(CVRError):
     """An export folder that cannot be used (one-line message)."""
 
 
@@ -65,7 +68,12 @@ def read_export_manifest(folder: str) -> dict:
         raise ExportedModelError(f"{folder}: no such export folder (run `cvr export`)")
     manifest = read_format_json(folder, MANIFEST, EXPORT_FORMAT, ExportedModelError, "export")
     if manifest.get("code_version") != EXPORT_VERSION:
-        raise ExportedModelError(f"{folder}: exported by another version of the export code: export again")
+        raise ExportedModelError(f"{folder}: exported by another version of the export code: {EXPORT_AGAIN}")
+    path = os.path.join(folder, MANIFEST)
+    if not check_seal(manifest, path, EXPORT_AGAIN, ExportedModelError):
+        raise ExportedModelError(f"{path}: records no digest of itself: {EXPORT_AGAIN}")
+    # The small files (tokenizer, vocabulary) are checked now; each graph when it is first opened.
+    verify_files(folder, manifest.get("files", {}), EXPORT_AGAIN, ExportedModelError)
     return manifest
 
 
@@ -178,10 +186,8 @@ class ExportedBackend:
             entry = self.manifest["modules"][name]["files"][precision]
         except KeyError:
             raise ExportedModelError(f"{self.folder}: the export has no {precision} {name} module") from None
-        path = os.path.join(self.folder, entry["file"])
-        if not os.path.isfile(path) or os.path.getsize(path) != entry["bytes"]:
-            raise ExportedModelError(f"{path}: missing or damaged (size differs from the manifest): export again")
-        return path
+        verify_files(self.folder, {entry["file"]: entry["sha256"]}, EXPORT_AGAIN, ExportedModelError)
+        return os.path.join(self.folder, entry["file"])
 
     def run(self, name: str, feeds: dict) -> dict:
         if name not in self._runners:

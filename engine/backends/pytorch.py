@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from engine.checkpoint import anchor_generator, load_checkpoint, read_checkpoint_config, warn_on_other_noise
+from engine.errors import CVRError
 from engine.model import Embeddings
 from engine.search import BLOCK_ELEMENTS, block_rows
 
 GPU_BLOCK_ELEMENTS = 1 << 26  # not measured yet: no GPU has run this path (see the README)
 
 
-class DeviceError(ValueError):
+class DeviceError(CVRError):
     """A torch device that does not exist or is not available (one-line message)."""
 
 

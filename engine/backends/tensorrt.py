@@ -16,9 +16,11 @@ import os
 import numpy as np
 
 from engine.backends.onnxruntime import ExportedBackend, ExportedModelError
+from engine.integrity import check_seal, verify_files
 
 ENGINES_FORMAT = "cvr-sdgm/tensorrt-engines/1"
 ENGINES_FILE = "engines.json"
+BUILD_AGAIN = "build the engines again with `cvr export --format tensorrt --force`"
 
 
 def tensorrt_unavailable() -> str | None:
@@ -47,6 +49,8 @@ def read_engines(folder: str) -> dict:
         raise ExportedModelError(f"{folder}: no readable {ENGINES_FILE} (run `cvr export --format tensorrt`)") from None
     if not isinstance(meta, dict) or meta.get("format") != ENGINES_FORMAT:
         raise ExportedModelError(f"{path}: not a CVR-SDGM TensorRT engine list")
+    if not check_seal(meta, path, BUILD_AGAIN, ExportedModelError):
+        raise ExportedModelError(f"{path}: records no digest of itself: {BUILD_AGAIN}")
     return meta
 
 
@@ -137,6 +141,7 @@ class TensorRTBackend(ExportedBackend):
             entry = self.engines["modules"][name]
         except KeyError:
             raise ExportedModelError(f"{self.engines_dir}: no engine for {name}") from None
+        verify_files(self.engines_dir, {entry["file"]: entry["sha256"]}, BUILD_AGAIN, ExportedModelError)
         runner = TensorRTRunner(os.path.join(self.engines_dir, entry["file"]), self.device_index)
         self.providers[name] = [f"TensorRT {self.engines['tensorrt']} {self.engines['precision']}"]
         return runner

@@ -5,10 +5,11 @@ under TRITON_INTERPRET=1 they also run (slowly) on the CPU, which is how the tes
 """
 from __future__ import annotations
 
+from engine.errors import CVRError
 from engine.model import FusedScore, HybridAttentionCore
 
 
-class KernelError(ValueError):
+class KernelError(CVRError):
     """A model the fused kernels cannot serve as it is (one-line message)."""
 
 

@@ -7,13 +7,19 @@ only part of engine/ allowed to import training/ and export/ (tests/test_layerin
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
-from engine.cli import data, demo, export, generator, index, search, train, vision
+from engine.cli import data, demo, doctor, export, generator, index, search, train, vision
 from engine.cli.common import CLIError
+from engine.errors import CVRError
 
-__all__ = ["CLIError", "build_parser", "main"]
-GROUPS = (data, vision, train, index, search, export, generator, demo)
+__all__ = ["CLIError", "EXIT_OK", "EXIT_PARTIAL", "EXIT_REFUSED", "build_parser", "main"]
+# Exit codes of every command: done; refused (bad input, arguments or files: one line on stderr);
+# partly done (some inputs skipped, each reported on its own line). 1 is Python's own (a bug's
+# traceback) and 130 an interrupt.
+EXIT_OK, EXIT_REFUSED, EXIT_PARTIAL = 0, 2, 3
+GROUPS = (data, vision, train, index, search, export, generator, demo, doctor)
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,10 +46,31 @@ def main(argv=None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.func(args)
-    except (CLIError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"cvr: error: {message}".splitlines()[0], file=sys.stderr)
-        return 2
+    except CVRError as error:
+        return fail(str(error))
+    except OSError as error:
+        return fail(describe_os_error(error))
     except KeyboardInterrupt:
         print("cvr: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # Not bad input but a bug: keep the traceback, and say where it goes.
+        print("cvr: internal error: please report it with the traceback below", file=sys.stderr)
+        raise
+
+
+def fail(message: str) -> int:
+    """One line on stderr, exit code 2."""
+    print(f"cvr: error: {message}".splitlines()[0], file=sys.stderr)
+    return EXIT_REFUSED
+
+
+def describe_os_error(error: OSError) -> str:
+    """An operating-system error as one line naming the file: disk full, permission denied, ..."""
+    where = error.filename or ""
+    if error.filename2:
+        where = f"{where} -> {error.filename2}"
+    if error.errno == errno.ENOSPC:
+        return f"disk full while writing {where}: free some space and run the command again".replace("  ", " ")
+    reason = error.strerror or type(error).__name__
+    return f"{where}: {reason}" if where else reason

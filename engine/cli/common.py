@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from engine.errors import CVRError
 
-class CLIError(ValueError):
+
+class CLIError(CVRError):
     """A user-facing error: printed as one line, exit code 2."""
 
 
@@ -24,9 +26,19 @@ def positive(name: str):
 
 
 def existing_dir(path: str, what: str) -> str:
-    if not os.path.isdir(path):
-        raise CLIError(f"{what} folder not found: {path}")
+    if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
+        from engine.files import why_not_a_folder
+
+        reason = why_not_a_folder(path)
+        raise CLIError(f"{what} folder not found: {path}" if reason == "no such folder" else
+                       f"{what} folder {path}: {reason}")
     return path
+
+
+def add_overwrite(parser, what: str) -> None:
+    """The `--overwrite` flag of a command that writes `what`."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} even when it holds something this command did not write")
 
 
 def require(extra: str, *modules: str) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import os
 
+from engine.cli.common import CLIError, add_overwrite
+from engine.outputs import claim
+
 
 def add(sub) -> None:
     data = sub.add_parser("data", help="the built-in data set and collections in the MSR-VTT layout")
@@ -24,6 +27,7 @@ def add(sub) -> None:
                        help="torch threads for feature extraction (default 1: on a small shared machine more "
                             "threads are slower and far noisier)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite(synth, "ROOT/COLLECTION")
     synth.set_defaults(func=_cmd_data_synth)
 
     summary = data_sub.add_parser("summary", help="summarise a collection in the MSR-VTT layout")
@@ -43,6 +47,7 @@ def _cmd_data_synth(args) -> int:
     config = SynthConfig(videos=args.videos, frames=args.frames, size=args.size, seed=args.seed,
                          captions_per_video=args.captions, collection=args.collection)
     config.validate()
+    claim(os.path.join(args.root, args.collection), "collection", "cvr data synth", args.overwrite)
     torch.set_num_threads(args.threads)
     vision = RegionExtractor.from_config(VisionConfig(image_size=args.size, weights=args.vision_weights))
     summary = write_collection(args.root, config, vision=vision, progress=not args.quiet)
@@ -58,6 +63,10 @@ def _cmd_data_summary(args) -> int:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
         print(format_summary(summary, os.path.join(args.root, args.collection)))
+    problems = summary["problems"]
+    if problems:  # what train and index would refuse: said here too, with a non-zero exit
+        raise CLIError(f"{len(problems)} problem(s) that `cvr train` and `cvr index` would refuse; the first: "
+                       f"{problems[0]}")
     return 0
 
 
@@ -65,7 +74,9 @@ def format_summary(summary: dict, where: str) -> str:
     """A collection summary as a Markdown table: one row per field, one per split."""
     lines = [f"collection: {where}", "", "| field | value |", "|---|---|"]
     for key, value in summary.items():
-        if key == "splits" and isinstance(value, dict):
+        if key == "problems":
+            lines += [f"| problem | {problem} |" for problem in value]
+        elif key == "splits" and isinstance(value, dict):
             for split, counts in value.items():
                 text = "missing" if counts is None else ", ".join(f"{v} {k}" for k, v in counts.items() if v)
                 lines.append(f"| {split} split | {text} |")

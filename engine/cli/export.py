@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from engine.cli.common import require
+from engine.cli.common import CLIError, add_overwrite, require
 
 
 def _profile(text: str) -> tuple:
@@ -42,6 +42,7 @@ def add(subparsers) -> argparse.ArgumentParser:
                    help="folder of graphs shared between exports (frozen text encoder, ResNet, generator step)")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace (default 4)")
     p.add_argument("--force", action="store_true", help="export again even when the cached files match")
+    add_overwrite(p, "--out")
     p.add_argument("--threads", type=int, default=1, help="torch threads while exporting (default 1)")
     p.add_argument("--quiet", action="store_true", help="only the final line")
     p.set_defaults(func=_cmd_export)
@@ -62,18 +63,19 @@ def _cmd_export(args) -> int:
 
         reason = tensorrt_unavailable()
         if reason:
-            raise ValueError(reason)
+            raise CLIError(reason)
     require("export", "onnx", "onnxscript")
     import torch
 
     from export.onnx import DEFAULT_OPSET, ExportOptions, export_onnx
 
     if args.threads < 1:
-        raise ValueError(f"--threads must be positive, got {args.threads}")
+        raise CLIError(f"--threads must be positive, got {args.threads}")
     torch.set_num_threads(args.threads)
     out = args.out or os.path.join(args.checkpoint, "onnx")
     common = dict(generator=args.generator, vision_weights=args.vision_weights, shapes=_shapes(args),
                   opset=args.opset or DEFAULT_OPSET, module_cache=args.module_cache, force=args.force,
+                  overwrite=args.overwrite,
                   modules=tuple(m.strip() for m in args.modules.split(",")) if args.modules else None,
                   log=None if args.quiet else print)
     if args.format == "tensorrt":

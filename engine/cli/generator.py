@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from engine.cli.common import existing_dir, positive, set_threads
+from engine.cli.common import CLIError, add_overwrite, existing_dir, positive, set_threads
+from engine.outputs import claim
 
 
 def _print(summary: dict) -> None:
@@ -25,6 +26,7 @@ def _cmd_train(args) -> int:
     from training.generator import TeacherConfig, train_teacher
 
     existing_dir(os.path.join(args.root, args.collection), "collection")
+    claim(args.out, "generator", "cvr generator train", args.overwrite)
     set_threads(args.threads)
     gcfg = BuiltinConfig(image_size=args.image_size, fold=args.fold, num_layers=args.double_blocks,
                          num_single_layers=args.single_blocks, text_encoder=args.text_encoder)
@@ -40,6 +42,7 @@ def _cmd_lora(args) -> int:
 
     existing_dir(args.base, "base generator")
     existing_dir(os.path.join(args.root, args.collection), "collection")
+    claim(args.out, "lora", "cvr generator lora", args.overwrite)
     set_threads(args.threads)
     cfg = LoraTrainConfig(base=args.base, root=args.root, out=args.out, collection=args.collection, split=args.split,
                           prompt=args.prompt, rank=args.rank, iterations=args.iterations, batch_size=args.batch_size,
@@ -52,6 +55,7 @@ def _cmd_distill(args) -> int:
     from training.distill import DistillConfig, distill
 
     existing_dir(args.teacher, "teacher")
+    claim(args.out, "students", "cvr generator distill", args.overwrite)
     set_threads(args.threads)
     cfg = DistillConfig(teacher=args.teacher, out=args.out, steps=sorted(set(args.steps), reverse=True),
                         start_steps=args.start_steps, iterations=args.iterations, batch_size=args.batch_size,
@@ -72,6 +76,7 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=positive("--threads"), default=1)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_overwrite(p, "--out")
 
     def data(p, prompt, required=True):
         p.add_argument("--root", required=required, help="data root holding the collection")
@@ -126,15 +131,18 @@ def _cmd_anchors(args) -> int:
 
     existing_dir(args.generator, "generator")
     existing_dir(os.path.join(args.root, args.collection), "collection")
+    claim(args.out, "anchor store", "cvr anchors", args.overwrite)
+    if args.png:
+        claim(args.png, "anchor pngs", "cvr anchors --png", args.overwrite)
     if args.protocol not in ("query", "ssss"):
-        raise ValueError(f"--prompt must be 'query' or 'ssss', got {args.protocol!r}")
+        raise CLIError(f"--prompt must be 'query' or 'ssss', got {args.protocol!r}")
     set_threads(args.threads)
     collection = Collection(args.root, args.collection)
     # One store may cover several splits ("train,val,test"): training reads train and val anchors
     # from the store it is given, evaluation the test ones.
     captions = [pair for split in args.split.split(",") for pair in collection.captions(split.strip())]
     if not captions:
-        raise ValueError(f"split {args.split!r} has no captions")
+        raise CLIError(f"split {args.split!r} has no captions")
     options = GeneratorOptions(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                                adapters=[(p, 1.0) for p in args.lora or []])
     generator = AnchorGenerator.load(args.generator, options, device=args.device, cache_dir=args.cache)
@@ -231,7 +239,7 @@ def _wait_all(children: list, parts: list) -> None:
         if child.wait():
             with open(part + ".log", encoding="utf-8", errors="replace") as handle:
                 lines = [line.strip() for line in handle if line.strip()]
-            raise ValueError(f"an anchors worker failed: {lines[-1] if lines else 'exit ' + str(child.returncode)}")
+            raise CLIError(f"an anchors worker failed: {lines[-1] if lines else 'exit ' + str(child.returncode)}")
 
 
 def _anchor_argv(args) -> list:
@@ -273,6 +281,7 @@ def add_anchors_command(subparsers) -> argparse.ArgumentParser:
                    help="processes of one thread each drawing shards of the ids in parallel (default 1)")
     a.add_argument("--shard", type=_parse_shard, default=None, help=argparse.SUPPRESS)  # I/N: a worker's part
     a.add_argument("--quiet", action="store_true")
+    add_overwrite(a, "--out and --png")
     a.set_defaults(func=_cmd_anchors)
     return a
 

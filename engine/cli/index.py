@@ -1,6 +1,7 @@
 """`cvr index`: embed a collection's videos into a gallery folder (engine/indexing.py)."""
 from __future__ import annotations
 
+from engine.cli.common import add_overwrite
 from engine.gallery import DTYPES, FAISS_SHORTHANDS
 
 
@@ -23,6 +24,7 @@ def add(sub) -> None:
     index.add_argument("--feature", default=None, help="frame feature folder (default: the checkpoint's)")
     index.add_argument("--batch-size", type=int, default=256)
     index.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite(index, "--out")
     index.set_defaults(func=handler)
 
 
@@ -32,7 +34,8 @@ def handler(args) -> int:
 
     manifest = build_gallery(args.checkpoint, args.root, args.collection, split=args.split, out=args.out,
                              feature=args.feature, dtype=args.dtype, batch_size=args.batch_size,
-                             append=args.append, progress=not args.quiet, faiss=args.faiss)
+                             append=args.append, progress=not args.quiet, faiss=args.faiss,
+                             overwrite=args.overwrite)
     index = manifest["faiss"]
     described = "no FAISS index" if not index else f"FAISS {index['factory']}" + "".join(
         f", {k} {index[k]}" for k in ("nprobe", "efSearch") if k in index)

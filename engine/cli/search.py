@@ -58,10 +58,15 @@ def read_queries(args) -> list:
 
 
 def handler(args) -> int:
-    from engine.retriever import Retriever
+    from engine.gallery import read_manifest
+    from engine.retriever import Retriever, check_backend
     from engine.search import SearchOptions
 
     texts = Retriever.clean_queries(read_queries(args))  # reject bad input before loading anything
+    check_backend(args.backend, args.device)
+    count = read_manifest(args.gallery)["count"]
+    if args.k > count:
+        raise CLIError(f"-k {args.k} is more than the gallery's {count} videos")
     options = SearchOptions(mode=args.mode, candidates=args.candidates, nprobe=args.nprobe,
                             ef_search=args.ef_search)
     options.validate()
@@ -79,7 +84,7 @@ def handler(args) -> int:
     if args.json:
         print(json.dumps([{"query": r.query, "anchor": r.anchor,
                            "results": [{"rank": i + 1, "video_id": v, "score": s} for i, (v, s) in enumerate(r.hits)]}
-                          for r in results], indent=1))
+                          for r in results], indent=1, allow_nan=False))  # always valid JSON
         return 0
     for result in results:
         print(f"query: {result.query}")

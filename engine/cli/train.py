@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-from engine.cli.common import CLIError
+from engine.cli.common import CLIError, add_overwrite
+from engine.outputs import claim, claim_evaluation
 
 
 def add(sub) -> None:
@@ -33,6 +34,7 @@ def add(sub) -> None:
     train.add_argument("--no-local-branch", action="store_true")
     train.add_argument("--no-concept-space", action="store_true")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite(train, "--out")
     train.set_defaults(func=_cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="metrics of a checkpoint on one split")
@@ -45,6 +47,7 @@ def add(sub) -> None:
     evaluate.add_argument("--transductive", action="store_true",
                           help="RIVRL's min-max over the whole test matrix (parity only)")
     evaluate.add_argument("--out", default=None, help="write <out>.json and <out>.md (default: beside the checkpoint)")
+    add_overwrite(evaluate, "<out>.json and <out>.md")
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
@@ -68,6 +71,7 @@ def _cmd_train(args) -> int:
     anchors = None if args.anchors == "none" else args.anchors
     if anchors is not None and not os.path.isdir(anchors):
         raise CLIError(f"--anchors: no anchor store at {anchors}")
+    claim(args.out, "checkpoint", "cvr train", args.overwrite)
     model_config = ModelConfig(
         text=_text_config(args), latent_dim=args.latent_dim, attn_dim=args.attn_dim,
         video_gru_hidden=args.video_gru_hidden, video_local_dim=args.video_local_dim, attention=args.attention,
@@ -88,6 +92,7 @@ def _cmd_evaluate(args) -> int:
     from training.retrieval import evaluate_checkpoint
 
     out = args.out or os.path.join(args.checkpoint, f"eval_{args.collection}_{args.split}")
+    claim_evaluation(out, args.overwrite)
     result = evaluate_checkpoint(args.checkpoint, args.root, args.collection, args.split, anchors=args.anchors,
                                  feature=args.feature, transductive=args.transductive, out=out)
     print(f"{args.collection} {args.split}: {result['queries']} queries, {result['videos']} videos")

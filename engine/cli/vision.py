@@ -1,7 +1,8 @@
 """`cvr vision train` and `cvr vision probe`: the built-in ResNet-50 extractor."""
 from __future__ import annotations
 
-from engine.cli.common import require
+from engine.cli.common import add_overwrite, require
+from engine.outputs import claim
 
 
 def add(sub) -> None:
@@ -17,6 +18,7 @@ def add(sub) -> None:
                        help="train the stem and stages below this (0: BatchNorm only; 5: everything)")
     train.add_argument("--seed", type=int, default=0, help="seed of the random convolutions")
     train.add_argument("--threads", type=int, default=1)
+    add_overwrite(train, "--out")
     train.set_defaults(func=_cmd_vision_train)
 
     probe = vision_sub.add_parser("probe", help="linear probe: do the features tell colour, shape, motion?")
@@ -30,6 +32,7 @@ def add(sub) -> None:
 def _cmd_vision_train(args) -> int:
     from training.vision import ExtractorTrainConfig, train_extractor
 
+    claim(args.out, "vision weights", "cvr vision train", args.overwrite)
     config = ExtractorTrainConfig(clips=args.clips, epochs=args.epochs, lr=args.lr, seed=args.seed,
                                   threads=args.threads, trained_stages=args.trained_stages)
     log = train_extractor(config, args.out)

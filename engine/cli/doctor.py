@@ -1,0 +1,75 @@
+"""`cvr doctor PATH` (engine/doctor.py) and `cvr gallery info G`: look at what is on disk."""
+from __future__ import annotations
+
+import json
+import os
+
+from engine.cli.common import CLIError
+
+EXIT_PROBLEMS = 2  # a folder with problems is refused, like any bad input
+
+
+def add(sub) -> None:
+    doctor = sub.add_parser("doctor", help="verify a gallery, checkpoint, anchor store or export folder in full")
+    doctor.add_argument("path", help="the folder to verify")
+    doctor.add_argument("--clean", action="store_true",
+                        help="first remove what killed writers left beside it (and put back a folder moved aside)")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(func=_cmd_doctor)
+
+    gallery = sub.add_parser("gallery", help="inspect a gallery folder")
+    gallery_sub = gallery.add_subparsers(dest="gallery_command", required=True)
+    info = gallery_sub.add_parser("info", help="a gallery's format, model, sizes and sources")
+    info.add_argument("gallery")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(func=_cmd_gallery_info)
+
+
+def _cmd_doctor(args) -> int:
+    from engine.doctor import diagnose
+
+    report = diagnose(args.path, clean=args.clean)
+    if args.json:
+        print(json.dumps({"path": report.path, "kind": report.kind, "healthy": report.healthy,
+                          "passed": report.passed, "problems": report.problems, "notes": report.notes}, indent=1))
+    else:
+        print(f"{report.path}: {report.kind or 'unknown'}")
+        for line in report.passed:
+            print(f"  ok       {line}")
+        for line in report.notes:
+            print(f"  note     {line}")
+        for line in report.problems:
+            print(f"  PROBLEM  {line}")
+    if report.healthy:
+        return 0
+    raise CLIError(f"{report.path}: {len(report.problems)} problem(s); the first: {report.problems[0]}")
+
+
+def _cmd_gallery_info(args) -> int:
+    from engine.gallery import read_manifest
+
+    manifest = read_manifest(args.gallery)
+    folder = os.path.abspath(args.gallery)
+    disk = sum(os.path.getsize(os.path.join(folder, name)) for name in manifest["files"])
+    info = {"gallery": folder, "format": f"{manifest['format']} v{manifest['version']}",
+            "sealed": "digest" in manifest, "checkpoint": manifest["checkpoint"], "videos": manifest["count"],
+            "dims": manifest["dims"], "dtype": manifest["dtype"], "faiss": manifest.get("faiss"),
+            "bytes_on_disk": disk, "created": manifest.get("created"), "sources": manifest.get("sources", [])}
+    if args.json:
+        print(json.dumps(info, indent=1, sort_keys=True))
+        return 0
+    index = info["faiss"]
+    legacy = "" if info["sealed"] else " (no digest of itself: written before digests were recorded)"
+    checkpoint = info["checkpoint"]
+    rows = [("format", info["format"] + legacy),
+            ("model", f"checkpoint {checkpoint['id'][:12]} ({checkpoint.get('path') or 'path unknown'})"),
+            ("videos", str(info["videos"])),
+            ("dims", f"latent D={info['dims']['latent']}, concept K={info['dims']['concept']}, {info['dtype']}"),
+            ("FAISS index", index["factory"] if index else "none (exhaustive search only)"),
+            ("on disk", f"{disk / 1e6:.1f} MB"), ("created", str(info["created"]))]
+    rows += [(f"source {i + 1}", f"{s.get('collection')} {s.get('split') or 'all'} ({s.get('count')} videos, "
+              f"feature {s.get('feature')}, root {s.get('root')})") for i, s in enumerate(info["sources"])]
+    print("| field | value |\n|---|---|")
+    for field, value in rows:
+        print(f"| {field} | {value} |")
+    return 0
