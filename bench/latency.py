@@ -79,8 +79,12 @@ def make_checkpoint(folder: str, tiny: bool, use_anchor: bool = True) -> str:
     model = CVRModel(ModelConfig(use_anchor=use_anchor, **(TINY_MODEL if tiny else {})))
     # Plausible frozen constants (cosines around 0, Jaccards around 0.3): they only scale scores.
     model.matcher.norm.copy_(torch.tensor([[-0.2, 1.0], [-0.2, 1.0], [0.0, 1.0], [0.0, 1.0]]))
+    from engine.portable import NOISE_SCHEME
+
+    # As a checkpoint trained now records them: its anchors' noise scheme included (else every
+    # load warns that the model was trained on anchors drawn another way).
     anchors = {"generator": paths.reference(STUDENT, folder), "steps": 4, "seed": 0, "image_size": 64,
-               "protocol": "query"}
+               "protocol": "query", "noise": NOISE_SCHEME}
     save_checkpoint(model, folder, [], {"anchors": anchors if use_anchor else None})
     return folder
 
