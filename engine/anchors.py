@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -317,8 +317,8 @@ def save_builtin(folder, transformer, config: BuiltinConfig, info: dict | None =
         transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
         files.write_json(tmp / CONFIG_FILE, {"format": FORMAT, "kind": "builtin", "generator": config.to_dict(),
                                              "info": info or {}})
-        if (folder / "samples").is_dir():  # keep the sample grids of earlier checkpoints
-            os.replace(folder / "samples", tmp / "samples")
+        if (folder / "samples").is_dir():  # keep the sample grids of earlier checkpoints (copied: a
+            shutil.copytree(folder / "samples", tmp / "samples")  # kill before the swap keeps them)
     return folder
 
 

@@ -342,7 +342,7 @@ class BigFileWriter:
         for id_ in ids:
             check_token(id_, "id")
             if id_ in self._seen or id_ in fresh:
-                raise ValueError(f"duplicate id {show(id_)}")
+                raise InputError(f"duplicate id {show(id_)}")
             fresh.add(id_)
         payload = block.tobytes()
         self._bin.write(payload)

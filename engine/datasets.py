@@ -35,7 +35,7 @@ from engine.bigfile import (
     BigFileWriter,
     write_bigfile,
 )
-from engine.errors import MissingEntryError
+from engine.errors import InputError, MissingEntryError
 from engine.formats import COUNT, DataFormatError, check_token, has_space, read_text, show, text_lines
 
 __all__ = [
@@ -131,12 +131,12 @@ def write_captions(path: str | os.PathLike, pairs: Iterable[tuple[str, str]]) ->
     for cap_id, caption in pairs:
         check_token(cap_id, "cap_id")
         if cap_id in seen:
-            raise ValueError(f"duplicate cap_id {show(cap_id)}")
+            raise InputError(f"duplicate cap_id {show(cap_id)}")
         seen.add(cap_id)
         if not isinstance(caption, str):
             raise TypeError(f"caption of {show(cap_id)} must be str, got {type(caption).__name__}")
         if not caption or caption != caption.strip() or len(caption.splitlines()) != 1:
-            raise ValueError(
+            raise InputError(
                 f"caption of {show(cap_id)} must be one non-empty line without surrounding "
                 f"whitespace: {show(caption)}"
             )
@@ -205,7 +205,7 @@ def write_tags(path: str | os.PathLike, video_tags: Mapping[str, Mapping[str, in
         for tag, count in counts.items():
             check_token(tag, "tag")
             if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-                raise ValueError(f"count of tag {show(tag)} must be a non-negative int, got {count!r}")
+                raise InputError(f"count of tag {show(tag)} must be a non-negative int, got {count!r}")
             tokens.append(f"{tag}:{int(count)}")
         lines.append(f"{video_id}\t{' '.join(tokens)}\n")
     return files.atomic_write(path, "".join(lines))
@@ -236,7 +236,7 @@ def write_tag_vocab(path: str | os.PathLike, tags: Sequence[str]) -> Path:
     if any(not isinstance(t, str) for t in tags):
         raise TypeError("tags must all be str")
     if len(set(tags)) != len(tags):
-        raise ValueError("tags must be unique")
+        raise InputError("tags must be unique")
     return files.atomic_write(path, json.dumps(tags, ensure_ascii=False))
 
 
@@ -254,7 +254,7 @@ def tag_targets(
     """
     column = {tag: j for j, tag in enumerate(vocab)}
     if len(column) != len(vocab):
-        raise ValueError("vocab has duplicate tags")
+        raise InputError("vocab has duplicate tags")
     order = list(video_tags) if video_ids is None else list(video_ids)
     out = np.zeros((len(order), len(vocab)), dtype=np.float32)
     for i, video_id in enumerate(order):
@@ -308,7 +308,7 @@ class Collection:
 
     def caption_path(self, split: str) -> Path:
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
         return self.path / "TextData" / f"{self.name}{split}.caption.txt"
 
     def captions(self, split: str) -> list[tuple[str, str]]:

@@ -74,8 +74,8 @@ def diagnose(path: str, clean: bool = False) -> Report:
 def _leftovers(report: Report) -> None:
     """Temporary and moved-aside folders of writers beside the folder: a dead writer's are a
     problem (the next writer, or `cvr doctor --clean`, removes them); a live one's a note."""
-    for path, kind, pid, alive in files.leftovers(report.path):
-        if alive:
+    for path, kind, pid, stale in files.leftovers(report.path):
+        if not stale:
             report.notes.append(f"{path}: a running writer's (pid {pid}) work")
         elif kind == "old" and not os.path.lexists(report.path):
             report.problems.append(f"{path}: the folder, moved aside by a writer killed mid-swap: run `cvr doctor "

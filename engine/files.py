@@ -81,6 +81,20 @@ def _temporary_name(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-{os.getpid()}-"
 
 
+# This process's temporaries in flight (absolute paths): never another writer's leftovers, even
+# when a pid is reused (in a container every run may be pid 1).
+_IN_FLIGHT: set = set()
+
+
+def _track(path) -> str:
+    _IN_FLIGHT.add(os.path.abspath(path))
+    return path
+
+
+def _untrack(path) -> None:
+    _IN_FLIGHT.discard(os.path.abspath(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside `path`; when the block ends without an exception it is
@@ -91,6 +105,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     fd, temporary = tempfile.mkstemp(prefix=_temporary_name(target, "tmp"),
                                      suffix=target.suffix if suffix is None else suffix, dir=target.parent)
     os.close(fd)
+    _track(temporary)
     try:
         yield temporary
         os.chmod(temporary, FILE_MODE)
@@ -100,6 +115,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+    finally:
+        _untrack(temporary)
     fsync_dir(target.parent)
 
 
@@ -165,7 +182,7 @@ def make_staging(target: str | os.PathLike) -> Path:
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
-    work = Path(tempfile.mkdtemp(prefix=_temporary_name(target, "tmp"), dir=target.parent))
+    work = Path(_track(tempfile.mkdtemp(prefix=_temporary_name(target, "tmp"), dir=target.parent)))
     os.chmod(work, FOLDER_MODE)
     return work
 
@@ -182,6 +199,7 @@ def move_into_place(work: str | os.PathLike, target: str | os.PathLike) -> None:
     fault_point("before-swap")
     if not os.path.lexists(target):
         os.rename(work, target)
+        _untrack(work)
         fsync_dir(target.parent)
         fault_point("after-swap")
         return
@@ -190,7 +208,7 @@ def move_into_place(work: str | os.PathLike, target: str | os.PathLike) -> None:
         fault_point("after-swap")  # target is the new folder; the old one waits at the staging name
         remove(work)
         return
-    old = Path(tempfile.mkdtemp(prefix=_temporary_name(target, "old"), dir=target.parent))
+    old = Path(_track(tempfile.mkdtemp(prefix=_temporary_name(target, "old"), dir=target.parent)))
     os.rmdir(old)  # rename needs the name free; the random part keeps it ours
     os.rename(target, old)
     fault_point("between-renames")
@@ -198,7 +216,9 @@ def move_into_place(work: str | os.PathLike, target: str | os.PathLike) -> None:
         os.rename(work, target)
     except BaseException:
         os.rename(old, target)
+        _untrack(old)
         raise
+    _untrack(work)
     fsync_dir(target.parent)
     fault_point("after-swap")
     remove(old)
@@ -264,6 +284,7 @@ def staged_folder(target: str | os.PathLike):
 
 def remove(path: str | os.PathLike) -> None:
     """Delete a file or folder tree; a missing path is fine."""
+    _untrack(path)
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -273,31 +294,50 @@ def remove(path: str | os.PathLike) -> None:
 
 
 def leftovers(target: str | os.PathLike) -> list:
-    """What writers left beside `target`: (path, kind "tmp" or "old", pid, whether it is alive)."""
+    """What writers left beside `target`: (path, kind "tmp" or "old", pid, whether it is stale).
+
+    Staging and moved-aside folders are only made by a writer holding the target's lock, so while
+    another process holds it they are its work, and while nobody does (or this process does) every
+    one not in flight here is stale, whatever its pid says. A temporary file (written without the
+    lock) is stale when its writer's pid is gone, or is this process's and not in flight."""
     target = Path(target).absolute()
     if not target.parent.is_dir():
         return []
+    state = None
     found = []
     for entry in sorted(os.listdir(target.parent)):
         for kind in _KINDS:
             prefix = f".{target.name}.{kind}-"
             pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
-            if pid.isdigit():
-                found.append((target.parent / entry, kind, int(pid), _alive(int(pid))))
+            if not pid.isdigit():
+                continue
+            path = target.parent / entry
+            if str(path) in _IN_FLIGHT:
+                stale = False
+            elif int(pid) == os.getpid():
+                stale = True
+            elif path.is_dir() and not path.is_symlink():
+                state = state or lock_state(target)
+                stale = state in ("free", "ours") or (state == "unknown" and not _alive(int(pid)))
+            else:
+                stale = not _alive(int(pid))
+            found.append((path, kind, int(pid), stale))
     return found
 
 
 def clean_stale(target: str | os.PathLike) -> list:
-    """Remove what dead writers left beside `target`: their temporary files and staging folders,
-    and the old folder a swap had moved aside (put back when `target` is missing: the kill fell
-    between the two renames). Leftovers of live processes are left alone. Returns the paths handled."""
+    """Remove what killed writers left beside `target` (engine.files.leftovers): their temporary
+    files and staging folders, and the old folder a swap had moved aside (put back when `target`
+    is missing: the kill fell between the two renames). A live writer's work is left alone.
+    Returns the paths handled."""
     target = Path(target).absolute()
     handled = []
-    for path, kind, _pid, alive in leftovers(target):
-        if alive:
+    for path, kind, _pid, stale in leftovers(target):
+        if not stale:
             continue
         if kind == "old" and not os.path.lexists(target):
-            os.rename(path, target)
+            with contextlib.suppress(FileNotFoundError):  # another process may restore it first
+                os.rename(path, target)
         else:
             remove(path)
         handled.append(str(path))
@@ -343,12 +383,15 @@ def lock(target: str | os.PathLike, timeout: float | None = None):
     stderr) up to `timeout` seconds (default `lock_timeout()`), then gets a LockedError naming the
     holder's pid. The OS releases the lock when its process dies, killed or not. Re-entrant within
     one process, so a command may lock a folder it then writes through a function that locks too."""
-    path = os.path.abspath(os.fspath(target)) + ".lock"
+    path = _lock_path(target)
+    timeout = lock_timeout() if timeout is None else timeout
     with _HELD_GUARD:
         entry = _HELD.setdefault(path, [threading.RLock(), 0, None])
-    with entry[0]:
+    if not entry[0].acquire(timeout=max(timeout, 0)):  # another thread of this process writes it
+        raise LockedError(f"{path[:-5]}: another writer in this process holds {path}; try again when it is done")
+    try:
         if entry[1] == 0:
-            entry[2] = _acquire(path, lock_timeout() if timeout is None else timeout)
+            entry[2] = _acquire(path, timeout)
         entry[1] += 1
         try:
             yield path
@@ -357,6 +400,36 @@ def lock(target: str | os.PathLike, timeout: float | None = None):
             if entry[1] == 0:
                 os.close(entry[2])  # releases the flock
                 entry[2] = None
+    finally:
+        entry[0].release()
+
+
+def _lock_path(target: str | os.PathLike) -> str:
+    return os.path.abspath(os.fspath(target)) + ".lock"
+
+
+def lock_state(target: str | os.PathLike) -> str:
+    """Who holds the lock of `target`: "ours" (this process), "other" (another process), "free",
+    or "unknown" (its lock file cannot be opened: a read-only folder)."""
+    import fcntl
+
+    path = _lock_path(target)
+    entry = _HELD.get(path)
+    if entry and entry[1] > 0:
+        return "ours"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return "free"  # never locked: writers create the file before anything else
+    except OSError:
+        return "unknown"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a writer holds it exclusively
+        return "free"
+    except BlockingIOError:
+        return "other"
+    finally:
+        os.close(fd)  # releases the shared lock at once
 
 
 def _acquire(path: str, timeout: float) -> int:

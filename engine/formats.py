@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from engine.errors import CVRError
+from engine.errors import CVRError, InputError
 
 # Non-negative decimal integers (shape.txt, tag counts).
 COUNT = re.compile(r"[0-9]+")
@@ -90,5 +90,5 @@ def check_token(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be str, got {type(value).__name__}: {show(value)}")
     if not value or has_space(value):
-        raise ValueError(f"{what} must be non-empty and contain no whitespace: {show(value)}")
+        raise InputError(f"{what} must be non-empty and contain no whitespace: {show(value)}")
     return value

@@ -199,7 +199,19 @@ class Gallery:
         """Load and validate a gallery folder; with `checkpoint_id`, refuse one built by another
         checkpoint. Every file is checked against its digest (engine.integrity.verify_files: hashed
         once, then vouched for by the folder's verified stamp); `verify=False` skips that (the
-        structural checks and the manifest's own digest still run)."""
+        structural checks and the manifest's own digest still run). A writer may swap a new
+        folder in while this one reads (`cvr index --append`): a read that fails across a swap
+        is tried once more on the new folder rather than reported as damage."""
+        before = _folder_inode(folder)
+        try:
+            return cls._load(folder, checkpoint_id, verify)
+        except GalleryError:
+            if before is None or _folder_inode(folder) == before:
+                raise
+            return cls._load(folder, checkpoint_id, verify)
+
+    @classmethod
+    def _load(cls, folder: str, checkpoint_id: str | None, verify: bool) -> Gallery:
         manifest = read_manifest(folder)
         if checkpoint_id is not None and manifest["checkpoint"]["id"] != checkpoint_id:
             raise GalleryError(
@@ -214,6 +226,13 @@ class Gallery:
             verify_files(folder, manifest["files"], REBUILD, GalleryError)
         index = _read_faiss(folder, manifest) if manifest.get("faiss") else None
         return cls(folder, ids, lat, con, manifest, index)
+
+
+def _folder_inode(folder: str) -> int | None:
+    try:
+        return os.stat(folder).st_ino
+    except OSError:
+        return None
 
 
 def read_manifest(folder: str) -> dict:

@@ -55,6 +55,8 @@ def verify_files(folder: str, digests: dict, hint: str, error: type = IntegrityE
     """Check each file `folder/name` against its recorded sha256 ({name: hex}); one line naming the
     first file that is missing or differs. Files the folder's verified stamp vouches for (same
     digest, size, mtime_ns and inode) are not read again unless `rehash`. Returns the names hashed."""
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise error(f"{folder}: its manifest's list of file digests is malformed: {hint}")
     stamp_path = os.path.join(folder, STAMP)
     stamp = _read_stamp(stamp_path)
     hashed = []

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.config import ModelConfig
+from engine.errors import InputError
 from kernels import reference
 
 BRANCHES = ("global", "local")
@@ -205,7 +206,7 @@ class QueryTower(nn.Module):
         global_x, local_x = sentence, tokens
         if self.use_anchor:
             if regions is None:
-                raise ValueError("this query tower was trained with anchors: pass anchor regions")
+                raise InputError("this query tower was trained with anchors: pass anchor regions")
             a, token_view = self.attention(sentence, tokens, token_mask, regions)
             global_x = torch.cat([sentence, a], -1)
             local_x = torch.cat([tokens, token_view], -1)
@@ -271,7 +272,7 @@ class Matcher(nn.Module):
         if not transductive:
             return self.fused(query.lat, query.con, video.lat, video.con, self.norm)
         if not isinstance(self.fused, FusedScore):
-            raise ValueError("transductive normalisation (RIVRL parity) runs in PyTorch only: use the torch backend")
+            raise InputError("transductive normalisation (RIVRL parity) runs in PyTorch only: use the torch backend")
         sims = similarities(query, video)
         lo, hi = sims.flatten(1).amin(1), sims.flatten(1).amax(1)
         return reference.fuse(reference.normalise(sims, lo, hi), self.weights, self.local_branch)

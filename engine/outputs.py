@@ -21,6 +21,17 @@ def is_checkpoint(path: Path) -> bool:
     return json_format(path / CONFIG) == FORMAT
 
 
+def is_bare_checkpoint(path: Path) -> bool:
+    """A checkpoint holding only what `cvr train` writes: replacing one that also holds an export
+    (`CKPT/onnx`) or evaluations would delete them."""
+    from engine.checkpoint import CONFIG, LOG, WEIGHTS
+    from engine.integrity import STAMP
+
+    own = {CONFIG, LOG, WEIGHTS, STAMP}
+    return is_checkpoint(path) and all(e.name in own or e.name.startswith(".") or e.name.endswith(".lock")
+                                       for e in path.iterdir())
+
+
 def is_gallery(path: Path) -> bool:
     from engine.gallery import FORMAT, MANIFEST
 
@@ -47,7 +58,8 @@ def is_generator(path: Path) -> bool:
 
 def is_students(path: Path) -> bool:
     """`cvr generator distill --out`: a folder of `<N>step` generator folders."""
-    entries = [e for e in path.iterdir() if not e.name.startswith(".")] if path.is_dir() else []
+    entries = [e for e in path.iterdir() if not e.name.startswith(".") and not e.name.endswith(".lock")] \
+        if path.is_dir() else []
     return bool(entries) and all(e.name.endswith("step") and is_generator(e) for e in entries)
 
 
@@ -92,6 +104,7 @@ def is_evaluation(prefix: Path) -> bool:
 
 KINDS = {
     "checkpoint": (is_checkpoint, "a checkpoint"),
+    "bare checkpoint": (is_bare_checkpoint, "a checkpoint holding only what `cvr train` writes"),
     "gallery": (is_gallery, "a gallery"),
     "export": (is_export, "an export folder"),
     "anchor store": (is_anchor_store, "an anchor store"),

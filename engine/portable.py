@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,7 +173,7 @@ class AnchorCache:
         try:
             with np.load(path, allow_pickle=False) as entry:
                 image, stored_key, digest = entry["image"], str(entry["key"]), str(entry["sha256"])
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             image = stored_key = digest = None
         if image is None or stored_key != key or digest != _pixels_digest(image):
             log.warning("anchor cache entry %s is damaged or not this prompt's: drawing it again", path)

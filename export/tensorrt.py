@@ -82,6 +82,13 @@ def export_tensorrt(checkpoint: str, out: str, options: TensorRTOptions | None =
     import tensorrt as trt
     import torch
 
+    # The engines live inside the export folder, which `cvr export --force` swaps whole: one lock
+    # (the export's) covers both, so neither writer swaps the other's work away.
+    with files.lock(out):
+        return _export_tensorrt(trt, torch, checkpoint, out, options)
+
+
+def _export_tensorrt(trt, torch, checkpoint: str, out: str, options: TensorRTOptions) -> ExportResult:
     log = options.log or (lambda line: None)
     onnx_result = export_onnx(checkpoint, out, options.onnx_options())
     manifest, folder = onnx_result.manifest, engines_folder(out, options.precision)

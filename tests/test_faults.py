@@ -611,3 +611,87 @@ def test_data_summary_checks_what_train_and_index_check(msrvtt, tmp_path, capsys
     argv = ["data", "summary", "--root", str(root), "--collection", "msrvtt10k", "--feature", FEATURE]
     assert main(argv) == 2
     assert "NaN or infinite" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review findings: same-kind outputs, pid reuse, threads, damaged entries, tracebacks
+
+
+def test_outputs_beside_and_inside_are_not_lost(tiny_ckpt, tmp_path, capsys):
+    from engine import outputs
+
+    # A distill --out folder holds its students' lock files: a rerun may still write it.
+    students = tmp_path / "students"
+    (students / "4step").mkdir(parents=True)
+    from engine.anchors import CONFIG_FILE, FORMAT
+
+    (students / "4step" / CONFIG_FILE).write_text(json.dumps({"format": FORMAT}))
+    (students / "4step.lock").write_text("")
+    outputs.claim(students, "students", "cvr generator distill")  # no error: all its own
+    # `cvr train --out CKPT` over a checkpoint holding its export would delete the export.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (ckpt / "onnx").mkdir()
+    (ckpt / "onnx" / "graph.onnx").write_bytes(b"exported")
+    argv = ["train", "--root", str(tmp_path), "--collection", "c", "--feature", FEATURE, "--anchors", "none",
+            "--out", str(ckpt)]
+    assert main(argv) == 2
+    assert "only what `cvr train` writes" in one_error_line(capsys)
+    assert (ckpt / "onnx" / "graph.onnx").read_bytes() == b"exported"
+
+
+def test_a_leftover_of_a_reused_pid_is_still_recovered(small_gallery):
+    """In a container every run may have the same pid: a folder moved aside under this very pid
+    (not in flight here) is a leftover, and goes back."""
+    parent, name = os.path.split(small_gallery)
+    aside = os.path.join(parent, f".{name}.old-{os.getpid()}-zz")
+    os.rename(small_gallery, aside)
+    assert files.recover(small_gallery) == [aside]
+    assert len(Gallery.load(small_gallery)) > 0
+
+
+def test_a_second_thread_waits_for_the_lock_then_is_refused(tmp_path):
+    import threading
+    import time
+
+    target = str(tmp_path / "T")
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with files.lock(target):
+            held.set()
+            release.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    start = time.monotonic()
+    with pytest.raises(files.LockedError, match="this process"):
+        with files.lock(target, timeout=0.3):
+            pass
+    assert time.monotonic() - start < 2
+    release.set()
+    holder.join()
+
+
+def test_a_truncated_anchor_cache_entry_is_drawn_again(tmp_path, caplog):
+    from engine.portable import AnchorCache
+
+    cache = AnchorCache(tmp_path / "cache")
+    cache.put("k", np.zeros((4, 4, 3), np.uint8))
+    path = cache._path("k")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert cache.get("k") is None and "drawing it again" in caplog.text
+
+
+def test_bad_input_deep_in_a_command_is_one_line(msrvtt, tmp_path, capsys):
+    some_dir = tmp_path / "g"
+    some_dir.mkdir()
+    argv = ["anchors", "--generator", str(some_dir), "--root", msrvtt, "--collection", "msrvtt10k", "--split",
+            "tset", "--out", str(tmp_path / "store")]
+    assert main(argv) == 2
+    assert "split must be one of" in one_error_line(capsys)
+    store = tmp_path / "bad_store"
+    store.mkdir()
+    (store / "anchor_meta.json").write_text(json.dumps({"format": "cvr-sdgm/anchors/1", "files": ["feature.bin"]}))
+    assert main(["doctor", str(store)]) == 2
+    assert "malformed" in capsys.readouterr().out

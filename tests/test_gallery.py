@@ -371,16 +371,36 @@ def test_a_killed_indexer_leaves_the_previous_gallery(built, msrvtt, ckpt, model
     assert _leftovers(out) == []
 
 
+HOLDER = """
+import os, sys, time
+from engine import files
+with files.lock(sys.argv[1]):
+    os.mkdir(os.path.join(os.path.dirname(sys.argv[1]), f".g.tmp-{os.getpid()}-y"))
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
 def test_clean_stale_restores_a_gallery_moved_aside(built, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     aside = tmp_path / f".g.old-{dead.pid}-x"
     _copy(built, aside)
-    live = tmp_path / f".g.tmp-{os.getpid()}-y"
-    live.mkdir()
     target = str(tmp_path / "g")
-    assert clean_stale(target) == [str(aside)]
-    assert len(Gallery.load(target)) == 12 and live.exists()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    writer = subprocess.Popen([sys.executable, "-c", HOLDER, target], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        live = tmp_path / f".g.tmp-{writer.pid}-y"
+        # While a writer holds the lock, everything beside the folder may be its work in flight.
+        assert clean_stale(target) == [] and live.exists() and aside.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()
+    # Once it is gone, its staging folder is a leftover and the folder moved aside goes back.
+    assert sorted(clean_stale(target)) == sorted([str(aside), str(live)])
+    assert len(Gallery.load(target)) == 12 and not live.exists()
 
 
 # ---------------------------------------------------------------------------------------------

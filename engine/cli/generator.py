@@ -203,12 +203,19 @@ def _anchors_in_parallel(args, n_ids: int) -> int:
     write (same ids and anchors; the floats differ only by the rounding of other batch groupings).
     Worth it on a multi-core CPU, where one thread per process is also the least noisy way to use
     the cores."""
+    from engine import files
+
+    workers = min(args.workers, n_ids)
+    with files.lock(args.out):  # the shards' staging folder is this writer's work in flight
+        return _draw_in_parallel(args, n_ids, workers)
+
+
+def _draw_in_parallel(args, n_ids: int, workers: int) -> int:
     import subprocess
 
     from engine import files
     from engine.anchor_store import merge_anchor_stores
 
-    workers = min(args.workers, n_ids)
     # The shards live in a staging folder beside --out: a killed run's is cleaned by the next writer.
     parts_dir = files.make_staging(args.out)
     parts = [os.path.join(parts_dir, str(i)) for i in range(workers)]

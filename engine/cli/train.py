@@ -71,7 +71,7 @@ def _cmd_train(args) -> int:
     anchors = None if args.anchors == "none" else args.anchors
     if anchors is not None and not os.path.isdir(anchors):
         raise CLIError(f"--anchors: no anchor store at {anchors}")
-    claim(args.out, "checkpoint", "cvr train", args.overwrite)
+    claim(args.out, "bare checkpoint", "cvr train", args.overwrite)  # its onnx/ and evaluations are kept
     model_config = ModelConfig(
         text=_text_config(args), latent_dim=args.latent_dim, attn_dim=args.attn_dim,
         video_gru_hidden=args.video_gru_hidden, video_local_dim=args.video_local_dim, attention=args.attention,
