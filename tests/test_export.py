@@ -282,3 +282,27 @@ def test_masked_bigru_operator_runs_eagerly_as_run_gru():
     mask = torch.arange(7)[None, :] < torch.tensor([7, 3, 1, 0])[:, None]  # a row without any valid step too
     with torch.no_grad():
         torch.testing.assert_close(MaskedBiGRU(gru)(x, mask.long()), run_gru(gru, x, mask))
+
+
+def test_a_tampered_export_is_refused_by_its_digests(exported, tmp_path, capsys):
+    """Same-size edits of a graph (mtime kept, new inode) and edited manifest fields are caught."""
+    from engine.backends.onnxruntime import ExportedModelError, OnnxRuntimeBackend
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported["export"], folder, ignore=shutil.ignore_patterns(".verified.json"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    name, module = next(iter(manifest["modules"].items()))
+    graph = folder / module["files"]["fp32"]["file"]
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    graph.unlink()
+    graph.write_bytes(bytes(data))
+    backend = OnnxRuntimeBackend(str(folder), threads=1)
+    with pytest.raises(ExportedModelError, match=f"{graph.name}: checksum mismatch.*cvr export --force"):
+        backend.module_file(name)
+    assert main(["doctor", str(folder)]) == 2
+    assert "checksum mismatch" in capsys.readouterr().out
+    manifest["checkpoint"]["id"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportedModelError, match="manifest.json: edited or damaged"):
+        OnnxRuntimeBackend(str(folder), threads=1)
