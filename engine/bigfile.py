@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import files
+from engine import files, locks
 from engine.errors import InputError, MissingEntryError
 from engine.formats import COUNT, DataFormatError, check_token, read_text, show, text_lines
 
@@ -297,7 +297,7 @@ class BigFileWriter:
         if os.path.lexists(self.folder) and not self.folder.is_dir():
             raise InputError(f"{self.folder} exists and is not a directory")
         self._lock = contextlib.ExitStack()  # one writer of the folder at a time, until close/abort
-        self._lock.enter_context(files.lock(self.folder))
+        self._lock.enter_context(locks.lock(self.folder))
         try:
             self._tmp = files.make_staging(self.folder)
         except BaseException:

@@ -142,11 +142,9 @@ def read_format_json(folder: str, name: str, fmt: str, error: type, kind: str) -
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise error(f"{folder}: not a {kind} (no {name})")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
-        raise error(f"{path}: not valid JSON ({getattr(bad, 'msg', bad)})") from None
+    from engine.files import read_json
+
+    value = read_json(path, error)
     found = value.get("format") if isinstance(value, dict) else None
     if found != fmt:
         raise error(f"{path}: not a CVR-SDGM {kind} file (format {found!r})")

@@ -6,14 +6,12 @@ Every writer in the project goes through this module, so that all of them share 
   renamed over the target (`atomic_write`, `write_json`, or `atomic_path` for libraries that
   want a path to write to: matplotlib, PIL, faiss, safetensors);
 - a folder is built in a hidden staging sibling (`staged_folder`) and swapped into place
-  (`move_into_place`): an existing target is moved aside first and deleted only once the new one
-  is in place;
+  (`move_into_place`): exchanged with the old one in one step (renameat2 RENAME_EXCHANGE), or
+  where the filesystem cannot, the old one moved aside first and deleted once the new one is in;
 - temporary names carry the writer's pid and a random part (`.NAME.tmp-PID-XXXX`,
-  `.NAME.old-PID-XXXX`), so two writers never collide, and `clean_stale` can tell the leftovers
-  of a dead writer from a live writer's work: it removes them, and puts an old folder back where a
-  kill fell between the two renames of a swap (`recover`, which readers call);
-- one writer at a time: `lock` holds the OS lock of `<target>.lock` (`staged_folder` takes it),
-  released by the OS when its process dies;
+  `.NAME.old-PID-XXXX`), so two writers never collide; `clean_stale` removes what killed writers
+  left (judged by the folder's lock, engine/locks.py, which `staged_folder` holds) and puts a
+  folder moved aside back (`recover`, which readers call);
 - `fault_point` names the steps where the fault tests kill a writer.
 
 Files get mode 0644 and folders 0755 (mkstemp and mkdtemp make owner-only ones).
@@ -30,13 +28,11 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from engine.errors import CVRError
+from engine.locks import lock, lock_state
 
 FILE_MODE = 0o644
 FOLDER_MODE = 0o755
@@ -345,8 +341,6 @@ def clean_stale(target: str | os.PathLike) -> list:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -357,115 +351,7 @@ def _alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Locks: one writer of a folder at a time
-
-
-class LockedError(CVRError):
-    """Another process holds the lock of a folder for longer than we were ready to wait."""
-
-
-_HELD: dict = {}  # lock path -> [threading.RLock, depth, fd]: re-entrant within one process
-_HELD_GUARD = threading.Lock()
-
-
-def lock_timeout() -> float:
-    """Seconds to wait for another writer (CVR_LOCK_TIMEOUT, default 600)."""
-    try:
-        return float(os.environ.get("CVR_LOCK_TIMEOUT", "600"))
-    except ValueError:
-        return 600.0
-
-
-@contextlib.contextmanager
-def lock(target: str | os.PathLike, timeout: float | None = None):
-    """Hold the OS lock (flock) of `target`: the file `<target>.lock` beside it (a lock inside the
-    folder would be swapped away with it). A second process waits for it (saying so once on
-    stderr) up to `timeout` seconds (default `lock_timeout()`), then gets a LockedError naming the
-    holder's pid. The OS releases the lock when its process dies, killed or not. Re-entrant within
-    one process, so a command may lock a folder it then writes through a function that locks too."""
-    path = _lock_path(target)
-    timeout = lock_timeout() if timeout is None else timeout
-    with _HELD_GUARD:
-        entry = _HELD.setdefault(path, [threading.RLock(), 0, None])
-    if not entry[0].acquire(timeout=max(timeout, 0)):  # another thread of this process writes it
-        raise LockedError(f"{path[:-5]}: another writer in this process holds {path}; try again when it is done")
-    try:
-        if entry[1] == 0:
-            entry[2] = _acquire(path, timeout)
-        entry[1] += 1
-        try:
-            yield path
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                os.close(entry[2])  # releases the flock
-                entry[2] = None
-    finally:
-        entry[0].release()
-
-
-def _lock_path(target: str | os.PathLike) -> str:
-    return os.path.abspath(os.fspath(target)) + ".lock"
-
-
-def lock_state(target: str | os.PathLike) -> str:
-    """Who holds the lock of `target`: "ours" (this process), "other" (another process), "free",
-    or "unknown" (its lock file cannot be opened: a read-only folder)."""
-    import fcntl
-
-    path = _lock_path(target)
-    entry = _HELD.get(path)
-    if entry and entry[1] > 0:
-        return "ours"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return "free"  # never locked: writers create the file before anything else
-    except OSError:
-        return "unknown"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a writer holds it exclusively
-        return "free"
-    except BlockingIOError:
-        return "other"
-    finally:
-        os.close(fd)  # releases the shared lock at once
-
-
-def _acquire(path: str, timeout: float) -> int:
-    import fcntl
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-    try:
-        deadline, told = time.monotonic() + timeout, False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-                if time.monotonic() >= deadline:
-                    raise LockedError(f"{path[:-5]}: another writer (pid {holder}) holds {path}; try again when it "
-                                      "is done") from None
-                if not told:
-                    print(f"cvr: waiting for {path} (pid {holder} is writing {path[:-5]})", file=sys.stderr)
-                    told = True
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs: never replace what this command did not write
-
-
-class NotOursError(CVRError):
-    """An output path holds something the command did not write."""
+# Reading
 
 
 def why_not_a_folder(path: str | os.PathLike) -> str:
@@ -486,34 +372,19 @@ def why_not_a_folder(path: str | os.PathLike) -> str:
     return "permission denied" if not os.access(path, os.R_OK | os.X_OK) else "unreadable"
 
 
-def read_json(path: str | os.PathLike):
-    """A JSON file's value; CVRError (one line naming the file) when it is not valid JSON."""
+def read_json(path: str | os.PathLike, error: type = CVRError):
+    """A JSON file's value; `error` (one line naming the file) when it is not valid JSON."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CVRError(f"{path}: not valid JSON ({getattr(error, 'msg', error)})") from None
+    except (ValueError, UnicodeDecodeError) as bad:
+        raise error(f"{path}: not valid JSON ({getattr(bad, 'msg', bad)})") from None
 
 
-def json_format(path: str | os.PathLike) -> str | None:
-    """The "format" tag of a JSON object file, or None (missing, unreadable, another shape)."""
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A JSON object file's value, or None (missing, unreadable, not JSON, not an object)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (OSError, ValueError):
+        value = read_json(path)
+    except (CVRError, OSError):
         return None
-    return value.get("format") if isinstance(value, dict) and isinstance(value.get("format"), str) else None
-
-
-def check_output(path: str | os.PathLike, is_ours, what: str, command: str, overwrite: bool = False) -> None:
-    """Refuse (one line) to write `path` when it holds something that `is_ours(path)` does not
-    recognise as `what` (a format tag): an empty folder, a missing path, or an output of the same
-    kind may be written; anything else only with `overwrite` (`--overwrite`)."""
-    path = Path(path)
-    if not os.path.lexists(path) or overwrite:
-        return
-    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-        return
-    if not is_ours(path):
-        raise NotOursError(f"{path}: holds something that is not {what}, which `{command}` would replace: "
-                           "refusing (choose another path, or pass --overwrite to replace it)")
+    return value if isinstance(value, dict) else None

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from engine import files, paths
+from engine import files, locks, paths
 from engine.gallery import (
     DTYPES,
     EMBEDDINGS,
@@ -124,9 +124,9 @@ def build_gallery(checkpoint: str, root: str, collection: str, split: str | None
     the one the checkpoint was trained on. `dtype`: float16 (default for a new gallery) or float32;
     with `append`, the existing gallery's. `faiss`: a shorthand or factory string, 'none' for no
     index; None (or KEEP) keeps an appended gallery's index. `model`: the loaded checkpoint, to save
-    loading it again. One writer at a time (engine.files.lock over the read of an appended gallery
+    loading it again. One writer at a time (engine.locks.lock over the read of an appended gallery
     and the write). Returns the manifest written."""
-    with files.lock(os.path.abspath(out)):
+    with locks.lock(os.path.abspath(out)):
         return _build_gallery(checkpoint, root, collection, split, out, feature, dtype, batch_size, append, progress,
                               faiss, model, overwrite)
 

@@ -58,7 +58,7 @@ def verify_files(folder: str, digests: dict, hint: str, error: type = IntegrityE
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
         raise error(f"{folder}: its manifest's list of file digests is malformed: {hint}")
     stamp_path = os.path.join(folder, STAMP)
-    stamp = _read_stamp(stamp_path)
+    stamp = files.read_json_object(stamp_path) or {}
     hashed = []
     for name, expected in digests.items():
         path = os.path.join(folder, name)
@@ -80,11 +80,3 @@ def verify_files(folder: str, digests: dict, hint: str, error: type = IntegrityE
             pass  # a read-only folder: the files are hashed again at the next load
     return hashed
 
-
-def _read_stamp(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

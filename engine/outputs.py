@@ -1,18 +1,42 @@
 """What each command writes, and how it recognises its own output (by format tag) before it replaces
 anything: `claim(path, kind, command, overwrite)` refuses with one line when `path` holds something
-else (engine.files.check_output). The README's table "What a command may replace" lists these.
+else (`check_output`). The README's table "What a command may replace" lists these.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from engine.files import check_output, json_format
+from engine.errors import CVRError
+from engine.files import read_json_object
 
 PNG_MARKER = "anchor_pngs.json"
 PNG_FORMAT = "cvr-sdgm/anchor-pngs/1"
 EVALUATION_FORMAT = "cvr-sdgm/evaluation/1"
+
+
+class NotOursError(CVRError):
+    """An output path holds something the command did not write."""
+
+
+def json_format(path: str | os.PathLike) -> str | None:
+    """The "format" tag of a JSON object file, or None (missing, unreadable, another shape)."""
+    value = read_json_object(path) or {}
+    return value["format"] if isinstance(value.get("format"), str) else None
+
+
+def check_output(path: str | os.PathLike, is_ours, what: str, command: str, overwrite: bool = False) -> None:
+    """Refuse (one line) to write `path` when it holds something that `is_ours(path)` does not
+    recognise as `what` (a format tag): an empty folder, a missing path, or an output of the same
+    kind may be written; anything else only with `overwrite` (`--overwrite`)."""
+    path = Path(path)
+    if not os.path.lexists(path) or overwrite:
+        return
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    if not is_ours(path):
+        raise NotOursError(f"{path}: holds something that is not {what}, which `{command}` would replace: "
+                           "refusing (choose another path, or pass --overwrite to replace it)")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -92,14 +116,10 @@ def is_vision_weights(path: Path) -> bool:
 def is_evaluation(prefix: Path) -> bool:
     """`cvr evaluate --out PREFIX` writes PREFIX.json (tagged; untagged before this format, but
     holding its checkpoint and metrics) and PREFIX.md."""
-    path = Path(f"{prefix}.json")
-    if json_format(path) == EVALUATION_FORMAT:
+    value = read_json_object(f"{prefix}.json") or {}
+    if value.get("format") == EVALUATION_FORMAT:
         return True
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(value, dict) and "format" not in value and {"checkpoint", "metrics"} <= set(value)
+    return "format" not in value and {"checkpoint", "metrics"} <= set(value)
 
 
 KINDS = {

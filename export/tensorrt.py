@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine import files
+from engine import files, locks
 from engine.backends.tensorrt import (
     ENGINES_FILE,
     ENGINES_FORMAT,
@@ -84,7 +84,7 @@ def export_tensorrt(checkpoint: str, out: str, options: TensorRTOptions | None =
 
     # The engines live inside the export folder, which `cvr export --force` swaps whole: one lock
     # (the export's) covers both, so neither writer swaps the other's work away.
-    with files.lock(out):
+    with locks.lock(out):
         return _export_tensorrt(trt, torch, checkpoint, out, options)
 
 

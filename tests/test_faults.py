@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import files
+from engine import files, locks
 from engine.cli import main
 from engine.errors import CVRError
 from engine.gallery import Gallery
@@ -169,7 +169,7 @@ def test_two_concurrent_appends_both_land(small_gallery, tiny_ckpt, msrvtt):
 
 def test_a_held_lock_makes_a_writer_wait_or_refuse(small_gallery, tiny_ckpt, msrvtt):
     before = snapshot(small_gallery)
-    with files.lock(small_gallery):
+    with locks.lock(small_gallery):
         refused = _append(tiny_ckpt, msrvtt, small_gallery, "val", CVR_LOCK_TIMEOUT="2")
         code, err = refused.wait(timeout=300), refused.stderr.read()
         refused.stdout.close()
@@ -187,17 +187,17 @@ def test_a_held_lock_makes_a_writer_wait_or_refuse(small_gallery, tiny_ckpt, msr
 
 def test_the_os_releases_a_dead_writers_lock(tmp_path):
     target = str(tmp_path / "folder")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from engine import files\n"
-                               "with files.lock(sys.argv[1]):\n print('held', flush=True); time.sleep(600)", target],
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from engine import locks\n"
+                               "with locks.lock(sys.argv[1]):\n print('held', flush=True); time.sleep(600)", target],
                               env=child_env(), stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(files.LockedError, match=f"pid {holder.pid}"):
-        with files.lock(target, timeout=0.2):
+    with pytest.raises(locks.LockedError, match=f"pid {holder.pid}"):
+        with locks.lock(target, timeout=0.2):
             pass
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     holder.stdout.close()
-    with files.lock(target, timeout=5):
+    with locks.lock(target, timeout=5):
         pass
 
 
@@ -658,15 +658,15 @@ def test_a_second_thread_waits_for_the_lock_then_is_refused(tmp_path):
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with files.lock(target):
+        with locks.lock(target):
             held.set()
             release.wait(10)
     holder = threading.Thread(target=hold)
     holder.start()
     held.wait(10)
     start = time.monotonic()
-    with pytest.raises(files.LockedError, match="this process"):
-        with files.lock(target, timeout=0.3):
+    with pytest.raises(locks.LockedError, match="this process"):
+        with locks.lock(target, timeout=0.3):
             pass
     assert time.monotonic() - start < 2
     release.set()

@@ -19,6 +19,7 @@ from engine.files import clean_stale
 from engine.gallery import EMBEDDINGS, IDS, MANIFEST, Gallery, GalleryError, faiss_factory, faiss_search_parameters
 from engine.indexing import build_gallery, write_gallery
 from engine.integrity import seal
+from engine.outputs import NotOursError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FEATURE = "resnext101-resnet152"
@@ -157,7 +158,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_gallery(msrvtt, ckpt, model, 
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(files.NotOursError, match="is not a gallery.*--overwrite"):
+    with pytest.raises(NotOursError, match="is not a gallery.*--overwrite"):
         build_gallery(ckpt, msrvtt, "msrvtt10k", out=str(precious), model=model, progress=False)
     assert (precious / "notes.txt").read_text() == "keep me"
 
@@ -373,8 +374,8 @@ def test_a_killed_indexer_leaves_the_previous_gallery(built, msrvtt, ckpt, model
 
 HOLDER = """
 import os, sys, time
-from engine import files
-with files.lock(sys.argv[1]):
+from engine import locks
+with locks.lock(sys.argv[1]):
     os.mkdir(os.path.join(os.path.dirname(sys.argv[1]), f".g.tmp-{os.getpid()}-y"))
     print("held", flush=True)
     time.sleep(600)

@@ -19,10 +19,10 @@ CLI = ROOT / "engine" / "cli"
 CLI_MAY = {"export", "training"}
 # What the ONNX Runtime path imports: numpy, onnxruntime, tokenizers, safetensors, faiss, the
 # standard library and these modules, never torch.
-TORCH_FREE = ("engine/files.py", "engine/paths.py", "engine/portable.py", "engine/fingerprints.py",
-              "engine/gallery.py", "engine/search.py", "engine/retriever.py", "engine/config.py",
-              "engine/checkpoint.py", "engine/backends/onnxruntime.py", "engine/backends/exported.py",
-              "engine/cli/__init__.py", "engine/cli/search.py")
+TORCH_FREE = ("engine/files.py", "engine/locks.py", "engine/integrity.py", "engine/errors.py", "engine/paths.py",
+              "engine/portable.py", "engine/fingerprints.py", "engine/gallery.py", "engine/search.py",
+              "engine/retriever.py", "engine/config.py", "engine/checkpoint.py", "engine/backends/onnxruntime.py",
+              "engine/backends/exported.py", "engine/cli/__init__.py", "engine/cli/search.py")
 
 
 def imports(path: Path) -> set:

@@ -203,10 +203,10 @@ def _anchors_in_parallel(args, n_ids: int) -> int:
     write (same ids and anchors; the floats differ only by the rounding of other batch groupings).
     Worth it on a multi-core CPU, where one thread per process is also the least noisy way to use
     the cores."""
-    from engine import files
+    from engine import locks
 
     workers = min(args.workers, n_ids)
-    with files.lock(args.out):  # the shards' staging folder is this writer's work in flight
+    with locks.lock(args.out):  # the shards' staging folder is this writer's work in flight
         return _draw_in_parallel(args, n_ids, workers)
 
 
