@@ -248,7 +248,8 @@ def topk_stable(scores: np.ndarray, k: int) -> tuple:
     indices = np.empty((q, k), dtype=np.int64)
     for i, row in enumerate(scores):
         # NaN ranks last (as -inf) rather than breaking the selection; callers refuse it afterwards.
-        key = np.where(np.isnan(row), -np.inf, row) if np.isnan(row).any() else row
+        nan = np.isnan(row)
+        key = np.where(nan, -np.inf, row) if nan.any() else row
         if k < n:
             kth = np.partition(key, n - k)[n - k]
             candidates = np.flatnonzero(key >= kth)

@@ -71,6 +71,6 @@ def describe_os_error(error: OSError) -> str:
     if error.filename2:
         where = f"{where} -> {error.filename2}"
     if error.errno == errno.ENOSPC:
-        return f"disk full while writing {where}: free some space and run the command again".replace("  ", " ")
+        return f"disk full while writing{' ' + where if where else ''}: free some space and run the command again"
     reason = error.strerror or type(error).__name__
     return f"{where}: {reason}" if where else reason

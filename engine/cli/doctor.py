@@ -47,12 +47,13 @@ def _cmd_doctor(args) -> int:
 
 def _cmd_gallery_info(args) -> int:
     from engine.gallery import read_manifest
+    from engine.integrity import is_sealed
 
     manifest = read_manifest(args.gallery)
     folder = os.path.abspath(args.gallery)
     disk = sum(os.path.getsize(os.path.join(folder, name)) for name in manifest["files"])
     info = {"gallery": folder, "format": f"{manifest['format']} v{manifest['version']}",
-            "sealed": "digest" in manifest, "checkpoint": manifest["checkpoint"], "videos": manifest["count"],
+            "sealed": is_sealed(manifest), "checkpoint": manifest["checkpoint"], "videos": manifest["count"],
             "dims": manifest["dims"], "dtype": manifest["dtype"], "faiss": manifest.get("faiss"),
             "bytes_on_disk": disk, "created": manifest.get("created"), "sources": manifest.get("sources", [])}
     if args.json:
