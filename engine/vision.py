@@ -278,6 +278,85 @@ class VisionConfig:
     seed: int = 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Which extractor made a set of frame features
+
+
+EXTRACTOR_FILE = "extractor.json"  # beside a BigFile's files, and in a gallery's manifest
+EXTRACTOR_FORMAT = "cvr-sdgm/extractor/1"
+
+
+def weights_digest(weights: str | None, seed: int = 0) -> str:
+    """What identifies an extractor's weights: the sha256 of the file (of every weight file of a
+    Hugging Face folder), or `random:<seed>` for the seeded random init."""
+    from engine import files
+
+    if weights == "random":
+        return f"random:{seed}"
+    path = BUILTIN_WEIGHTS if weights is None else weights
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".safetensors", ".bin", ".json")):
+                digest.update(name.encode() + bytes.fromhex(files.sha256_file(os.path.join(path, name))))
+        return digest.hexdigest()
+    if not os.path.isfile(path):
+        raise VisionWeightsError(f"vision weights not found: {path}")
+    return files.sha256_file(path)
+
+
+def extractor_record(config: VisionConfig) -> dict:
+    """The record a feature folder and a gallery keep of the extractor that made their frame
+    features: weights (builtin, random or where they were), their digest, input size, pooling."""
+    weights = config.weights
+    shown = "builtin" if weights is None else weights if weights == "random" else os.path.abspath(weights)
+    return {"format": EXTRACTOR_FORMAT, "weights": shown, "weights_sha256": weights_digest(weights, config.seed),
+            "image_size": int(config.image_size), "seed": int(config.seed), "pooling": "mean"}
+
+
+def same_extractor(a: dict | None, b: dict | None) -> bool:
+    """Whether two records name the same weights at the same input size."""
+    keys = ("weights_sha256", "image_size", "pooling")
+    return bool(a) and bool(b) and all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe_extractor(record: dict | None) -> str:
+    if not record:
+        return "an unrecorded extractor"
+    name = record.get("weights")
+    name = os.path.basename(str(name)) if name not in ("builtin", "random") else name
+    return f"ResNet-50 {name} at {record.get('image_size')} px"
+
+
+def read_extractor(feature_dir: str) -> dict | None:
+    """The extractor record of a feature folder, or None where it keeps none (e.g. the MSR-VTT
+    release's folders). A damaged record is a one-line error."""
+    from engine.files import read_json
+
+    path = os.path.join(feature_dir, EXTRACTOR_FILE)
+    if not os.path.exists(path):
+        return None
+    record = read_json(path, VisionWeightsError)
+    found = record.get("format") if isinstance(record, dict) else None
+    if found != EXTRACTOR_FORMAT or not isinstance(record.get("image_size"), int):
+        raise VisionWeightsError(f"{path}: not an extractor record (format {found!r})")
+    return record
+
+
+def vision_config_of(record: dict, weights: str | None = None) -> VisionConfig:
+    """The VisionConfig that rebuilds a recorded extractor: `weights` (a path) overrides where the
+    recorded weights were, and must have the recorded digest."""
+    recorded = record.get("weights")
+    if weights is None:
+        weights = None if recorded == "builtin" else recorded
+    config = VisionConfig(image_size=int(record["image_size"]), weights=weights, seed=int(record.get("seed", 0)))
+    found = weights_digest(config.weights, config.seed)
+    if found != record.get("weights_sha256"):
+        raise VisionWeightsError(f"vision weights {weights or 'builtin'} are not the ones recorded "
+                                 f"({describe_extractor(record)}, sha256 {str(record.get('weights_sha256'))[:12]})")
+    return config
+
+
 class RegionExtractor:
     """Batched ResNet-50 features: region grids (B, h*w, 2048) and pooled vectors (B, 2048)."""
 
@@ -297,6 +376,10 @@ class RegionExtractor:
     @classmethod
     def default(cls, device: str = "cpu") -> RegionExtractor:
         return cls.from_config(VisionConfig(), device)
+
+    def record(self) -> dict:
+        """This extractor's record (extractor_record)."""
+        return extractor_record(self.config)
 
     def grid_size(self) -> int:
         """Side of the region grid: the ResNet downsamples by 32 (rounding up)."""

@@ -24,6 +24,7 @@ from engine.errors import InputError
 from engine.metrics import format_metrics_table, retrieval_metrics
 from engine.model import CVRModel, Embeddings
 from engine.outputs import EVALUATION_FORMAT
+from engine.vision import read_extractor
 from training.losses import hybrid_loss
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,10 @@ def _recorded_job(job: RetrievalJob) -> dict:
     del recorded["out"]  # the checkpoint itself
     recorded["root"] = paths.reference(job.root, job.out)
     recorded["anchors"] = job.anchors and paths.reference(job.anchors, job.out)
+    # Which ResNet-50 made the training features (None where the folder does not say): indexing
+    # video files runs the same one (engine/ingest.py).
+    feature_dir = datasets.Collection(job.root, job.collection).feature_dir(job.feature)
+    recorded["extractor"] = read_extractor(str(feature_dir))
     return recorded
 
 

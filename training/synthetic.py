@@ -358,7 +358,7 @@ def _write_collection(work: str, config: SynthConfig, vision, progress: bool) ->
     from tqdm import tqdm
 
     from engine import datasets
-    from engine.vision import RegionExtractor
+    from engine.vision import EXTRACTOR_FILE, RegionExtractor
 
     text_dir = os.path.join(work, "TextData")
     image_dir = os.path.join(work, "ImageData")
@@ -387,6 +387,7 @@ def _write_collection(work: str, config: SynthConfig, vision, progress: bool) ->
             video2frames[video_id] = ids
             scenes.append(scene)
         features.set_video2frames(video2frames)
+        features.add_file(EXTRACTOR_FILE, json.dumps(extractor.record(), indent=1, sort_keys=True) + "\n")
 
     for split, pairs in split_captions.items():
         datasets.write_captions(os.path.join(text_dir, f"{config.collection}{split}.caption.txt"), pairs)
