@@ -1,16 +1,30 @@
 """A persisted gallery: video ids + the video tower's embeddings, versioned, checksummed, atomic.
 
-A gallery is a folder (ARCHITECTURE.md section 12):
+A gallery is a folder (ARCHITECTURE.md section 12) of one or more immutable *parts*, each a
+folder of rows (the gallery folder itself, `.`, for a gallery written at once; `parts/<name>/` for
+the batches `cvr index --videos` commits):
 
 - `ids.txt`: one video id per line, in row order;
-- `embeddings.safetensors`: `lat` (N, 2, D) and `con` (N, 2, K), float16 by default (float32 on
+- `embeddings.safetensors`: `lat` (n, 2, D) and `con` (n, 2, K), float16 by default (float32 on
   request); index 0 of dim 1 is the global branch, 1 the local one;
-- `faiss.index` (optional): a FAISS first stage over the global latent vectors `lat[:, 0]`,
-  described by a faiss `index_factory` string (`IVF1000,SQfp16`, `HNSW32`, `Flat`, ...);
-- `manifest.json`: format and version, the checkpoint's id (sha256 of its weights + config) and
-  where it was (relative to the gallery), dims, dtype, count, the sha256 of every other file, the
-  checkpoint's min-max constants (for information: scoring always uses the model's), the FAISS
-  factory string and default search parameters, creation time, sources.
+- for video files (optional): `videos.jsonl`, one record per row (content hash, duration, fps,
+  sampled timestamps, thumbnail, decoding warnings), `thumbs/<row>.jpg`, and
+  `segments.safetensors`: the global latent vector `lat` (s, D) of every segment (window of
+  seconds) with its `row` (s,) and `span` (s, 2) [start, end] in seconds: all that locating the
+  matching moment needs;
+
+and beside them:
+
+- `faiss.index` (optional, or `faiss-<generation>.index`): a FAISS first stage over the global
+  latent vectors `lat[:, 0]` of the live rows, described by a faiss `index_factory` string
+  (`IVF1000,SQfp16`, `HNSW32`, `Flat`, ...);
+- `manifest.json`, replaced atomically at every commit: format and version, the checkpoint's id
+  (sha256 of its weights + config) and where it was (relative to the gallery), dims, dtype, the
+  live count, the parts in row order with the rows each has dropped (deleted or re-indexed
+  videos), the sha256 of every other file, the checkpoint's min-max constants (for information:
+  scoring always uses the model's), the FAISS factory string and default search parameters, and
+  for video files the media root, every path with its size and mtime, the extractor, the frame
+  sampling and the segment window; metadata fields; creation time, sources.
 
 Loading validates everything and refuses with one line (`GalleryError`), including a gallery built
 with another checkpoint than the one scoring it. The embeddings are memory-mapped, never copied:
@@ -23,20 +37,26 @@ import json
 import math
 import os
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
 from engine.errors import CVRError
 from engine.integrity import check_seal, verify_files
+from engine.rows import Rows
 
 FORMAT = "cvr-sdgm/gallery"
-VERSION = 2  # 2: FAISS described by a factory string; no absolute paths
+VERSION = 3  # 3: parts, dropped rows, media; 2: FAISS described by a factory string; no absolute paths
+READABLE_VERSIONS = (2, 3)  # a version-2 gallery is one part, the folder itself
 REBUILD = "rebuild it with `cvr index`"
 IDS = "ids.txt"
 EMBEDDINGS = "embeddings.safetensors"
 FAISS_FILE = "faiss.index"
 MANIFEST = "manifest.json"
-DATA_FILES = (IDS, EMBEDDINGS, FAISS_FILE)  # every file a manifest may list (never a path)
+VIDEOS = "videos.jsonl"
+SEGMENTS = "segments.safetensors"
+THUMBS = "thumbs"
+ROOT_PART = "."  # the part a gallery written at once keeps in its own folder
 DTYPES = {"float16": np.float16, "float32": np.float32}
 SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32}
 # FAISS index shorthands: `ivf` gets sqrt(N) lists with fp16 codes (ARCHITECTURE.md section 14; the
@@ -171,13 +191,36 @@ def faiss_record(index, spec: str, factory: str, train_points: int | None) -> di
 # The loaded gallery
 
 
-class Gallery:
-    """A validated gallery: `ids`, `lat` (N, 2, D) and `con` (N, 2, K) memory-mapped in the stored
-    dtype, `manifest`, `faiss_index` (None without one), `folder`."""
+@dataclass
+class Part:
+    """One part as loaded: its folder, physical ids, memory maps, live rows (None: all), and the
+    video records and segments of a part made from video files."""
 
-    def __init__(self, folder: str, ids: list, lat: np.ndarray, con: np.ndarray, manifest: dict, faiss_index=None):
+    name: str
+    folder: str
+    ids: list
+    lat: np.ndarray
+    con: np.ndarray
+    live: np.ndarray | None
+    records: list | None = None
+    segments: dict | None = None  # lat (s, D), span (s, 2), bounds (n + 1): row r has segments bounds[r]:bounds[r+1]
+
+    def live_rows(self) -> np.ndarray:
+        return np.arange(len(self.ids)) if self.live is None else self.live
+
+
+class Gallery:
+    """A validated gallery: `ids` of the live rows, `lat` (N, 2, D) and `con` (N, 2, K) in the
+    stored dtype (a memory map, or engine.rows.Rows over several parts), `manifest`, `faiss_index`
+    (None without one), `folder`, `parts`; for video files `media_root` and per-row `records`."""
+
+    def __init__(self, folder: str, ids: list, lat, con, manifest: dict, faiss_index=None, parts: list | None = None):
         self.folder, self.ids, self.lat, self.con = folder, ids, lat, con
         self.manifest, self.faiss_index = manifest, faiss_index
+        self.parts = parts or []
+        media = manifest.get("media")
+        self.media_root = os.path.normpath(os.path.join(folder, media["root"])) if media else None
+        self._paths_of = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -193,6 +236,84 @@ class Gallery:
     def nbytes(self) -> int:
         """Bytes of the embeddings (what exhaustive search reads; the memory a loaded gallery uses)."""
         return int(self.lat.nbytes + self.con.nbytes)
+
+    @property
+    def has_media(self) -> bool:
+        return self.media_root is not None
+
+    def locate(self, rows) -> tuple:
+        """(part index, physical row in that part) of each live row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(self.parts) == 1 and self.parts[0].live is None:
+            return np.zeros(len(rows), dtype=np.int64), rows
+        return Rows([(p.ids, p.live) for p in self.parts]).locate(rows)
+
+    def record(self, row: int) -> dict | None:
+        """The video record of a live row (None for a gallery built from feature files)."""
+        part, physical = (int(x[0]) for x in self.locate([row]))
+        records = self.parts[part].records
+        return None if records is None else records[physical]
+
+    def paths(self, video_id: str) -> list:
+        """Every indexed path (absolute) of a video: the same content at two paths is one video."""
+        if self._paths_of is None:
+            self._paths_of = {}
+            media = self.manifest.get("media") or {}
+            for rel, entry in sorted(media.get("paths", {}).items()):
+                self._paths_of.setdefault(entry["id"], []).append(os.path.join(self.media_root, rel))
+        return self._paths_of.get(video_id, [])
+
+    def thumbnail(self, row: int) -> str | None:
+        part, physical = (int(x[0]) for x in self.locate([row]))
+        record = (self.parts[part].records or [None] * (physical + 1))[physical]
+        if not record or not record.get("thumbnail"):
+            return None
+        return os.path.join(self.parts[part].folder, record["thumbnail"])
+
+    def best_segments(self, rows, q_global: np.ndarray) -> list:
+        """For each live row, the segment whose global latent vector is closest to the query's
+        global latent vector `q_global` (D,): ([start, end] seconds, cosine), or None where the
+        gallery keeps no segments. Ties go to the earlier segment."""
+        rows = np.asarray(rows, dtype=np.int64)
+        found = [None] * len(rows)
+        if not any(p.segments for p in self.parts):
+            return found
+        query = np.asarray(q_global, dtype=np.float32)
+        for i, (part, physical) in enumerate(zip(*self.locate(rows), strict=True)):
+            segments = self.parts[part].segments
+            if not segments:
+                continue
+            lo, hi = segments["bounds"][physical], segments["bounds"][physical + 1]
+            if lo == hi:
+                continue
+            scores = np.asarray(segments["lat"][lo:hi], dtype=np.float32) @ query
+            best = int(np.argmax(scores))
+            span = segments["span"][lo + best]
+            found[i] = ([round(float(span[0]), 3), round(float(span[1]), 3)], float(scores[best]))
+        return found
+
+    def fields(self) -> dict:
+        """Filterable fields: {name: [value per live row, None where the video has none]}: the
+        built-in ones of video files (duration, fps, width, height, frames, codec, path) and the
+        metadata attached with `cvr index --metadata`."""
+        table = {}
+        n = len(self)
+        if self.has_media:
+            for name in MEDIA_FIELDS:
+                table[name] = [None] * n
+            for row in range(n):
+                record = self.record(row) or {}
+                for name in MEDIA_FIELDS[:-1]:
+                    table[name][row] = record.get(name)
+                table["path"][row] = [os.path.relpath(p, self.media_root) for p in self.paths(self.ids[row])]
+        metadata = self.manifest.get("fields") or {}
+        names = sorted({name for values in metadata.values() for name in values})
+        for name in names:
+            column = table.setdefault(name, [None] * n)
+            for row, video_id in enumerate(self.ids):
+                if name in metadata.get(video_id, {}):
+                    column[row] = metadata[video_id][name]
+        return table
 
     @classmethod
     def load(cls, folder: str, checkpoint_id: str | None = None, verify: bool = True) -> Gallery:
@@ -220,12 +341,83 @@ class Gallery:
         for name in manifest["files"]:
             if not os.path.isfile(os.path.join(folder, name)):
                 raise GalleryError(f"{folder}: missing file {name}")
-        ids = _read_ids(folder, manifest["count"])
-        lat, con = _read_embeddings(folder, manifest)
+        parts = [_read_part(folder, entry, manifest) for entry in manifest["parts"]]
         if verify:  # after the structural checks, whose messages are more specific
             verify_files(folder, manifest["files"], REBUILD, GalleryError)
+        ids = [p.ids[i] for p in parts for i in p.live_rows()]
+        _check_unique(ids, os.path.join(folder, MANIFEST))
+        if len(ids) != manifest["count"]:
+            raise GalleryError(f"{folder}: {len(ids)} live videos but the manifest says {manifest['count']}")
+        if len(parts) == 1 and parts[0].live is None:
+            lat, con = parts[0].lat, parts[0].con
+        else:
+            lat, con = (Rows([(getattr(p, name), p.live) for p in parts]) for name in ("lat", "con"))
         index = _read_faiss(folder, manifest) if manifest.get("faiss") else None
-        return cls(folder, ids, lat, con, manifest, index)
+        return cls(folder, ids, lat, con, manifest, index, parts)
+
+
+MEDIA_FIELDS = ("duration", "fps", "width", "height", "frames", "codec", "path")
+
+
+def part_folder(folder: str, name: str) -> str:
+    return folder if name == ROOT_PART else os.path.join(folder, name)
+
+
+def _read_part(folder: str, entry: dict, manifest: dict) -> Part:
+    path = part_folder(folder, entry["name"])
+    count = entry["count"]
+    ids = _read_ids(path, count)
+    lat, con = _read_embeddings(path, count, manifest)
+    drop = entry.get("drop") or []
+    live = np.setdiff1d(np.arange(count), np.asarray(drop, dtype=np.int64)) if drop else None
+    prefix = "" if entry["name"] == ROOT_PART else entry["name"] + "/"
+    records = _read_records(path, count) if prefix + VIDEOS in manifest["files"] else None
+    segments = _read_segments(path, count, manifest) if prefix + SEGMENTS in manifest["files"] else None
+    return Part(entry["name"], path, ids, lat, con, live, records, segments)
+
+
+def _read_records(path: str, count: int) -> list:
+    records_path = os.path.join(path, VIDEOS)
+    records = []
+    with open(records_path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise GalleryError(f"{records_path}:{line_no}: not a JSON record") from None
+            if not isinstance(record, dict):
+                raise GalleryError(f"{records_path}:{line_no}: not a JSON object")
+            records.append(record)
+    if len(records) != count:
+        raise GalleryError(f"{records_path}: {len(records)} records for {count} videos")
+    return records
+
+
+def _read_segments(path: str, count: int, manifest: dict) -> dict:
+    from safetensors.numpy import load_file
+
+    segments_path = os.path.join(path, SEGMENTS)
+    try:
+        stored = load_file(segments_path)
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise GalleryError(f"{segments_path}: unreadable ({str(error).splitlines()[0]})") from None
+    lat, row, span = stored.get("lat"), stored.get("row"), stored.get("span")
+    dim = manifest["dims"]["latent"]
+    if lat is None or row is None or span is None or lat.ndim != 2 or lat.shape[1] != dim \
+            or row.shape != (len(lat),) or span.shape != (len(lat), 2):
+        raise GalleryError(f"{segments_path}: expected lat (s, {dim}), row (s,) and span (s, 2)")
+    if len(row) and (row.min() < 0 or row.max() >= count or np.any(np.diff(row) < 0)):
+        raise GalleryError(f"{segments_path}: segment rows out of order or out of range")
+    check_finite(lat, f"{segments_path}: lat")
+    bounds = np.searchsorted(row, np.arange(count + 1), side="left")
+    return {"lat": lat, "span": span, "bounds": bounds}
+
+
+def _check_unique(ids: list, where: str) -> None:
+    if len(set(ids)) != len(ids):
+        seen = set()
+        duplicate = next(v for v in ids if v in seen or seen.add(v))
+        raise GalleryError(f"{where}: video {duplicate} appears twice")
 
 
 def _folder_inode(folder: str) -> int | None:
@@ -236,15 +428,20 @@ def _folder_inode(folder: str) -> int | None:
 
 
 def read_manifest(folder: str) -> dict:
-    """A gallery's manifest, checked (format, version and the fields loading relies on)."""
+    """A gallery's manifest, checked (format, version and the fields loading relies on); a
+    version-2 manifest is read as one part, the folder itself."""
     from engine.config import read_format_json
 
     manifest = read_format_json(folder, MANIFEST, FORMAT, GalleryError, "gallery")
     path = os.path.join(folder, MANIFEST)
-    if manifest.get("version") != VERSION:
-        raise GalleryError(f"{path}: gallery format version {manifest.get('version')!r}, this engine reads {VERSION}: "
-                           "rebuild it with `cvr index`")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise GalleryError(f"{path}: gallery format version {manifest.get('version')!r}, this engine reads "
+                           f"{' and '.join(map(str, READABLE_VERSIONS))}: rebuild it with `cvr index`")
     check_seal(manifest, path, REBUILD, GalleryError)  # before its fields are trusted
+    if manifest["version"] == 2:
+        manifest = dict(manifest, parts=[{"name": ROOT_PART, "count": manifest.get("count"), "drop": []}])
+        if manifest.get("faiss"):
+            manifest["faiss"] = dict(manifest["faiss"], file=FAISS_FILE)
     _check_manifest_fields(manifest, path)
     return manifest
 
@@ -255,28 +452,52 @@ def _check_manifest_fields(manifest: dict, path: str) -> None:
     def bad(field: str):
         return GalleryError(f"{path}: missing or invalid field {field!r}")
 
-    def positive_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    def count(value, least: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
     checkpoint = manifest.get("checkpoint")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("id"), str):
         raise bad("checkpoint.id")
     dims = manifest.get("dims")
     for name in ("latent", "concept"):
-        if not isinstance(dims, dict) or not positive_int(dims.get(name)):
+        if not isinstance(dims, dict) or not count(dims.get(name), 1):
             raise bad(f"dims.{name}")
     if manifest.get("dtype") not in DTYPES:
         raise bad("dtype")
-    if not positive_int(manifest.get("count")):
+    if not count(manifest.get("count"), 1 if manifest.get("media") is None else 0):
         raise bad("count")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not {IDS, EMBEDDINGS} <= set(files) or not set(files) <= set(DATA_FILES):
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not all(_plain_relative(name) for name in listed):
         raise bad("files")
+    parts = manifest.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise bad("parts")
+    for entry in parts:
+        if not isinstance(entry, dict) or not _plain_relative(str(entry.get("name"))) \
+                or not count(entry.get("count"), 1) or not isinstance(entry.get("drop", []), list) \
+                or not all(count(r) and r < entry["count"] for r in entry.get("drop", [])):
+            raise bad("parts")
+        prefix = "" if entry["name"] == ROOT_PART else entry["name"] + "/"
+        if not {prefix + IDS, prefix + EMBEDDINGS} <= set(listed):
+            raise bad("files")
     faiss = manifest.get("faiss")
-    if faiss is not None and not (isinstance(faiss, dict) and isinstance(faiss.get("factory"), str)):
+    if faiss is not None and not (isinstance(faiss, dict) and isinstance(faiss.get("factory"), str)
+                                  and faiss.get("file") in listed):
         raise bad("faiss")
-    if (FAISS_FILE in files) != bool(faiss):
-        raise bad("faiss")
+    media = manifest.get("media")
+    if media is not None and not (isinstance(media, dict) and isinstance(media.get("root"), str)
+                                  and isinstance(media.get("paths"), dict)):
+        raise bad("media")
+    if not isinstance(manifest.get("fields", {}), dict):
+        raise bad("fields")
+
+
+def _plain_relative(name: str) -> bool:
+    """A file name inside the gallery: relative, no '..', no empty part (never a path outside)."""
+    if name == ROOT_PART:
+        return True
+    parts = name.split("/")
+    return bool(name) and not os.path.isabs(name) and all(p not in ("", ".", "..") for p in parts)
 
 
 def _read_ids(folder: str, count: int) -> list:
@@ -292,18 +513,16 @@ def _read_ids(folder: str, count: int) -> list:
     for line, video_id in enumerate(ids, 1):
         if not video_id or video_id != video_id.strip():
             raise GalleryError(f"{path}:{line}: empty id or stray whitespace")
-    if len(set(ids)) != len(ids):
-        seen = set()
-        duplicate = next(v for v in ids if v in seen or seen.add(v))
-        raise GalleryError(f"{path}: video {duplicate} appears twice")
+    _check_unique(ids, path)
     return ids
 
 
-def _read_embeddings(folder: str, manifest: dict) -> tuple:
-    """`lat` and `con` as read-only memory maps of the safetensors file, after checking its header
-    with safetensors (names, dtypes, shapes) against the manifest, and every value for finiteness."""
+def _read_embeddings(folder: str, n: int, manifest: dict) -> tuple:
+    """`lat` and `con` of a part's n rows as read-only memory maps of its safetensors file, after
+    checking its header with safetensors (names, dtypes, shapes) against the manifest, and every
+    value for finiteness."""
     path = os.path.join(folder, EMBEDDINGS)
-    n, dims, dtype = manifest["count"], manifest["dims"], DTYPES[manifest["dtype"]]
+    dims, dtype = manifest["dims"], DTYPES[manifest["dtype"]]
     expected = {"lat": (n, 2, dims["latent"]), "con": (n, 2, dims["concept"])}
     header, offset = _safetensors_header(path, expected)
     arrays = {}
@@ -349,7 +568,7 @@ def check_finite(array: np.ndarray, what: str) -> None:
 def _read_faiss(folder: str, manifest: dict):
     import faiss
 
-    path = os.path.join(folder, FAISS_FILE)
+    path = os.path.join(folder, manifest["faiss"]["file"])
     try:
         index = faiss.read_index(path)
     except RuntimeError as error:

@@ -20,6 +20,7 @@ from engine.gallery import (
     FORMAT,
     IDS,
     MANIFEST,
+    ROOT_PART,
     VERSION,
     Gallery,
     GalleryError,
@@ -58,18 +59,25 @@ def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = 
             written[FAISS_FILE] = _write_faiss(work, index)
             faiss_info = faiss_record(index, faiss, factory, train_points)
         manifest = seal({
-            "format": FORMAT, "version": VERSION,
-            "checkpoint": {"id": checkpoint["id"],
-                           "path": checkpoint.get("path") and paths.reference(checkpoint["path"], out)},
-            "dims": {"latent": int(lat.shape[2]), "concept": int(con.shape[2])},
-            "dtype": dtype, "count": len(ids), "files": written,
-            "norm": checkpoint.get("norm"),  # for information: scoring uses the model's constants
-            "faiss": faiss_info,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **manifest_base(checkpoint, out, lat.shape[2], con.shape[2], dtype),
+            "count": len(ids), "files": written, "parts": [{"name": ROOT_PART, "count": len(ids), "drop": []}],
+            "faiss": faiss_info and dict(faiss_info, file=FAISS_FILE),
             "sources": sources or [],
         })  # sealed: an edited field is caught like a damaged file
         files.write_synced(os.path.join(work, MANIFEST), files.to_json(manifest))  # last: it makes a gallery
     return manifest
+
+
+def manifest_base(checkpoint: dict, out: str, latent: int, concept: int, dtype: str) -> dict:
+    """The fields every gallery manifest starts with."""
+    return {
+        "format": FORMAT, "version": VERSION,
+        "checkpoint": {"id": checkpoint["id"],
+                       "path": checkpoint.get("path") and paths.reference(checkpoint["path"], out)},
+        "dims": {"latent": int(latent), "concept": int(concept)}, "dtype": dtype,
+        "norm": checkpoint.get("norm"),  # for information: scoring uses the model's constants
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _check_arrays(ids: list, lat: np.ndarray, con: np.ndarray) -> None:

@@ -235,7 +235,7 @@ def test_load_refuses_missing_damaged_and_foreign_galleries(built, model, tmp_pa
 
     g = _copy(built, tmp_path / "version")
     _edit_manifest(g, version=1)
-    refused(g, "version 1, this engine reads 2: rebuild it with `cvr index`")
+    refused(g, "version 1, this engine reads 2 and 3: rebuild it with `cvr index`")
 
     g = _copy(built, tmp_path / "faiss")
     os.remove(os.path.join(g, "faiss.index"))
