@@ -23,7 +23,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
+from av.video.reformatter import Interpolation, VideoReformatter
 
 from engine.errors import CVRError, InputError
 
@@ -165,6 +165,7 @@ class _Timeline:
 def decode_video(path: str, sampling: Sampling, size: int) -> DecodedVideo:
     """The sampled frames of a video file, RGB, resized to size x size by FFmpeg's scaler.
     Raises VideoError (only) for a file that cannot be decoded."""
+    path = os.fspath(path)
     sampling.validate()
     if not _is_int(size) or size < 1:
         raise InputError(f"frame size must be an integer >= 1, got {size!r}")
@@ -321,7 +322,7 @@ def _decode_picked(container, timeline: _Timeline, picked: list, size: int) -> t
         index = position.get(frame.pts) if timeline.by_pts else ordinal
         if index not in wanted or index in kept:
             continue
-        kept[index] = _to_rgb(frame, size, scaler)
+        kept[index] = _to_rgb(frame, size, size, scaler)
         distance = abs(index - middle)
         if best is None or distance < best:  # the middle kept frame, or the nearest one decoded
             thumb, best = frame, distance
@@ -354,12 +355,27 @@ def _decoded_frames(container, stream, problems: list):
             pass
 
 
-def _to_rgb(frame, size: int, scaler) -> np.ndarray:
-    """One reformatter for a whole video: frame.to_ndarray makes a new scaler context per frame,
-    which made converting 64x64 frames ~20 times slower than the conversion itself."""
-    if frame.width == size and frame.height == size:  # no scaling: the decoder's pixels, converted only
-        return scaler.reformat(frame, format="rgb24").to_ndarray()
-    return scaler.reformat(frame, size, size, "rgb24", interpolation="BILINEAR").to_ndarray()
+# FFmpeg's scaler flags. Full chroma interpolation and accurate rounding: without them 4:2:0
+# colour is upsampled at half width and rounded coarsely, which cost the built-in clips' features
+# up to 0.03 cosine. AREA to shrink (it averages what it drops; bilinear blurs a 2:1 shrink across
+# neighbours), bilinear to stretch.
+_EXACT = Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
+CONVERT = Interpolation.BILINEAR | _EXACT  # conversion only (no scaling happens)
+SHRINK = Interpolation.AREA | _EXACT
+STRETCH = Interpolation.BILINEAR | _EXACT
+
+
+def _to_rgb(frame, width: int, height: int, scaler) -> np.ndarray:
+    """One frame as uint8 RGB (height, width, 3). One scaler for a whole video: frame.to_ndarray
+    makes a new scaler context per frame, ~20 times slower than the conversion on small frames.
+    The source range (full or limited) is passed on: PyAV's default takes every video as limited."""
+    if frame.width == width and frame.height == height:
+        flags = CONVERT  # no scaling: the decoder's pixels, only converted to RGB
+    else:
+        flags = SHRINK if width <= frame.width and height <= frame.height else STRETCH
+    rgb = scaler.reformat(frame, width, height, "rgb24", interpolation=flags, src_color_range=frame.color_range,
+                          threads=1)  # one thread: decode runs in several worker processes
+    return rgb.to_ndarray()
 
 
 def _thumbnail(frame, width: int, height: int) -> bytes:
@@ -367,8 +383,7 @@ def _thumbnail(frame, width: int, height: int) -> bytes:
 
     width, height = width or frame.width, height or frame.height
     scale = THUMBNAIL_SIDE / max(width, height)
-    side = (max(1, round(width * scale)), max(1, round(height * scale)))
-    rgb = frame.to_ndarray(format="rgb24", width=side[0], height=side[1], interpolation="BILINEAR")
+    rgb = _to_rgb(frame, max(1, round(width * scale)), max(1, round(height * scale)), VideoReformatter())
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
@@ -409,19 +424,29 @@ def _ffmpeg_log(path: str) -> str:
 
 _PIXEL_FORMATS = {"gif": "rgb8", "png": "rgb24", "mjpeg": "yuvj420p", "ffv1": "yuv444p", "libx264rgb": "rgb24"}
 _CRF_CODECS = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "libvpx")
+# BT.601, limited range: what FFmpeg assumes for an untagged stream, and tagged so players agree.
+_BT601 = {"colorspace": 6, "color_primaries": 6, "color_trc": 6, "color_range": 1}  # AVCOL_*_SMPTE170M, MPEG
 
 
-def write_video(path: str, frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 12) -> None:
+def write_video(path: str, frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18, *,
+                upscale: int = 1, threads: int = 0) -> None:
     """Encode uint8 (n, H, W, 3) RGB frames to `path` (the container from its suffix) atomically.
-    H.264 and the other 4:2:0 codecs need an even width and height; mp4/mov files get their index
-    at the front (movflags=faststart), so a browser can play them while they load."""
+
+    4:2:0 codecs (H.264, VP9, mpeg4) need an even width and height; their colour is converted here
+    (BT.601, each 2x2 block's chroma averaged) rather than by FFmpeg's scaler, which filters
+    chroma across blocks. `upscale=2` stores each pixel as a 2x2 block, so 4:2:0 keeps every
+    source pixel's colour (decode shrinks it back). `threads=1` makes the bytes the same on every
+    machine (x264's output depends on its thread count; 0 lets FFmpeg choose). mp4/mov files get
+    their index at the front (movflags=faststart), so a browser can play them while they load."""
     frames = _check_frames(frames)
-    pix_fmt = _PIXEL_FORMATS.get(codec, "yuv420p")
-    if pix_fmt.startswith(("yuv420", "yuvj420")) and (frames.shape[1] % 2 or frames.shape[2] % 2):
-        raise InputError(f"{codec} with {pix_fmt} needs an even width and height, got "
-                         f"{frames.shape[2]}x{frames.shape[1]}")
+    if not _is_int(upscale) or upscale < 1:
+        raise InputError(f"upscale must be an integer >= 1, got {upscale!r}")
     if not _is_number(fps) or not math.isfinite(fps) or fps <= 0:
         raise InputError(f"fps must be a number > 0, got {fps!r}")
+    pix_fmt = _PIXEL_FORMATS.get(codec, "yuv420p")
+    height, width = frames.shape[1] * upscale, frames.shape[2] * upscale
+    if pix_fmt.startswith(("yuv420", "yuvj420")) and (width % 2 or height % 2):
+        raise InputError(f"{codec} with {pix_fmt} needs an even width and height, got {width}x{height}")
     from engine import files
 
     suffix = os.path.splitext(str(path))[1].lower()
@@ -429,14 +454,49 @@ def write_video(path: str, frames: np.ndarray, fps: float, codec: str = "libx264
     with files.atomic_path(path) as temporary:
         with av.open(temporary, "w", options=options) as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-            if codec in _CRF_CODECS:
-                stream.options = {"crf": str(int(crf))}
-                if codec.startswith("libvpx"):
-                    stream.bit_rate = 0  # VP9's constant-quality mode: crf with no bitrate target
+            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+            stream.options = _codec_options(codec, crf, threads)
+            if codec.startswith("libvpx"):
+                stream.bit_rate = 0  # VP9's constant-quality mode: crf with no bitrate target
+            if pix_fmt == "yuv420p":
+                for key, value in _BT601.items():
+                    setattr(stream.codec_context, key, value)
             for image in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+                container.mux(stream.encode(_to_frame(image, upscale, pix_fmt)))
             container.mux(stream.encode())
+
+
+def _codec_options(codec: str, crf: int, threads: int) -> dict:
+    options = {"crf": str(int(crf))} if codec in _CRF_CODECS else {}
+    if threads:
+        options["threads"] = str(int(threads))
+    return options
+
+
+def _to_frame(image: np.ndarray, upscale: int, pix_fmt: str):
+    if upscale > 1:
+        image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    if pix_fmt != "yuv420p":
+        return av.VideoFrame.from_ndarray(image, format="rgb24")  # the encoder's own conversion
+    return av.VideoFrame.from_ndarray(rgb_to_yuv420p(image), format="yuv420p")
+
+
+def rgb_to_yuv420p(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3), H and W even -> yuv420p planes stacked as (H * 3 / 2, W): BT.601
+    limited range, each chroma sample the mean of its 2x2 block."""
+    rgb = image.astype(np.float32) / np.float32(255.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + 65.481 * r + 128.553 * g + 24.966 * b
+    u = 128.0 - 37.797 * r - 74.203 * g + 112.0 * b
+    v = 128.0 + 112.0 * r - 93.786 * g - 18.214 * b
+    height, width = y.shape
+
+    def block_mean(plane):
+        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+
+    planes = [y.reshape(-1), block_mean(u).reshape(-1), block_mean(v).reshape(-1)]
+    stacked = np.concatenate(planes).reshape(height * 3 // 2, width)
+    return np.clip(np.rint(stacked), 0, 255).astype(np.uint8)
 
 
 def _check_frames(frames) -> np.ndarray:

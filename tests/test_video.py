@@ -56,11 +56,13 @@ def test_each_container_and_codec_decodes(made, maker):
     assert smaller.frames.shape == (2, 32, 32, 3) and smaller.timestamps == [0.0, 1.0]
 
 
-def test_no_resize_gives_the_decoders_pixels(made):
-    path = made[vf.mp4_h264]
-    with av.open(path) as container:
-        direct = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    assert np.array_equal(decode_video(path, ALL, size=vf.SIDE).frames, direct)
+@pytest.mark.parametrize("maker, flags", [(vf.mp4_h264, video.CONVERT), (vf.gif, None)], ids=["h264", "gif"])
+def test_no_resize_gives_the_decoders_pixels(made, maker, flags):
+    """At the stored size nothing is scaled: the decoder's frames, converted to RGB (a GIF's
+    palette colours exactly; H.264's 4:2:0 with full chroma interpolation)."""
+    with av.open(made[maker]) as container:
+        direct = np.stack([f.to_ndarray(format="rgb24", interpolation=flags) for f in container.decode(video=0)])
+    assert np.array_equal(decode_video(made[maker], ALL, size=vf.SIDE).frames, direct)
 
 
 @pytest.mark.parametrize("maker", [vf.one_frame_mp4, vf.one_frame_gif], ids=lambda m: m.__name__)

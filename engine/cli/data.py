@@ -26,6 +26,11 @@ def add(sub) -> None:
     synth.add_argument("--threads", type=int, default=1,
                        help="torch threads for feature extraction (default 1: on a small shared machine more "
                             "threads are slower and far noisier)")
+    synth.add_argument("--mp4", action="store_true",
+                       help="also write every clip as an H.264 mp4 file under ROOT/COLLECTION/videos/ plus "
+                            "metadata.jsonl")
+    synth.add_argument("--mp4-fps", type=float, default=1.0,
+                       help="frame rate of the mp4 files (default 1.0: a clip's 8 frames play for 8 s)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     add_overwrite(synth, "ROOT/COLLECTION")
     synth.set_defaults(func=_cmd_data_synth)
@@ -42,16 +47,22 @@ def _cmd_data_synth(args) -> int:
     import torch
 
     from engine.vision import RegionExtractor, VisionConfig
-    from training.synthetic import SynthConfig, write_collection
+    from training.synthetic import SynthConfig, check_mp4_fps, write_collection
 
     config = SynthConfig(videos=args.videos, frames=args.frames, size=args.size, seed=args.seed,
                          captions_per_video=args.captions, collection=args.collection)
     config.validate()
+    mp4_fps = args.mp4_fps if args.mp4 else None
+    if mp4_fps is not None:
+        check_mp4_fps(mp4_fps)
     claim(os.path.join(args.root, args.collection), "collection", "cvr data synth", args.overwrite)
     torch.set_num_threads(args.threads)
     vision = RegionExtractor.from_config(VisionConfig(image_size=args.size, weights=args.vision_weights))
-    summary = write_collection(args.root, config, vision=vision, progress=not args.quiet)
+    summary = write_collection(args.root, config, vision=vision, progress=not args.quiet, mp4_fps=mp4_fps)
     print(format_summary(summary, os.path.join(args.root, args.collection)))
+    if mp4_fps is not None:
+        print(f"mp4: {config.videos} clips at {mp4_fps:g} fps in "
+              f"{os.path.join(args.root, args.collection, 'videos')} (with metadata.jsonl)")
     return 0
 
 
