@@ -99,9 +99,9 @@ def _sealed(report: Report, manifest: dict, name: str) -> None:
 
 def _finite(report: Report, what: str, array) -> None:
     def run():
-        rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(-1, 1)
-        for start in range(0, rows.shape[0], FINITE_ROWS):
-            block = np.asarray(rows[start : start + FINITE_ROWS])
+        for start in range(0, array.shape[0], FINITE_ROWS):  # sliced, not reshaped: a gallery's Rows too
+            block = np.asarray(array[start : start + FINITE_ROWS])
+            block = block.reshape(block.shape[0], -1)
             if not np.isfinite(block).all():
                 bad = start + int(np.nonzero(~np.isfinite(block).all(axis=1))[0][0])
                 raise CVRError(f"row {bad} holds NaN or infinite values")

@@ -248,9 +248,16 @@ def _renameat2():
 
 def fault_point(step: str) -> None:
     """A named step of a write where the fault tests kill the process (CVR_TEST_KILL_AT=step): the
-    real SIGKILL, which runs no clean-up, at exactly that point. Free when the variable is unset."""
-    if os.environ.get("CVR_TEST_KILL_AT") == step:
+    real SIGKILL, which runs no clean-up, at exactly that point; with CVR_TEST_KILL_AFTER=N at the
+    N-th time this process reaches it. Free when the variable is unset."""
+    if os.environ.get("CVR_TEST_KILL_AT") != step:
+        return
+    _FAULT_COUNTS[step] = _FAULT_COUNTS.get(step, 0) + 1
+    if _FAULT_COUNTS[step] >= int(os.environ.get("CVR_TEST_KILL_AFTER", "1")):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_COUNTS: dict = {}
 
 
 def recover(target: str | os.PathLike) -> list:

@@ -124,9 +124,11 @@ def _faiss_message(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def faiss_search_parameters(index, nprobe: int | None = None, ef_search: int | None = None):
+def faiss_search_parameters(index, nprobe: int | None = None, ef_search: int | None = None,
+                            allowed_rows: np.ndarray | None = None):
     """faiss SearchParameters for one search (thread-safe: the index itself is not changed), or
-    None when the index takes none. A parameter the index does not have is a GalleryError."""
+    None when the index takes none; `allowed_rows` restricts the search to those rows (an id
+    selector). A parameter the index does not have is a GalleryError."""
     import faiss
 
     ivf = faiss.try_extract_index_ivf(index)
@@ -143,6 +145,11 @@ def faiss_search_parameters(index, nprobe: int | None = None, ef_search: int | N
         params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe or ivf.nprobe))
     elif hnsw is not None:
         params = faiss.SearchParametersHNSW(efSearch=ef_search or hnsw.hnsw.efSearch)
+    if allowed_rows is not None:
+        params = params if params is not None else faiss.SearchParameters()
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_rows, dtype=np.int64))
+        params.sel = selector
+        params.selector_rows = selector  # faiss does not own it: it lives as long as the parameters
     refine = faiss.downcast_index(index)
     if params is not None and isinstance(refine, faiss.IndexRefine):  # `...,RFlat` / `Refine(...)`
         params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=params)
@@ -246,7 +253,7 @@ class Gallery:
         rows = np.asarray(rows, dtype=np.int64)
         if len(self.parts) == 1 and self.parts[0].live is None:
             return np.zeros(len(rows), dtype=np.int64), rows
-        return Rows([(p.ids, p.live) for p in self.parts]).locate(rows)
+        return Rows([(np.arange(len(p.ids)), p.live) for p in self.parts]).locate(rows)
 
     def record(self, row: int) -> dict | None:
         """The video record of a live row (None for a gallery built from feature files)."""

@@ -113,6 +113,11 @@ def is_vision_weights(path: Path) -> bool:
         return False
 
 
+def is_feature_folder(path: Path) -> bool:
+    """A BigFile feature folder (`cvr features` writes one): feature.bin beside shape.txt."""
+    return (path / "feature.bin").is_file() and (path / "shape.txt").is_file()
+
+
 def is_evaluation(prefix: Path) -> bool:
     """`cvr evaluate --out PREFIX` writes PREFIX.json (tagged; untagged before this format, but
     holding its checkpoint and metrics) and PREFIX.md."""
@@ -134,6 +139,7 @@ KINDS = {
     "collection": (is_collection, "a collection written by `cvr data synth`"),
     "anchor pngs": (is_anchor_pngs, "a folder of anchor PNGs written by `cvr anchors`"),
     "vision weights": (is_vision_weights, "built-in extractor weights"),
+    "feature folder": (is_feature_folder, "a feature folder"),
 }
 
 

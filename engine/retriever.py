@@ -43,6 +43,9 @@ class SearchResult:
     query: str
     hits: list  # [(video_id, score)], best first
     anchor: str | None = None  # path of the anchor image, when anchors are cached on disk
+    # Per hit, in the order of `hits`: path, segment [start, end] (s), segment_score, thumbnail;
+    # None values for a gallery built from feature files.
+    details: list = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Retriever:
         self.anchor_cache = anchor_cache
         self.last_timings = Timings()
         self._searched = False
+        self._fields = None  # the gallery's filter fields, read at the first filtered search
         keep_freed_memory()
 
     @classmethod
@@ -131,6 +135,7 @@ class Retriever:
         retriever = cls.__new__(cls)
         retriever.backend, retriever.pipeline, retriever.gallery = backend, pipeline, gallery
         retriever.anchor_cache, retriever.last_timings, retriever._searched = anchor_cache, Timings(), False
+        retriever._fields = None
         if gallery.checkpoint_id != pipeline.checkpoint_id:
             raise QueryError(f"{gallery.folder}: built with another checkpoint than the pipeline's")
         keep_freed_memory()
@@ -156,22 +161,39 @@ class Retriever:
             if n > limit:
                 log.warning("query %d has %d tokens: truncated to the text encoder's %d", i + 1, n, limit)
 
-    def search(self, texts, k: int = 10, batch_size: int = 64, options: SearchOptions | None = None) -> list:
-        """Top-k videos for every text: a list of SearchResult, in the order of `texts`."""
+    def search(self, texts, k: int = 10, batch_size: int = 64, options: SearchOptions | None = None,
+               where=None) -> list:
+        """Top-k videos for every text: a list of SearchResult, in the order of `texts`. `where`:
+        metadata filters ('duration>=10', engine/filters.py) every hit must pass."""
         texts = self.clean_queries(texts)
         n_videos = len(self.gallery)
+        if n_videos == 0:
+            raise QueryError(f"{self.gallery.folder}: the gallery holds no videos")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= int(k) <= n_videos:
             raise QueryError(f"k must be between 1 and the gallery size {n_videos}, got {k}")
         options = options or SearchOptions()
+        allowed = self.allowed(where)
         timings = Timings(queries=len(texts), cold=not self._searched, mode=options.resolved_mode(self.gallery))
         self._warn_long(texts)
         results = []
         for start in range(0, len(texts), batch_size):
-            results += self._search_batch(texts[start : start + batch_size], int(k), options, timings)
+            results += self._search_batch(texts[start : start + batch_size], int(k), options, timings, allowed)
         self.last_timings, self._searched = timings, True
         return results
 
-    def _search_batch(self, texts: list, k: int, options: SearchOptions, timings: Timings) -> list:
+    def allowed(self, where) -> np.ndarray | None:
+        """The rows metadata filters pass (None: no filter); FilterError for a bad one."""
+        from engine import filters
+
+        conditions = filters.parse_all(where)
+        if not conditions:
+            return None
+        if self._fields is None:
+            self._fields = self.gallery.fields()
+        return filters.allowed_rows(self._fields, len(self.gallery), conditions)
+
+    def _search_batch(self, texts: list, k: int, options: SearchOptions, timings: Timings,
+                      allowed: np.ndarray | None = None) -> list:
         pipeline = self.pipeline
         clock = time.perf_counter()
         text = pipeline.encode_text(texts)
@@ -189,22 +211,36 @@ class Retriever:
         q_lat, q_con = pipeline.encode_queries(text, regions)
         timings.tower += time.perf_counter() - clock
         clock = time.perf_counter()
-        values, rows = gallery_search(pipeline.scorer, self.gallery, q_lat, q_con, k, options)
-        timings.search += time.perf_counter() - clock
+        values, rows = gallery_search(pipeline.scorer, self.gallery, q_lat, q_con, k, options, allowed)
         if not np.isfinite(values[rows >= 0]).all():
             # NaN would rank videos in file order and print as NaN: never silently wrong.
             raise QueryError(f"scores that are NaN or infinite: the checkpoint or the gallery {self.gallery.folder} "
                              "holds damaged values (`cvr doctor` says which)")
-        return self._results(texts, values, rows, anchor_paths)
+        results = self._results(texts, values, rows, anchor_paths, q_lat)
+        timings.search += time.perf_counter() - clock
+        return results
 
-    def _results(self, texts: list, values: np.ndarray, rows: np.ndarray, anchor_paths: list) -> list:
-        """SearchResults; a row of -1 (fewer candidates than k in two stages) is no hit."""
-        ids = self.gallery.ids
-        return [
-            SearchResult(text, [(ids[j], float(v)) for v, j in zip(row_v.tolist(), row_i.tolist(), strict=True)
-                                if j >= 0], anchor=path)
-            for text, row_v, row_i, path in zip(texts, values, rows, anchor_paths, strict=True)
-        ]
+    def _results(self, texts: list, values: np.ndarray, rows: np.ndarray, anchor_paths: list,
+                 q_lat: np.ndarray) -> list:
+        """SearchResults; a row of -1 (fewer candidates than k in two stages) is no hit. Each hit
+        gets its path, thumbnail and best segment (the matching moment) where the gallery has them."""
+        ids, results = self.gallery.ids, []
+        for text, row_v, row_i, path, query in zip(texts, values, rows, anchor_paths, q_lat, strict=True):
+            kept = row_i >= 0
+            hit_rows, hit_values = row_i[kept], row_v[kept]
+            segments = self.gallery.best_segments(hit_rows, query[0])
+            details = [self._details(int(j), segment) for j, segment in zip(hit_rows, segments, strict=True)]
+            results.append(SearchResult(text, [(ids[j], float(v)) for v, j in zip(hit_values.tolist(),
+                                                                                 hit_rows.tolist(), strict=True)],
+                                        anchor=path, details=details))
+        return results
+
+    def _details(self, row: int, segment) -> dict:
+        gallery = self.gallery
+        paths = gallery.paths(gallery.ids[row]) if gallery.has_media else []
+        return {"path": paths[0] if paths else None, "paths": paths,
+                "segment": segment[0] if segment else None, "segment_score": segment[1] if segment else None,
+                "thumbnail": gallery.thumbnail(row) if gallery.has_media else None}
 
     def _save_anchor_pngs(self, texts: list, images) -> list:
         """With an anchor cache, each query's anchor is also kept as a PNG a person can open."""

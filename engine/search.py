@@ -38,6 +38,9 @@ AUTO_TWO_STAGE_ABOVE = 10_000
 # the float32 copy of the rows rows x (2D + 2K). A few MB stays in the allocator's reused memory;
 # at 256 MB every block pays fresh page faults (5-10x slower on this machine).
 BLOCK_ELEMENTS = 1 << 21
+# A filter passing fewer than this fraction of the videos is searched exhaustively over the rows it
+# passes: a first stage restricted to so few of them would return fewer than k candidates.
+SELECTIVE = 0.05
 
 
 class SearchError(CVRError):
@@ -90,17 +93,35 @@ class SearchOptions:
 
 
 def search(scorer: Scorer, gallery: Gallery, q_lat: np.ndarray, q_con: np.ndarray, k: int,
-           options: SearchOptions | None = None) -> tuple:
-    """Top-k of every query over the gallery: (values (Q, k) float32, rows (Q, k) int64)."""
+           options: SearchOptions | None = None, allowed: np.ndarray | None = None) -> tuple:
+    """Top-k of every query over the gallery: (values (Q, k) float32, rows (Q, k) int64).
+
+    `allowed` (N,) bool: only those rows rank (metadata filters, engine/filters.py), exactly in
+    exhaustive mode; in two stages through a FAISS id selector, or exhaustively over the allowed
+    rows when they are fewer than SELECTIVE of the gallery (the first stage would find too few of
+    them). Fewer allowed rows than k leave the tail of each row (-inf, -1)."""
     options = options or SearchOptions()
     mode = options.resolved_mode(gallery)
     if not 1 <= k <= len(gallery):
         raise SearchError(f"k must be between 1 and the gallery size {len(gallery)}, got {k}")
     q_lat, q_con = np.ascontiguousarray(q_lat, np.float32), np.ascontiguousarray(q_con, np.float32)
+    rows = None if allowed is None else np.flatnonzero(allowed)
+    if rows is not None and (rows.size == 0 or mode == "exhaustive" or rows.size < SELECTIVE * len(gallery)):
+        return _padded(exhaustive(scorer, gallery.lat, gallery.con, q_lat, q_con, min(k, rows.size), rows=rows)
+                       if rows.size else None, len(q_lat), k)
     if mode == "exhaustive":
         return exhaustive(scorer, gallery.lat, gallery.con, q_lat, q_con, k)
-    params = faiss_search_parameters(gallery.faiss_index, options.nprobe, options.ef_search)
+    params = faiss_search_parameters(gallery.faiss_index, options.nprobe, options.ef_search, rows)
     return two_stage(scorer, gallery, q_lat, q_con, k, options.candidates or max(10 * k, 100), params)
+
+
+def _padded(found, queries: int, k: int) -> tuple:
+    """(values, rows) widened to k columns with (-inf, -1): no hit."""
+    values = np.full((queries, k), -np.inf, dtype=np.float32)
+    rows = np.full((queries, k), -1, dtype=np.int64)
+    if found is not None:
+        values[:, : found[0].shape[1]], rows[:, : found[1].shape[1]] = found
+    return values, rows
 
 
 def exhaustive(scorer: Scorer, lat: np.ndarray, con: np.ndarray, q_lat: np.ndarray, q_con: np.ndarray,

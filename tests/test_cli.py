@@ -9,7 +9,7 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     assert main(["demo", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "== 1. the built-in data set ==" in printed
-    for row in ("| text-only |", "| full |", "| chance |", "| rank | video id | score | anchor |",
+    for row in ("| text-only |", "| full |", "| chance |", "| rank | video id | score |", "anchor: ",
                 "latency per query (ms, cold", "demo wall time:", "text-only model (waited"):
         assert row in printed, row
     for checkpoint in ("text_only", "full"):

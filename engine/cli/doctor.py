@@ -1,4 +1,4 @@
-"""`cvr doctor PATH` (engine/doctor.py) and `cvr gallery info G`: look at what is on disk."""
+"""`cvr doctor PATH` (engine/doctor.py), `cvr gallery info G` and `cvr gallery rm G ID...`."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,10 @@ def add(sub) -> None:
     info.add_argument("gallery")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=_cmd_gallery_info)
+    remove = gallery_sub.add_parser("rm", help="delete videos from a gallery by id (atomic; the files stay)")
+    remove.add_argument("gallery")
+    remove.add_argument("ids", nargs="+", metavar="ID")
+    remove.set_defaults(func=_cmd_gallery_rm)
 
 
 def _cmd_doctor(args) -> int:
@@ -73,4 +77,12 @@ def _cmd_gallery_info(args) -> int:
     print("| field | value |\n|---|---|")
     for field, value in rows:
         print(f"| {field} | {value} |")
+    return 0
+
+
+def _cmd_gallery_rm(args) -> int:
+    from engine.ingest import remove_videos
+
+    manifest = remove_videos(args.gallery, args.ids)
+    print(f"{args.gallery}: removed {len(set(args.ids))} video(s), {manifest['count']} left")
     return 0

@@ -29,6 +29,9 @@ def add(sub) -> None:
                         help="two-stage, IVF index: inverted lists probed per query (default: the gallery's, 16)")
     search.add_argument("--ef-search", type=positive("--ef-search"), default=None,
                         help="two-stage, HNSW index: search beam (default: the gallery's, 64)")
+    search.add_argument("--where", action="append", default=[], metavar="FILTER",
+                        help="only videos whose metadata passes FIELD OP VALUE (OP: = != < <= > >=), e.g. "
+                             "'duration>=10' or 'tag=cooking'; repeat for several (all must hold)")
     search.add_argument("--backend", default="torch", choices=BACKENDS)
     search.add_argument("--export", default=None,
                         help="export folder for onnxruntime / tensorrt (default: made or reused in CHECKPOINT/onnx)")
@@ -80,23 +83,46 @@ def handler(args) -> int:
     retriever = Retriever(args.checkpoint, args.gallery, backend=args.backend, generator=args.generator,
                           device=args.device, steps=args.steps, anchor_cache=args.anchor_cache,
                           export_dir=export_dir, threads=args.threads)
-    results = retriever.search(texts, k=args.k, options=options)
+    results = retriever.search(texts, k=args.k, options=options, where=args.where)
     if args.json:
-        print(json.dumps([{"query": r.query, "anchor": r.anchor,
-                           "results": [{"rank": i + 1, "video_id": v, "score": s} for i, (v, s) in enumerate(r.hits)]}
-                          for r in results], indent=1, allow_nan=False))  # always valid JSON
+        print(json.dumps([_as_json(r) for r in results], indent=1, allow_nan=False))  # always valid JSON
         return 0
+    media = retriever.gallery.has_media
     for result in results:
         print(f"query: {result.query}")
-        print("| rank | video id | score |" + (" anchor |" if result.anchor else ""))
-        print("|---:|---|---:|" + ("---|" if result.anchor else ""))
-        for rank, (video, score) in enumerate(result.hits, start=1):
-            print(f"| {rank} | {video} | {score:.4f} |" + (f" {result.anchor} |" if result.anchor else ""))
+        if result.anchor:
+            print(f"anchor: {result.anchor}")
+        print(_table(result, media) if result.hits else "(no video passes the filters)")
         print()
     print(retriever.last_timings.describe())
     if args.backend in EXPORTED:  # onnxruntime-gpu may fall back to the CPU: say what ran
         print(f"{args.backend}: {retriever.pipeline.provider}")
     return 0
+
+
+def _as_json(result) -> dict:
+    """Today's shape ({query, anchor, results}); each result adds path, segment, segment_score,
+    thumbnail (null for a gallery built from feature files)."""
+    rows = []
+    for rank, ((video, score), detail) in enumerate(zip(result.hits, result.details, strict=True), start=1):
+        rows.append({"rank": rank, "video_id": video, "score": score, "path": detail["path"],
+                     "segment": detail["segment"], "segment_score": detail["segment_score"],
+                     "thumbnail": detail["thumbnail"]})
+    return {"query": result.query, "anchor": result.anchor, "results": rows}
+
+
+def _table(result, media: bool) -> str:
+    """One Markdown row per hit: with video files, its path, matching segment and thumbnail."""
+    header = "| rank | video id | score |" + (" path | segment (s) | thumbnail |" if media else "")
+    lines = [header, "|---:|---|---:|" + ("---|---|---|" if media else "")]
+    for rank, ((video, score), detail) in enumerate(zip(result.hits, result.details, strict=True), start=1):
+        row = f"| {rank} | {video} | {score:.4f} |"
+        if media:
+            segment = detail["segment"]
+            moment = f"{segment[0]:g}-{segment[1]:g} ({detail['segment_score']:.3f})" if segment else "-"
+            row += f" {detail['path'] or '-'} | {moment} | {detail['thumbnail'] or '-'} |"
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def _default_export(args) -> str:
