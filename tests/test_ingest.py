@@ -25,22 +25,16 @@ CLIPS = 8
 
 @pytest.fixture(scope="module")
 def world():
-    """A small built-in collection, a tiny checkpoint trained on it, and its first clips as mp4
-    files (1 fps: the 8 BigFile frames are 8 s of video), in a folder any user can read (the
-    unreadable-file test runs as `nobody`)."""
-    from engine.video import write_video
-    from training.synthetic import read_scenes, render_clip
-
+    """A small built-in collection with its clips as mp4 files (`cvr data synth --mp4`: 1 fps, the
+    8 BigFile frames are 8 s of video) and a tiny checkpoint trained on it, in a folder any user
+    can read (the unreadable-file test runs as `nobody`)."""
     base = tempfile.mkdtemp(prefix="cvr-ingest-", dir="/tmp")
     os.chmod(base, 0o777)
     data = os.path.join(base, "data")
-    assert main(["data", "synth", "--root", data, "--videos", "16", "--captions", "3", "--quiet"]) == 0
+    assert main(["data", "synth", "--root", data, "--videos", "16", "--captions", "3", "--mp4", "--quiet"]) == 0
     ckpt = os.path.join(base, "ckpt")
     assert main(["train", "--root", data, "--collection", "synth", "--out", ckpt, *TINY_TRAIN]) == 0
-    clips = os.path.join(base, "clips")
-    os.makedirs(clips)
-    for scene in read_scenes(os.path.join(data, "synth"))[:CLIPS]:
-        write_video(os.path.join(clips, f"{scene.video_id}.mp4"), render_clip(scene, 8, 64), fps=1.0)
+    clips = os.path.join(data, "synth", "videos")
     for folder, _, names in os.walk(base):
         for name in names + ["."]:
             os.chmod(os.path.join(folder, name), 0o777 if name == "." else 0o666)
@@ -336,3 +330,24 @@ def test_features_from_video_files_train_a_model_that_indexes_them(world, tmp_pa
     out = str(tmp_path / "gallery")
     assert main(["index", "--checkpoint", ckpt, "--videos", world["clips"], "--out", out, "--quiet"]) == 0
     assert len(Gallery.load(out)) == CLIPS
+
+
+def test_the_built_in_mp4s_reproduce_the_bigfile_route(world, model):
+    """Indexing the built-in clips as files with the BigFile's sampling (--frames 8) gives the
+    embeddings the feature route gives: per-frame features within cosine 0.98 (tests/test_synthetic.py)
+    carry through the video tower."""
+    out = os.path.join(tempfile.mkdtemp(dir=world["base"]), "gallery")
+    from engine.video import Sampling
+
+    _index(world, model, [world["clips"]], out, sampling=Sampling(fps=None, frames=8), segments="none")
+    from_files = Gallery.load(out)
+    features = os.path.join(os.path.dirname(out), "features")
+    assert main(["index", "--checkpoint", world["ckpt"], "--root", world["data"], "--collection", "synth",
+                 "--out", features, "--dtype", "float32", "--quiet"]) == 0
+    from_bigfile = Gallery.load(features)
+    rows = [from_bigfile.ids.index(v) for v in from_files.ids]
+    a = np.asarray(from_files.lat, np.float32)
+    b = np.asarray(from_bigfile.lat, np.float32)[rows]
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    print(f"min cosine of the video embeddings, files vs BigFile: {cosine.min():.4f}")
+    assert len(from_files) == 16 and cosine.min() >= 0.98
