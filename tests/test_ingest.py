@@ -194,7 +194,7 @@ def test_a_killed_run_loses_at_most_the_batch_in_flight(world, step):
                                                               for e in Gallery.load(out).manifest["parts"]]
 
 
-def test_segments_locate_the_moment_and_cost_what_they_say(world, model):
+def test_segments_locate_the_moment_and_cost_what_they_say(world, model, capsys):
     window = SegmentWindow.parse("4:2")
     assert window.spans(8.0) == [(0.0, 4.0), (2.0, 6.0), (4.0, 8.0)]
     assert window.spans(3.0) == [(0.0, 3.0)] and len(window.spans(60.0)) == 29
@@ -214,6 +214,14 @@ def test_segments_locate_the_moment_and_cost_what_they_say(world, model):
     plain = os.path.join(os.path.dirname(folder), "no_segments")
     _index(world, model, [folder], plain, segments="none")
     assert Gallery.load(plain).best_segments([0], query) == [None]
+    # what the segments cost is reported: 3 vectors of D float16 values per video, plus the file header
+    infos = []
+    for gallery_dir in (out, plain):
+        assert main(["gallery", "info", gallery_dir, "--json"]) == 0
+        infos.append(json.loads(capsys.readouterr().out)["media"])
+    dim = gallery.lat.shape[2]
+    assert infos[0]["segments_per_video"] == 3 and 3 * dim * 2 < infos[0]["segment_bytes_per_video"] < 3 * dim * 2 + 400
+    assert infos[1]["segments"] is None and infos[1]["segment_bytes_per_video"] == 0
 
 
 def test_search_prints_paths_segments_thumbnails_and_filters(world, model, capsys):

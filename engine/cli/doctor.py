@@ -59,7 +59,8 @@ def _cmd_gallery_info(args) -> int:
     info = {"gallery": folder, "format": f"{manifest['format']} v{manifest['version']}",
             "sealed": is_sealed(manifest), "checkpoint": manifest["checkpoint"], "videos": manifest["count"],
             "dims": manifest["dims"], "dtype": manifest["dtype"], "faiss": manifest.get("faiss"),
-            "bytes_on_disk": disk, "created": manifest.get("created"), "sources": manifest.get("sources", [])}
+            "bytes_on_disk": disk, "created": manifest.get("created"), "sources": manifest.get("sources", []),
+            "parts": len(manifest["parts"]), "media": _media_info(folder, manifest)}
     if args.json:
         print(json.dumps(info, indent=1, sort_keys=True))
         return 0
@@ -73,7 +74,18 @@ def _cmd_gallery_info(args) -> int:
             ("FAISS index", index["factory"] if index else "none (exhaustive search only)"),
             ("on disk", f"{disk / 1e6:.1f} MB"), ("created", str(info["created"]))]
     rows += [(f"source {i + 1}", f"{s.get('collection')} {s.get('split') or 'all'} ({s.get('count')} videos, "
-              f"feature {s.get('feature')}, root {s.get('root')})") for i, s in enumerate(info["sources"])]
+              f"feature {s.get('feature')}, root {s.get('root')})") for i, s in enumerate(info["sources"])
+             if "collection" in s]
+    rows.append(("parts", str(info["parts"])))
+    media = info["media"]
+    if media:
+        segments = media["segments"]
+        rows += [("media root", f"{media['root']} ({media['paths']} paths)"),
+                 ("frame sampling", media["sampling"]), ("extractor", media["extractor"]),
+                 ("segments", "none" if not segments else
+                  f"{segments['window']:g} s every {segments['stride']:g} s: {media['segments_per_video']:.1f} "
+                  f"per video, {media['segment_bytes_per_video']:.0f} bytes per video"),
+                 ("metadata fields", ", ".join(media["fields"]) or "none")]
     print("| field | value |\n|---|---|")
     for field, value in rows:
         print(f"| {field} | {value} |")
@@ -86,3 +98,30 @@ def _cmd_gallery_rm(args) -> int:
     manifest = remove_videos(args.gallery, args.ids)
     print(f"{args.gallery}: removed {len(set(args.ids))} video(s), {manifest['count']} left")
     return 0
+
+
+def _media_info(folder: str, manifest: dict) -> dict | None:
+    """What a gallery of video files records: root, sampling, extractor, segments and their cost."""
+    from engine.gallery import SEGMENTS
+    from engine.video import Sampling
+    from engine.vision import describe_extractor
+
+    media = manifest.get("media")
+    if not media:
+        return None
+    segment_files = [name for name in manifest["files"] if name.endswith("/" + SEGMENTS)]
+    segment_bytes = sum(os.path.getsize(os.path.join(folder, name)) for name in segment_files)
+    count = max(1, manifest["count"])
+    segments = 0
+    if segment_files:
+        from safetensors import safe_open
+
+        for name in segment_files:
+            with safe_open(os.path.join(folder, name), framework="numpy") as handle:
+                segments += handle.get_slice("row").get_shape()[0]
+    fields = sorted({k for values in (manifest.get("fields") or {}).values() for k in values})
+    return {"root": os.path.normpath(os.path.join(folder, media["root"])), "paths": len(media["paths"]),
+            "sampling": Sampling.from_dict(manifest["sampling"]).describe(),
+            "extractor": describe_extractor(manifest.get("extractor")), "segments": manifest.get("segments"),
+            "segments_per_video": segments / count, "segment_bytes_per_video": segment_bytes / count,
+            "fields": fields}
