@@ -181,6 +181,14 @@ def test_mp4_clips_decode_to_the_frames_the_features_came_from(tmp_path):
     before = _tree_digest(str(collection_dir / "videos"))
     summary = syn.write_videos(str(collection_dir), fps=1.0, progress=False)
     assert summary["videos"] == 6 and _tree_digest(str(collection_dir / "videos")) == before
+    # The demo's route: only the test split's files, without the collection, the same bytes.
+    only_test = syn.write_split_videos(str(tmp_path / "test_only"), config, ("test",), progress=False)
+    test_ids = [r["id"] for r in records if r["split"] == "test"]
+    assert sorted(os.listdir(tmp_path / "test_only")) == sorted(["metadata.jsonl"] + [f"{v}.mp4" for v in test_ids])
+    for video_id in test_ids:
+        assert (tmp_path / "test_only" / f"{video_id}.mp4").read_bytes() == \
+            (collection_dir / "videos" / f"{video_id}.mp4").read_bytes()
+    assert {v for v, _ in only_test["captions"]} == set(test_ids) and len(only_test["captions"]) == 2 * len(test_ids)
 
 
 def test_cli_synth_mp4_flags(tmp_path, capsys):

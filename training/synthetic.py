@@ -358,6 +358,16 @@ def write_collection(root: str, config: SynthConfig, vision=None, progress: bool
     return datasets.Collection(root, config.collection).summary(config.feature)
 
 
+def drawn_clips(config: SynthConfig, rng: np.random.Generator, indexes=None):
+    """(index, video id, scene, captions, split) of every clip, in the order the collection draws
+    them from `rng`: the one definition of what seed S gives (the collection and its video files)."""
+    for index in indexes if indexes is not None else range(config.videos):
+        video_id = f"video{index}"
+        scene = sample_scene(rng, video_id)
+        captions = make_captions(scene, config.captions_per_video, rng)
+        yield index, video_id, scene, captions, split_of(index, config.videos, config.split_fractions)
+
+
 def _write_collection(work: str, config: SynthConfig, vision, progress: bool) -> None:
     """Everything of the collection into the (staging) folder `work`."""
     from PIL import Image
@@ -378,11 +388,7 @@ def _write_collection(work: str, config: SynthConfig, vision, progress: bool) ->
     feature_dir = os.path.join(work, "FeatureData", config.feature)
     with datasets.BigFileWriter(feature_dir, extractor.feature_dim) as features:
         bar = tqdm(range(config.videos), desc="synth clips", unit="clip", disable=not progress)
-        for index in bar:
-            video_id = f"video{index}"
-            scene = sample_scene(rng, video_id)
-            captions = make_captions(scene, config.captions_per_video, rng)
-            split = split_of(index, config.videos, config.split_fractions)
+        for _, video_id, scene, captions, split in drawn_clips(config, rng, bar):
             split_captions[split] += [(f"{video_id}#enc#{i}", c) for i, c in enumerate(captions)]
             video_tags[video_id] = dict(sorted(caption_tags(captions).items()))
             clip = render_clip(scene, config.frames, config.size)
@@ -508,3 +514,31 @@ def video_metadata(scene: Scene, split: str) -> dict:
     return {"id": scene.video_id, "split": split, "background": scene.background, "objects": len(scene.objects),
             "tag": tags, "colour": [o.colour for o in scene.objects], "shape": [o.shape for o in scene.objects],
             "motion": [o.motion for o in scene.objects]}
+
+
+def write_split_videos(folder: str, config: SynthConfig, splits=("test",), fps: float = 1.0,
+                       progress: bool = True) -> dict:
+    """Only the clips of `splits` as video files (what `cvr demo` indexes), without writing the
+    collection: the scenes and captions are drawn exactly as `write_collection` draws them, so the
+    files equal that collection's `videos/` ones. Writes `folder/<video id>.mp4` and
+    metadata.jsonl, atomically; returns {"videos": n, "captions": [(video id, caption)]}."""
+    from tqdm import tqdm
+
+    from engine import files
+    from engine.video import write_video
+
+    config.validate()
+    check_mp4_fps(fps)
+    captions, lines = [], []
+    with files.staged_folder(folder) as work:
+        drawn = drawn_clips(config, np.random.default_rng(config.seed))
+        for _, video_id, scene, texts, split in tqdm(drawn, total=config.videos, desc="synth mp4", unit="clip",
+                                                     disable=not progress):
+            if split not in splits:
+                continue
+            write_video(os.path.join(work, f"{video_id}.mp4"), render_clip(scene, config.frames, config.size), fps,
+                        crf=VIDEO_CRF, upscale=VIDEO_UPSCALE, threads=1)
+            lines.append(files.to_json(video_metadata(scene, split), indent=None))
+            captions += [(video_id, text) for text in texts]
+        files.write_synced(os.path.join(work, VIDEO_METADATA), "".join(lines))
+    return {"videos": len(lines), "captions": captions}
