@@ -1,12 +1,27 @@
-"""The `cvr` entry point as a user meets it: the demo end to end at a tiny size, and bad input."""
+"""The `cvr` entry point as a user meets it: both demos end to end at a tiny size, and bad input."""
 import os
+import re
 
 from engine.cli import main
 
 
-def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
+def test_the_video_demo_indexes_files_with_the_shipped_checkpoint_and_shows_moments(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert main(["demo", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
+    assert main(["demo", "--out", out, "--videos", "30", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 changed, 0 unchanged, 0 removed, 0 skipped" in printed
+    rows = [line for line in printed.splitlines() if re.match(r"\| \d+ \| video\d+ \|", line)]
+    assert rows and all(".mp4 |" in row and ".jpg |" in row for row in rows)
+    assert all(re.search(r"\| \d+(\.\d+)?-\d+(\.\d+)? \(", row) for row in rows)  # the matching segment
+    assert printed.count("anchor: ") == 4 and "demo wall time:" in printed and "(write mp4" in printed
+    for row in rows:  # every path and thumbnail printed is there
+        path, thumbnail = (cell.strip() for cell in row.split("|")[4:7:2])
+        assert os.path.isfile(path) and os.path.isfile(thumbnail)
+
+
+def test_the_training_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--train", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "== 1. the built-in data set ==" in printed
     for row in ("| text-only |", "| full |", "| chance |", "| rank | video id | score |", "anchor: ",
@@ -17,7 +32,7 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "anchors_student4", "anchor_meta.json"))
     assert "best validation criterion" in open(os.path.join(out, "text_only.log")).read()  # the background log
     # A second run reuses the data set instead of drawing it again.
-    assert main(["demo", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
+    assert main(["demo", "--train", "--out", out, "--videos", "8", "--epochs", "1", "--quiet"]) == 0
     assert "reusing" in capsys.readouterr().out
 
 

@@ -1,4 +1,6 @@
-"""`cvr demo` (what `make demo` runs): the built-in data set end to end."""
+"""`cvr demo` (what `make demo` runs): the built-in clips as video files, indexed with the shipped
+checkpoint and searched, in a few minutes; `cvr demo --train` (`make reproduce`): the whole
+training pipeline on the built-in data set."""
 from __future__ import annotations
 
 import json
@@ -11,20 +13,73 @@ from engine.cli.data import format_summary
 
 
 def add(sub) -> None:
-    demo = sub.add_parser("demo", help="the end-to-end demo on the built-in set (what `make demo` runs)")
+    demo = sub.add_parser("demo", help="the built-in clips as video files, indexed with the shipped checkpoint and "
+                                       "searched (what `make demo` runs); --train: the whole training pipeline")
     demo.add_argument("--out", default="runs/demo", help="working folder (default: runs/demo)")
-    demo.add_argument("--videos", type=int, default=600)
+    demo.add_argument("--train", action="store_true",
+                      help="run the whole pipeline instead: data set, anchors, text-only and full models, metrics, "
+                           "index, search (what `make reproduce` runs; tens of minutes on 2 cores)")
+    demo.add_argument("--videos", type=int, default=600, help="clips of the built-in set (default 600, the shipped "
+                                                                "checkpoint's; the demo indexes its test split)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--checkpoint", default=SHIPPED_RETRIEVAL,
+                      help="checkpoint to index and search with (default: the shipped built-in one)")
     demo.add_argument("--epochs", type=int, default=10,
-                      help="training epochs (default 10: most of the gain on the built-in set, in minutes)")
+                      help="--train: training epochs (default 10: most of the gain on the built-in set, in minutes)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
 
 SHIPPED_STUDENT = str(paths.WEIGHTS / "generator" / "students" / "4step")
+SHIPPED_RETRIEVAL = str(paths.WEIGHTS / "retrieval" / "builtin")
 
 
 def _cmd_demo(args) -> int:
+    return _train_demo(args) if args.train else _video_demo(args)
+
+
+def _video_demo(args) -> int:
+    """The product in a few minutes: the built-in test split's clips written as mp4 files, indexed
+    with the shipped checkpoint (segments, thumbnails, metadata), then example queries searched:
+    paths, matching moments, thumbnails and per-stage latency."""
+    import torch
+
+    from engine.cli import main
+    from training.synthetic import SynthConfig, write_split_videos
+
+    torch.set_num_threads(1)
+    clock = _StageClock()
+    quiet = ["--quiet"] if args.quiet else []
+    config = SynthConfig(videos=args.videos, seed=args.seed)
+    videos = os.path.join(args.out, "videos")
+    print(f"== 1. the built-in test split's clips as H.264 mp4 files (1 fps, 8 s each) in {videos} ==", flush=True)
+    clips = write_split_videos(videos, config, ("test",), progress=not args.quiet)
+    print(f"{clips['videos']} clips, metadata in {os.path.join(videos, 'metadata.jsonl')}")
+    clock.lap("write mp4")
+
+    print(f"\n== 2. index the video files with the shipped checkpoint {args.checkpoint} ==", flush=True)
+    gallery = os.path.join(args.out, "gallery")
+    if code := main(["index", "--checkpoint", args.checkpoint, "--videos", videos, "--out", gallery,
+                     "--metadata", os.path.join(videos, "metadata.jsonl"), *quiet]):
+        return code
+    clock.lap("index")
+
+    print("\n== 3. search: each hit with its file, the matching moment (seconds) and a thumbnail ==", flush=True)
+    captions = clips["captions"]
+    examples = [caption for _, caption in captions[:: max(1, len(captions) // 3)]][:3]
+    search = ["search", "--gallery", gallery, "--checkpoint", args.checkpoint, "-k", str(min(5, clips["videos"])),
+              "--anchor-cache", os.path.join(args.out, "anchor_cache")]
+    if code := main([*search, *examples]):
+        return code
+    print("\nthe same gallery, filtered by metadata (--where tag=red --where objects>=2):", flush=True)
+    code = main([*search, "--where", "tag=red", "--where", "objects>=2", examples[0]])
+    clock.lap("search")
+    print("\n" + clock.summary(), flush=True)
+    print("The whole training pipeline that made such a checkpoint: `make reproduce` (cvr demo --train).")
+    return code
+
+
+def _train_demo(args) -> int:
     """Built-in data set -> text-only model and full model (anchors from the shipped 4-step student)
     -> test metrics of both -> gallery -> search with per-stage latency.
 
