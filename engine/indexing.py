@@ -157,6 +157,7 @@ def _build_gallery(checkpoint, root, collection, split, out, feature, dtype, bat
     dtype, faiss = _resolve_options(existing, dtype, faiss, out)
 
     bigfile, video_ids = _videos(root, collection, split, feature)
+    _check_extractor(str(bigfile.folder), job.get("extractor"), checkpoint)
     if bigfile.dim != model.config.frame_dim:
         raise GalleryError(f"{bigfile.folder}: frame features are {bigfile.dim}-d but checkpoint {checkpoint} "
                            f"expects {model.config.frame_dim}-d")
@@ -176,6 +177,17 @@ def _build_gallery(checkpoint, root, collection, split, out, feature, dtype, bat
     info = {"id": model.checkpoint_id, "path": checkpoint, "norm": config.get("norm")}
     return write_gallery(out, video_ids, lat, con, info, dtype=dtype, faiss=faiss, sources=sources,
                          overwrite=overwrite)
+
+
+def _check_extractor(feature_dir: str, trained_with: dict | None, checkpoint: str) -> None:
+    """Frame features made by another ResNet-50 (or input size) than the checkpoint's training
+    features would be embedded in another space: refused, where both say which made them."""
+    from engine.vision import describe_extractor, read_extractor, same_extractor
+
+    found = read_extractor(feature_dir)
+    if found and trained_with and not same_extractor(found, trained_with):
+        raise GalleryError(f"{feature_dir}: frame features made by {describe_extractor(found)}, but checkpoint "
+                           f"{checkpoint} was trained on {describe_extractor(trained_with)}'s")
 
 
 def _resolve_options(existing: Gallery | None, dtype: str | None, faiss, out: str) -> tuple:

@@ -354,3 +354,24 @@ def test_the_built_in_mp4s_reproduce_the_bigfile_route(world, model):
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     print(f"min cosine of the video embeddings, files vs BigFile: {cosine.min():.4f}")
     assert len(from_files) == 16 and cosine.min() >= 0.98
+    # A gallery of feature files answers with nulls where video files would give paths and moments.
+    hits = [r.details for r in _retriever(world, features).search(["a red circle"], k=2)][0]
+    assert hits == [{"path": None, "paths": [], "segment": None, "segment_score": None, "thumbnail": None}] * 2
+
+
+def _retriever(world, gallery):
+    from engine.retriever import Retriever
+
+    return Retriever(world["ckpt"], gallery)
+
+
+def test_features_of_another_extractor_are_refused(world, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(world["data"], root)
+    record_path = root / "synth" / "FeatureData" / "resnet50" / "extractor.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps(dict(record, image_size=224)))
+    assert main(["index", "--checkpoint", world["ckpt"], "--root", str(root), "--collection", "synth",
+                 "--out", str(tmp_path / "g"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "made by ResNet-50 builtin at 224 px" in err and "at 64 px" in err and err.count("\n") == 1
