@@ -206,6 +206,7 @@ def _write_part_files(work: str, ids: list, lat, con, segments, records, thumbna
 
     def done(name: str) -> None:
         path = os.path.join(work, name)
+        os.chmod(path, files.FILE_MODE)  # safetensors creates 0600: a server running as another user reads it
         files.fsync_file(path)
         written[name] = files.sha256_file(path)
 
