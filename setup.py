@@ -33,9 +33,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["engine", "engine.backends", "engine.cli", "kernels", "export", "training"],
+    packages=["engine", "engine.backends", "engine.cli", "engine.serve", "kernels", "export", "training"],
     # Shipped weights: the built-in ResNet-50 extractor and the built-in generator.
-    package_data={"engine": ["weights/*.*"] + ["weights/generator/" + "*/" * depth + "*.*" for depth in range(5)]},
+    package_data={"engine": ["weights/*.*", "weights/retrieval/builtin/*.*", "serve/static/*.*"]
+                  + ["weights/generator/" + "*/" * depth + "*.*" for depth in range(5)]},
     install_requires=CORE,
     extras_require={
         # Training, the built-in extractor's probe and the benchmarks' plots.

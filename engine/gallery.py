@@ -228,6 +228,7 @@ class Gallery:
         media = manifest.get("media")
         self.media_root = os.path.normpath(os.path.join(folder, media["root"])) if media else None
         self._paths_of = None
+        self._rows = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -254,6 +255,12 @@ class Gallery:
         if len(self.parts) == 1 and self.parts[0].live is None:
             return np.zeros(len(rows), dtype=np.int64), rows
         return Rows([(np.arange(len(p.ids)), p.live) for p in self.parts]).locate(rows)
+
+    def row_of(self, video_id: str) -> int | None:
+        """The live row of a video id, or None."""
+        if self._rows is None:
+            self._rows = {v: i for i, v in enumerate(self.ids)}
+        return self._rows.get(video_id)
 
     def record(self, row: int) -> dict | None:
         """The video record of a live row (None for a gallery built from feature files)."""

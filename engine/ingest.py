@@ -280,6 +280,8 @@ class IngestOptions:
     list_file: str | None = None
     progress: bool = True
     overwrite: bool = False
+    should_stop: object = None  # a callable: True asks the run to stop after the batch in flight
+    on_progress: object = None  # a callable (videos decoded, videos to decode)
 
 
 @dataclass
@@ -291,6 +293,7 @@ class IngestReport:
     warnings: list = field(default_factory=list)  # (path, warning)
     times: StageTimes = field(default_factory=StageTimes)
     videos: int = 0  # live videos after the run
+    stopped: bool = False  # asked to stop: what was committed stays, the rest waits for the next run
 
     def summary(self) -> str:
         return ", ".join(f"{n} {name}" for name, n in self.counts.items())
@@ -543,9 +546,12 @@ def _index_pending(pending: list, writer, model, extractor, job, sampling, windo
                file=sys.stderr)
     by_path = {p.path: p for p in pending}
     try:
-        for path, video, problem, seconds in decoded([p.path for p in pending], sampling, size, options.workers):
+        for done, (path, video, problem, seconds) in enumerate(
+                decoded([p.path for p in pending], sampling, size, options.workers), start=1):
             report.times.decode += seconds
             bar.update(1)
+            if options.on_progress:
+                options.on_progress(done, len(pending))
             item = by_path[path]
             if problem is not None:
                 _skip_pending(writer, item, problem, report)
@@ -554,6 +560,9 @@ def _index_pending(pending: list, writer, model, extractor, job, sampling, windo
             if len(batch) >= options.batch_videos:
                 _commit_batch(batch, writer, model, extractor, max_frames, window, report)
                 batch = []
+                if options.should_stop and options.should_stop():
+                    report.stopped = True
+                    return
         if batch:
             _commit_batch(batch, writer, model, extractor, max_frames, window, report)
     finally:
