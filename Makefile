@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo reproduce test bench lint clean install
+.PHONY: demo reproduce test bench bench-ingest lint clean install
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.recall $(RECALL_ARGS)
 	$(BIN)/python -m bench.latency $(LATENCY_ARGS)
 	$(BIN)/python -m bench.report
+
+bench-ingest: $(STAMP)
+	$(BIN)/python -m bench.ingest $(INGEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check engine kernels export training bench tests
