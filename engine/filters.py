@@ -79,6 +79,8 @@ def parse(text: str) -> Condition:
 
 
 def parse_all(texts) -> list:
+    if isinstance(texts, str):  # one filter given as a string, not as a list of one
+        texts = [texts]
     return [parse(text) for text in (texts or [])]
 
 

@@ -229,6 +229,7 @@ class Gallery:
         self.media_root = os.path.normpath(os.path.join(folder, media["root"])) if media else None
         self._paths_of = None
         self._rows = None
+        self._locator = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -254,7 +255,9 @@ class Gallery:
         rows = np.asarray(rows, dtype=np.int64)
         if len(self.parts) == 1 and self.parts[0].live is None:
             return np.zeros(len(rows), dtype=np.int64), rows
-        return Rows([(np.arange(len(p.ids)), p.live) for p in self.parts]).locate(rows)
+        if self._locator is None:  # built once: every lookup is then a binary search over the parts
+            self._locator = Rows([(np.arange(len(p.ids)), p.live) for p in self.parts])
+        return self._locator.locate(rows)
 
     def row_of(self, video_id: str) -> int | None:
         """The live row of a video id, or None."""
@@ -315,8 +318,10 @@ class Gallery:
         if self.has_media:
             for name in MEDIA_FIELDS:
                 table[name] = [None] * n
+            parts, physical = self.locate(np.arange(n))
             for row in range(n):
-                record = self.record(row) or {}
+                records = self.parts[parts[row]].records
+                record = (records[physical[row]] if records else None) or {}
                 for name in MEDIA_FIELDS[:-1]:
                     table[name][row] = record.get(name)
                 table["path"][row] = [os.path.relpath(p, self.media_root) for p in self.paths(self.ids[row])]
@@ -362,7 +367,11 @@ class Gallery:
         _check_unique(ids, os.path.join(folder, MANIFEST))
         if len(ids) != manifest["count"]:
             raise GalleryError(f"{folder}: {len(ids)} live videos but the manifest says {manifest['count']}")
-        if len(parts) == 1 and parts[0].live is None:
+        if not parts:  # every video removed: an empty gallery, which searches refuse with one line
+            dims = manifest["dims"]
+            dtype = DTYPES[manifest["dtype"]]
+            lat, con = np.zeros((0, 2, dims["latent"]), dtype), np.zeros((0, 2, dims["concept"]), dtype)
+        elif len(parts) == 1 and parts[0].live is None:
             lat, con = parts[0].lat, parts[0].con
         else:
             lat, con = (Rows([(getattr(p, name), p.live) for p in parts]) for name in ("lat", "con"))
@@ -478,13 +487,13 @@ def _check_manifest_fields(manifest: dict, path: str) -> None:
             raise bad(f"dims.{name}")
     if manifest.get("dtype") not in DTYPES:
         raise bad("dtype")
-    if not count(manifest.get("count"), 1 if manifest.get("media") is None else 0):
+    if not count(manifest.get("count")):  # 0: every video removed (`cvr gallery rm`); searches refuse it
         raise bad("count")
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not all(_plain_relative(name) for name in listed):
         raise bad("files")
     parts = manifest.get("parts")
-    if not isinstance(parts, list) or not parts:
+    if not isinstance(parts, list) or (not parts and manifest["count"] != 0):
         raise bad("parts")
     for entry in parts:
         if not isinstance(entry, dict) or not _plain_relative(str(entry.get("name"))) \

@@ -137,9 +137,12 @@ def media_root_for(found: list, inputs: list) -> str:
 
 
 def video_id_of(rel: str) -> str:
-    """A video's id: its path under the media root without the extension ('cooking/pasta')."""
+    """A video's id: its path under the media root without the extension ('cooking/pasta'), made
+    safe to store one per line: bytes that are not UTF-8 become U+FFFD, control characters '_',
+    and spaces at either end go."""
     stem, _ = os.path.splitext(rel)
-    return stem.replace(os.sep, "/")
+    text = os.fsencode(stem).decode("utf-8", "replace").replace(os.sep, "/")
+    return "".join("_" if ord(c) < 32 or ord(c) == 127 else c for c in text).strip() or "_"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +373,11 @@ def _index_locked(checkpoint, found, skipped, inputs, out, options, model) -> In
     sampling = Sampling.from_dict(writer.manifest["sampling"])
     window = SegmentWindow.parse("none" if writer.manifest["segments"] is None else
                                  f"{writer.manifest['segments']['window']}:{writer.manifest['segments']['stride']}")
+    metadata = read_metadata(options.metadata) if options.metadata else None  # bad files refused up front
+    spec = options.faiss if options.faiss is not None else writer.manifest.get("faiss_spec")
+    _check_faiss_spec(spec, writer.manifest["dims"]["latent"])
+    if options.prune and not os.path.isdir(root):
+        raise IngestError(f"--prune: the media root {root} is not there (unmounted?): nothing was pruned")
     pending = _classify(found, root, writer, report, skipped)
     for item in skipped:
         _report_skip(report, item)
@@ -377,11 +385,10 @@ def _index_locked(checkpoint, found, skipped, inputs, out, options, model) -> In
         _index_pending(pending, writer, models.model(), models.extractor(), job, sampling, window, options, report)
     if options.prune:
         _prune(writer, root, report)
-    if options.metadata:
-        _attach_metadata(writer, options.metadata, root, report)
-    spec = options.faiss if options.faiss is not None else writer.manifest.get("faiss_spec")
+    if metadata is not None:
+        _attach_metadata(writer, metadata, options.metadata, root, report)
     if _index_stale(writer, spec):
-        writer.rebuild_index(spec)
+        _rebuild_or_drop_index(writer, spec, report.warnings)
     report.videos = writer.manifest["count"]
     if report.videos or writer.exists:
         writer.commit()
@@ -389,6 +396,20 @@ def _index_locked(checkpoint, found, skipped, inputs, out, options, model) -> In
         files.write_json(os.path.join(out, REPORT), report.to_dict())
     report.times.wall = time.perf_counter() - clock
     return report
+
+
+def _check_faiss_spec(spec, dim: int) -> None:
+    """A FAISS spec faiss cannot build is refused before any work (not after the last commit)."""
+    if spec in (None, "none"):
+        return
+    import faiss
+
+    from engine.gallery import faiss_factory
+
+    try:
+        faiss.index_factory(dim, faiss_factory(spec, 1 << 16), faiss.METRIC_INNER_PRODUCT)
+    except (RuntimeError, CVRError) as error:
+        raise IngestError(f"--faiss {spec!r}: FAISS cannot build it ({str(error).strip().splitlines()[-1]})") from None
 
 
 def _index_stale(writer, spec) -> bool:
@@ -481,7 +502,7 @@ def _classify(found: list, root: str, writer, report: IngestReport, skipped: lis
     size or mtime moved is hashed; known content at a new path is attached, not decoded."""
     known = writer.manifest["media"]["paths"]
     content = {e["sha256"]: e["id"] for e in known.values() if e["id"] in writer.where}
-    pending = {}
+    pending, released = {}, set()
     for path in found:
         rel = os.path.relpath(path, root)
         if rel == os.pardir or rel.startswith(os.pardir + os.sep):
@@ -506,28 +527,34 @@ def _classify(found: list, root: str, writer, report: IngestReport, skipped: lis
             continue
         kind = "changed" if entry else "new"
         if digest in content:
-            _attach(writer, rel, status, digest, content[digest], report, kind)
+            released |= _attach(writer, rel, status, digest, content[digest], report, kind)
         elif digest in pending:
             pending[digest].also.append((rel, status, kind))
         else:
             pending[digest] = _Pending(path, rel, status, digest, kind)
+    for video_id in released:  # after every path is classified: two files that swapped names keep both
+        _release(writer, video_id)
     return list(pending.values())
 
 
-def _attach(writer, rel: str, status, digest: str, video_id: str, report: IngestReport, kind: str) -> None:
-    """Record `rel` as a path of the indexed video `video_id`; a changed path lets go of its old video."""
+def _attach(writer, rel: str, status, digest: str, video_id: str, report: IngestReport, kind: str) -> set:
+    """Record `rel` as a path of the indexed video `video_id`; returns the video the path let go
+    of (to be dropped if no path refers to it once every file is classified)."""
     known = writer.manifest["media"]["paths"]
     old = known.get(rel)
     known[rel] = {"id": video_id, "size": status.st_size, "mtime_ns": status.st_mtime_ns, "sha256": digest}
-    if old and old["id"] != video_id:
-        _release(writer, old["id"])
     report.counts[kind] += 1
+    return {old["id"]} if old and old["id"] != video_id else set()
 
 
-def _release(writer, video_id: str) -> None:
-    """Drop a video no path refers to any more."""
-    if not any(e["id"] == video_id for e in writer.manifest["media"]["paths"].values()):
-        writer.drop([video_id])
+def _release(writer, video_id: str, forget: bool = False) -> bool:
+    """Drop a video no path refers to any more (with `forget`, its metadata too); True if dropped."""
+    if any(e["id"] == video_id for e in writer.manifest["media"]["paths"].values()):
+        return False
+    writer.drop([video_id])
+    if forget:
+        writer.manifest.get("fields", {}).pop(video_id, None)
+    return True
 
 
 def _report_skip(report: IngestReport, item: Skipped) -> None:
@@ -574,8 +601,8 @@ def _skip_pending(writer, item: _Pending, problem: tuple, report: IngestReport) 
     kind, reason = problem
     for rel in [item.rel] + [rel for rel, _, _ in item.also]:
         old = writer.manifest["media"]["paths"].pop(rel, None)
-        if old:
-            _release(writer, old["id"])
+        if old and _release(writer, old["id"], forget=True):
+            report.warnings.append((item.path, f"its earlier version (video {old['id']}) was dropped"))
     _report_skip(report, Skipped(item.path, kind, reason))
     for rel, _, _ in item.also:  # the same bytes at other paths: just as unreadable
         _report_skip(report, Skipped(rel, kind, reason))
@@ -633,13 +660,8 @@ def _prune(writer, root: str, report: IngestReport) -> None:
     known = writer.manifest["media"]["paths"]
     gone = [rel for rel in known if not os.path.exists(os.path.join(root, rel))]
     for rel in gone:
-        video_id = known.pop(rel)["id"]
-        _release(writer, video_id)
+        _release(writer, known.pop(rel)["id"], forget=True)
         report.counts["removed"] += 1
-    if gone:
-        forgotten = set(writer.manifest.get("fields", {})) - set(writer.where)
-        for video_id in forgotten:
-            writer.manifest["fields"].pop(video_id, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,20 +671,32 @@ def _prune(writer, root: str, report: IngestReport) -> None:
 def read_metadata(path: str) -> dict:
     """{key: {field: value}} from JSON lines or CSV; the key is the record's `id` or `path`.
     CSV cells that read as numbers become numbers; a cell with ';' becomes a list (tags)."""
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"--metadata {path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    text = _read_text(path)
     rows = _csv_rows(text, path) if path.lower().endswith(".csv") else _jsonl_rows(text, path)
     table = {}
     for line, row in rows:
         key = row.pop("id", None) or row.pop("path", None)
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)  # a JSON id 7 names the video "7"
         if not isinstance(key, str) or not key:
             raise InputError(f"{path}:{line}: a metadata record needs an 'id' or a 'path'")
         row.pop("path", None)
+        for field_name, value in row.items():
+            if not _plain_value(value):
+                raise InputError(f"{path}:{line}: field {field_name!r} must be text, a finite number, true/false or "
+                                 "a list of those")
         table[key] = row
     return table
+
+
+def _plain_value(value) -> bool:
+    import math
+
+    if isinstance(value, list):
+        return all(_plain_value(v) and not isinstance(v, list) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (str, int, bool))
 
 
 def _jsonl_rows(text: str, path: str) -> list:
@@ -686,27 +720,32 @@ def _csv_rows(text: str, path: str) -> list:
     for line, row in enumerate(reader, 2):
         if None in row:
             raise InputError(f"{path}:{line}: more cells than the header names")
-        rows.append((line, {k: _cell(v) for k, v in row.items() if k and v is not None and v != ""}))
+        # ids and paths stay text ('0007' is not 7); other cells that read as numbers are numbers
+        rows.append((line, {k: (v if k in ("id", "path") else _cell(v)) for k, v in row.items()
+                            if k and v is not None and v != ""}))
     return rows
 
 
 def _cell(text: str):
     if ";" in text:
         return [_cell(part.strip()) for part in text.split(";") if part.strip()]
+    import math
+
     for kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            pass
+            continue
+        return value if math.isfinite(value) else text  # 'nan', 'inf', '1e400' stay text
     return text
 
 
-def _attach_metadata(writer, path: str, root: str, report: IngestReport) -> None:
+def _attach_metadata(writer, metadata: dict, path: str, root: str, report: IngestReport) -> None:
     """Merge the metadata file's fields into the gallery's, keyed by video id or by path (relative
     to the media root, or absolute); a key matching no video is a warning in the report."""
     known = writer.manifest["media"]["paths"]
     fields = writer.manifest.setdefault("fields", {})
-    for key, values in read_metadata(path).items():
+    for key, values in metadata.items():
         rel = os.path.relpath(key, root) if os.path.isabs(key) else key
         video_id = key if key in writer.where else known.get(rel, {}).get("id")
         if video_id is None or video_id not in writer.where:
@@ -734,8 +773,24 @@ def remove_videos(gallery: str, video_ids: list) -> dict:
             media["paths"] = {rel: e for rel, e in media["paths"].items() if e["id"] not in set(video_ids)}
         for video_id in video_ids:
             writer.manifest.get("fields", {}).pop(video_id, None)
-        writer.rebuild_index(spec)
+        warnings = []
+        _rebuild_or_drop_index(writer, spec, warnings)
+        for _, warning in warnings:
+            print(f"cvr gallery rm: warning: {warning}", file=sys.stderr)
         return writer.commit()
+
+
+def _rebuild_or_drop_index(writer, spec, warnings: list) -> None:
+    """The FAISS index rebuilt over the live rows; where faiss cannot build it for them (an IVF
+    index with more lists than videos left, say), the gallery goes on without one, with a warning."""
+    from engine.gallery import GalleryError
+
+    try:
+        writer.rebuild_index(spec)
+    except GalleryError as error:
+        writer.rebuild_index(None)
+        warnings.append((writer.folder, f"no FAISS index ({error}); searches are exhaustive until "
+                                         "`cvr index --faiss ...` builds one"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,7 +811,7 @@ def feature_ids(found: list, ids_file: str | None) -> dict:
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a spreadsheet's BOM
             return handle.read()
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 
 import numpy as np
 
@@ -21,8 +22,10 @@ from engine.gallery import (
     FAISS_FILE,
     IDS,
     MANIFEST,
+    ROOT_PART,
     SEGMENTS,
     THUMBS,
+    VERSION,
     VIDEOS,
     GalleryError,
     Rows,
@@ -109,8 +112,10 @@ class GalleryWriter:
         return dropped
 
     def commit(self) -> dict:
-        """Write the manifest (sealed) atomically; a new gallery's folder is moved into place."""
+        """Write the manifest (sealed) atomically; a new gallery's folder is moved into place.
+        Files the old manifest listed and the new one does not are deleted after it."""
         self.manifest["generation"] = self.manifest.get("generation", 0)
+        self.manifest["version"] = VERSION  # a version-2 gallery written to is a version-3 one
         manifest = seal({k: v for k, v in self.manifest.items() if k != "digest"})
         if not self.exists:
             root = self._staging_root()
@@ -120,8 +125,11 @@ class GalleryWriter:
         else:
             files.write_json(os.path.join(self.folder, MANIFEST), manifest)
         self.manifest = manifest
-        for folder in self._doomed:
-            files.remove(folder)
+        listed = {os.path.join(self.folder, name) for name in manifest["files"]}
+        listed |= {os.path.join(self.folder, e["name"]) for e in manifest["parts"]}
+        for path in self._doomed:
+            if path not in listed and os.path.normpath(path) != self.folder:
+                files.remove(path)
         self._doomed = []
         return manifest
 
@@ -136,7 +144,7 @@ class GalleryWriter:
             lat = self.live_latents()
             factory = faiss_factory(spec, len(lat))
             index, train_points = build_faiss_index(lat, factory)
-            name = f"faiss-{self.manifest['generation']}.index"
+            name = f"faiss-{self.manifest['generation']}-{uuid.uuid4().hex[:8]}.index"  # never a listed name
             path = os.path.join(self._staging_root() if not self.exists else self.folder, name)
             with files.atomic_path(path) as temporary:
                 faiss.write_index(index, str(temporary))
@@ -171,7 +179,8 @@ class GalleryWriter:
     def _forget_empty_parts(self) -> None:
         kept = []
         for entry in self.manifest["parts"]:
-            if len(set(entry["drop"])) < entry["count"]:
+            # The folder itself (a gallery written at once) is never deleted: it holds the manifest.
+            if len(set(entry["drop"])) < entry["count"] or entry["name"] == ROOT_PART:
                 kept.append(entry)
                 continue
             prefix = entry["name"] + "/"

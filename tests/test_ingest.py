@@ -189,7 +189,7 @@ def test_a_killed_run_loses_at_most_the_batch_in_flight(world, step):
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == \
         f"{CLIPS - committed} new, 0 changed, {committed} unchanged, 0 removed, 0 skipped"
-    assert len(Gallery.load(out)) == 16
+    assert len(Gallery.load(out)) == CLIPS
     assert sorted(os.listdir(os.path.join(out, "parts"))) == [e["name"].split("/")[1]
                                                               for e in Gallery.load(out).manifest["parts"]]
 
@@ -375,3 +375,68 @@ def test_features_of_another_extractor_are_refused(world, tmp_path, capsys):
                  "--out", str(tmp_path / "g"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "made by ResNet-50 builtin at 224 px" in err and "at 64 px" in err and err.count("\n") == 1
+
+
+def test_review_edge_cases_keep_the_gallery_loadable(world, model, capsys):
+    """Found in review: a removal with a FAISS index, removing every video, swapped file names,
+    odd file names, metadata with NaN or numeric-looking ids."""
+    from engine.ingest import remove_videos
+
+    folder = _folder(world, "videos", clips=4)
+    out = os.path.join(os.path.dirname(folder), "gallery")
+    _index(world, model, [folder], out, faiss="flat")
+    remove_videos(out, ["video0"])
+    os.remove(os.path.join(folder, "video0.mp4"))  # else the next run indexes it again: it is a file there
+    gallery = Gallery.load(out)  # the rebuilt index is there and covers the live rows
+    assert gallery.faiss_index is not None and gallery.faiss_index.ntotal == len(gallery) == 3
+
+    # Two files swap names: both videos stay, each under the other path.
+    a, b = os.path.join(folder, "video1.mp4"), os.path.join(folder, "video2.mp4")
+    os.rename(a, a + ".tmp")
+    os.rename(b, a)
+    os.rename(a + ".tmp", b)
+    report = _index(world, model, [folder], out)
+    assert report.counts["changed"] == 2 and report.counts["new"] == 0
+    gallery = Gallery.load(out)
+    assert sorted(gallery.ids) == ["video1", "video2", "video3"]
+    assert gallery.paths("video1") == [b] and gallery.paths("video2") == [a]
+
+    # Odd names become safe ids; the gallery loads.
+    odd = os.path.join(folder, " spaced name .mp4")
+    shutil.copyfile(os.path.join(world["clips"], "video9.mp4"), odd)
+    _index(world, model, [folder], out)
+    assert "spaced name" in Gallery.load(out).ids
+
+    # Metadata: a NaN is refused up front, a numeric-looking id stays text.
+    bad = os.path.join(os.path.dirname(folder), "bad.jsonl")
+    with open(bad, "w") as handle:
+        handle.write('{"id": "video3", "score": NaN}\n')
+    with pytest.raises(Exception, match="bad.jsonl:1: field 'score' must be"):
+        _index(world, model, [folder], out, metadata=bad)
+    assert read_metadata_csv_ids(os.path.dirname(folder)) == {"0007": {"n": 7}}
+
+    # Every video removed: the gallery still loads (empty), searches say so, a re-run refills it.
+    remove_videos(out, list(Gallery.load(out).ids))
+    assert len(Gallery.load(out)) == 0
+    assert main(["search", "--gallery", out, "--checkpoint", world["ckpt"], "x"]) == 2
+    assert "more than the gallery's 0 videos" in capsys.readouterr().err
+    assert _index(world, model, [folder], out).counts["new"] == 4  # video1-3 and the odd name
+    assert len(Gallery.load(out)) == 4
+
+
+def read_metadata_csv_ids(folder: str) -> dict:
+    path = os.path.join(folder, "ids.csv")
+    with open(path, "w", encoding="utf-8-sig") as handle:  # as a spreadsheet writes it, with a BOM
+        handle.write("id,n\n0007,7\n")
+    return read_metadata(path)
+
+
+def test_removing_every_row_of_a_feature_gallery_keeps_the_folder(world, tmp_path):
+    from engine.ingest import remove_videos
+
+    out = str(tmp_path / "features")
+    assert main(["index", "--checkpoint", world["ckpt"], "--root", world["data"], "--collection", "synth",
+                 "--out", out, "--quiet"]) == 0
+    (tmp_path / "features" / "NOTES.txt").write_text("mine")
+    remove_videos(out, list(Gallery.load(out).ids))
+    assert (tmp_path / "features" / "NOTES.txt").exists() and len(Gallery.load(out)) == 0

@@ -61,11 +61,13 @@ def read_queries(args) -> list:
 
 
 def handler(args) -> int:
+    from engine.filters import parse_all
     from engine.gallery import read_manifest
     from engine.retriever import Retriever, check_backend
     from engine.search import SearchOptions
 
     texts = Retriever.clean_queries(read_queries(args))  # reject bad input before loading anything
+    parse_all(args.where)
     check_backend(args.backend, args.device)
     count = read_manifest(args.gallery)["count"]
     if args.k > count:
