@@ -2,13 +2,15 @@
 
 A checkpoint is a folder: `model.safetensors` (every trainable tensor and the frozen min-max
 constants), `config.json` (every dimension, the text encoder's id and vocabulary, the constants in
-readable form, how the anchors were made) and `train_log.json`. Loading never unpickles anything,
+readable form, how the anchors were made) and `train_log.json`. The weights are float32, or
+float16 (`cvr train --weights-dtype float16`: half the size; the min-max constants stay float32)
+and cast back to float32 at load. Loading never unpickles anything,
 and a checkpoint with missing or mis-shaped tensors fails with one line naming the tensor.
 
 It holds no absolute path: folders it refers to (a local text encoder, the anchor generator, the
 anchor store it was trained on) are recorded as engine.paths references, so a checkpoint copied
-to another folder or machine still loads. This module imports torch only inside `save_checkpoint`
-and `load_checkpoint`: the torch-free ONNX Runtime path reads a checkpoint's config and id.
+to another folder or machine still loads. This module reaches torch only inside the functions that
+write, round or load weights: the torch-free ONNX Runtime path reads a checkpoint's config and id.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 LOG = "train_log.json"
 RETRAIN = "restore it or train it again with `cvr train`"
+WEIGHTS_DTYPES = ("float32", "float16")
+# Kept in float32 whatever the weights' dtype: the min-max constants, which config.json also
+# records in readable form (8 numbers), so that the file and the readable copy agree exactly.
+FULL_PRECISION = ("matcher.norm",)
 log = logging.getLogger(__name__)
 
 
@@ -107,12 +113,56 @@ def same_encoder(saved_id: str, found_id: str | None) -> bool:
         saved_id.rpartition("@")[2] == found_id.rpartition("@")[2]
 
 
-def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | None = None) -> str:
-    """Write a checkpoint folder atomically (staged, then swapped into place); returns its id."""
+def check_weights_dtype(weights_dtype: str) -> None:
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise CheckpointError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+
+
+def _cast(weights_dtype: str):
+    """tensor -> the tensor in `weights_dtype`, by the tensor's own method (this module stays
+    torch-free at import, tests/test_layering.py)."""
+    check_weights_dtype(weights_dtype)
+    method = {"float32": "float", "float16": "half"}[weights_dtype]
+    return lambda tensor: getattr(tensor, method)()
+
+
+def _stored(name: str, tensor) -> bool:
+    """Whether a tensor of the trainable state is stored in the weights' dtype (else as it is)."""
+    return tensor.is_floating_point() and name not in FULL_PRECISION
+
+
+def round_to_storage(model, weights_dtype: str) -> None:
+    """Round the model's stored tensors through `weights_dtype`, in place: the model then computes
+    what a load of its checkpoint will (fit the min-max constants after this, not before)."""
+    cast = _cast(weights_dtype)
+    for name, tensor in model.trainable_state().items():  # detached, sharing the parameters' storage
+        if _stored(name, tensor):
+            tensor.copy_(cast(tensor))
+
+
+def _weights_to_store(model, weights_dtype: str) -> dict:
+    cast = _cast(weights_dtype)
+    tensors = {}
+    for name, tensor in model.trainable_state().items():
+        tensor = tensor.detach().cpu()
+        if _stored(name, tensor):
+            rounded = cast(tensor)
+            if tensor.isfinite().all() and not rounded.isfinite().all():
+                raise CheckpointError(f"tensor {name} has values beyond the {weights_dtype} range: store float32")
+            tensor = rounded
+        tensors[name] = tensor.contiguous()
+    return tensors
+
+
+def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | None = None,
+                    weights_dtype: str = "float32") -> str:
+    """Write a checkpoint folder atomically (staged, then swapped into place); returns its id.
+    `weights_dtype` float16 halves the file: floating tensors are stored rounded to fp16 (all but
+    the min-max constants) and cast back to the model's dtype at load."""
     from safetensors.torch import save_file
 
+    tensors = _weights_to_store(model, weights_dtype)  # before staging: a refusal leaves nothing behind
     with files.staged_folder(folder) as work:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
         with files.safetensors_errors(os.path.join(folder, WEIGHTS)):
             save_file(tensors, os.path.join(work, WEIGHTS), metadata={"format": FORMAT})
         files.fsync_file(os.path.join(work, WEIGHTS))
@@ -121,6 +171,7 @@ def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | N
             "model": model.config.to_dict(),
             "text_encoder": _text_config(model.text.describe(), folder, to_file=True),
             "norm": {"order": ["lat_g", "lat_l", "con_g", "con_l"], "min_max": model.matcher.norm.tolist()},
+            "weights_dtype": weights_dtype,
             **(extra or {}),
         }
         config["model"]["text"] = _text_config(config["model"]["text"], folder, to_file=True)
@@ -173,6 +224,8 @@ def load_checkpoint(folder: str, device: str = "cpu"):
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{weights}: unexpected tensor {unexpected[0]}")
+    # load_state_dict copies into the model's own tensors, so fp16-stored weights come back in the
+    # model's dtype (float32), exactly the rounded values training scored with.
     model.load_state_dict(tensors, strict=False)
     model.checkpoint_id = checkpoint_id(folder)
     return model.to(device).eval()

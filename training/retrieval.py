@@ -18,7 +18,13 @@ import torch
 from tqdm import tqdm
 
 from engine import datasets, files, paths
-from engine.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from engine.checkpoint import (
+    check_weights_dtype,
+    load_checkpoint,
+    read_checkpoint_config,
+    round_to_storage,
+    save_checkpoint,
+)
 from engine.config import ModelConfig, TrainConfig
 from engine.errors import InputError
 from engine.metrics import format_metrics_table, retrieval_metrics
@@ -171,8 +177,11 @@ class RetrievalJob:
     progress: bool = True
 
 
-def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: TrainConfig) -> dict:
-    """Train on the train split, select on val, freeze the normalisation on val, save the best."""
+def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: TrainConfig,
+                    weights_dtype: str = "float32") -> dict:
+    """Train on the train split, select on val, freeze the normalisation on val, save the best
+    (its weights stored in `weights_dtype`: float32 or float16)."""
+    check_weights_dtype(weights_dtype)  # before minutes of training, not after
     torch.manual_seed(train_config.seed)
     torch.set_num_threads(train_config.threads)
     collection = datasets.Collection(job.root, job.collection)
@@ -221,6 +230,9 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
     if best_state is None:
         raise InputError("the validation criterion was never finite: no model to keep")
     model.load_state_dict(best_state)
+    # The weights as the checkpoint will store them, so that the min-max constants are fitted on
+    # the very embeddings a load computes (float16 storage moves them slightly).
+    round_to_storage(model, weights_dtype)
     model.eval()
     val_queries, val_videos = encode_split(model, val, anchors, cache)
     model.matcher.fit_norm(val_queries, val_videos)
@@ -228,7 +240,7 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
              "tag_vocab": vocab,
              # How the anchors were made, so that search draws its anchors the same way.
              "anchors": _recorded_anchors(anchors, job.out) if anchors is not None else None}
-    save_checkpoint(model, job.out, history, extra)
+    save_checkpoint(model, job.out, history, extra, weights_dtype=weights_dtype)
     return {"history": history, "best_criterion": best, "checkpoint": job.out}
 
 

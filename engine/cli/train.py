@@ -33,6 +33,8 @@ def add(sub) -> None:
     train.add_argument("--attention", default="hybrid", choices=["hybrid", "spatial", "channel", "meanpool"])
     train.add_argument("--no-local-branch", action="store_true")
     train.add_argument("--no-concept-space", action="store_true")
+    train.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
+                       help="how model.safetensors stores the weights (float16: half the size; default float32)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     add_overwrite(train, "--out")
     train.set_defaults(func=_cmd_train)
@@ -82,7 +84,7 @@ def _cmd_train(args) -> int:
     job = RetrievalJob(root=args.root, collection=args.collection, feature=args.feature, out=args.out,
                        anchors=anchors, tag_vocab_size=args.tag_vocab_size, max_frames=args.max_frames,
                        progress=not args.quiet)
-    result = train_retrieval(job, model_config, train_config)
+    result = train_retrieval(job, model_config, train_config, weights_dtype=args.weights_dtype)
     print(f"wrote {result['checkpoint']} (best validation criterion {result['best_criterion']:.1f})")
     return 0
 
