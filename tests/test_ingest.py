@@ -440,3 +440,25 @@ def test_removing_every_row_of_a_feature_gallery_keeps_the_folder(world, tmp_pat
     (tmp_path / "features" / "NOTES.txt").write_text("mine")
     remove_videos(out, list(Gallery.load(out).ids))
     assert (tmp_path / "features" / "NOTES.txt").exists() and len(Gallery.load(out)) == 0
+
+
+def test_evaluate_through_the_search_path_matches_the_score_matrix(world, tmp_path, capsys):
+    """`cvr evaluate --gallery` ranks each caption's video among what search returns; exhaustive,
+    it agrees with the matrix evaluation of the same checkpoint and split."""
+    gallery = str(tmp_path / "test_gallery")
+    assert main(["index", "--checkpoint", world["ckpt"], "--root", world["data"], "--collection", "synth",
+                 "--split", "test", "--out", gallery, "--quiet", "--dtype", "float32"]) == 0
+    assert main(["evaluate", "--checkpoint", world["ckpt"], "--root", world["data"], "--collection", "synth",
+                 "--split", "test", "--out", str(tmp_path / "matrix")]) == 0
+    assert main(["evaluate", "--checkpoint", world["ckpt"], "--gallery", gallery, "--split", "test",
+                 "--mode", "exhaustive", "--out", str(tmp_path / "served")]) == 0
+    capsys.readouterr()
+    matrix = json.loads((tmp_path / "matrix.json").read_text())["metrics"]
+    served = json.loads((tmp_path / "served.json").read_text())["metrics"]
+    for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr"):
+        assert served[key] == pytest.approx(matrix[key]), key
+    assert served["found"] == 1.0 and served["queries"] == 9
+    # A filter that hides every video: every caption misses, nothing crashes.
+    assert main(["evaluate", "--checkpoint", world["ckpt"], "--gallery", gallery, "--split", "test",
+                 "--out", str(tmp_path / "none"), "--where", "nothing=1"]) == 2
+    assert "unknown filter field" in capsys.readouterr().err

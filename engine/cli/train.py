@@ -39,10 +39,21 @@ def add(sub) -> None:
     add_overwrite(train, "--out")
     train.set_defaults(func=_cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="metrics of a checkpoint on one split")
+    evaluate = sub.add_parser("evaluate", help="metrics of a checkpoint on one split (--gallery: through the "
+                                               "search path users get)")
     evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--root", required=True)
-    evaluate.add_argument("--collection", required=True)
+    evaluate.add_argument("--root", default=None, help="data root (default with --gallery: the checkpoint's)")
+    evaluate.add_argument("--collection", default=None, help="(default with --gallery: the checkpoint's)")
+    evaluate.add_argument("--gallery", default=None,
+                          help="search this gallery with the split's captions through the path `cvr search` and "
+                               "`cvr serve` run (mode, candidates, filters, backend), and rank each caption's video")
+    evaluate.add_argument("--mode", default="auto", choices=["auto", "exhaustive", "two-stage"],
+                          help="--gallery: the search mode")
+    evaluate.add_argument("--candidates", type=int, default=None, help="--gallery: two-stage candidates per query")
+    evaluate.add_argument("--where", action="append", default=[], help="--gallery: metadata filters")
+    evaluate.add_argument("--backend", default="torch", help="--gallery: the query backend")
+    evaluate.add_argument("-k", type=int, default=None,
+                          help="--gallery: hits per query (default: the whole gallery, so ranks are exact)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--anchors", default=None, help="anchor store (for a model trained with anchors)")
     evaluate.add_argument("--feature", default=None, help="default: the feature the checkpoint was trained on")
@@ -93,11 +104,62 @@ def _cmd_evaluate(args) -> int:
     from engine.metrics import format_metrics_table
     from training.retrieval import evaluate_checkpoint
 
+    if args.gallery:
+        return _evaluate_gallery(args)
+    if not (args.root and args.collection):
+        raise CLIError("give --root and --collection (or --gallery to evaluate through the search path)")
     out = args.out or os.path.join(args.checkpoint, f"eval_{args.collection}_{args.split}")
     claim_evaluation(out, args.overwrite)
     result = evaluate_checkpoint(args.checkpoint, args.root, args.collection, args.split, anchors=args.anchors,
                                  feature=args.feature, transductive=args.transductive, out=out)
     print(f"{args.collection} {args.split}: {result['queries']} queries, {result['videos']} videos")
     print(format_metrics_table(result["metrics"]))
+    print(f"wrote {out}.json and {out}.md")
+    return 0
+
+
+def _evaluate_gallery(args) -> int:
+    """`cvr evaluate --gallery`: recall of what `cvr search` / `cvr serve` return."""
+    from engine import paths
+    from engine.checkpoint import read_checkpoint_config
+    from engine.datasets import Collection
+    from engine.retriever import EXPORTED, Retriever, check_backend
+    from engine.search import SearchOptions
+    from engine.search_eval import search_metrics
+
+    check_backend(args.backend)
+    options = SearchOptions(mode=args.mode, candidates=args.candidates)
+    options.validate()
+    job = read_checkpoint_config(args.checkpoint).get("train", {}).get("job", {})
+    root = args.root or (job.get("root") and paths.resolve(job["root"], args.checkpoint))
+    collection = args.collection or job.get("collection")
+    if not root or not collection:
+        raise CLIError(f"{args.checkpoint} records no training collection: give --root and --collection")
+    captions = Collection(root, collection).captions(args.split)
+    export_dir = None
+    if args.backend in EXPORTED:
+        from engine.cli.search import _default_export
+
+        args.export, args.generator = None, None
+        export_dir = _default_export(args)
+    retriever = Retriever(args.checkpoint, args.gallery, backend=args.backend, export_dir=export_dir)
+    metrics = search_metrics(retriever, captions, k=args.k, options=options, where=args.where or None)
+    out = args.out or os.path.join(args.gallery.rstrip("/") + f"_eval_{args.split}")
+    claim_evaluation(out, args.overwrite)
+    from engine import files
+    from engine.outputs import EVALUATION_FORMAT
+
+    files.write_json(out + ".json", {"format": EVALUATION_FORMAT, "checkpoint": args.checkpoint,
+                                      "gallery": args.gallery, "split": args.split, "collection": collection,
+                                      "mode": args.mode, "where": args.where, "backend": args.backend,
+                                      "metrics": metrics})
+    lines = ["| t2v R@1 | R@5 | R@10 | MedR | mAP | found |", "|---|---|---|---|---|---|",
+             f"| {metrics['t2v_r1']:.1f} | {metrics['t2v_r5']:.1f} | {metrics['t2v_r10']:.1f} | "
+             f"{metrics['t2v_medr'] if metrics['t2v_medr'] is not None else 'inf'} | {metrics['t2v_map']:.3f} | "
+             f"{100 * metrics['found']:.1f}% |"]
+    files.atomic_write(out + ".md", "\n".join(lines) + "\n")
+    print(f"{collection} {args.split} through the search path ({args.mode}, {args.backend}): "
+          f"{metrics['queries']} queries, {metrics['videos']} videos")
+    print("\n".join(lines))
     print(f"wrote {out}.json and {out}.md")
     return 0
