@@ -403,23 +403,24 @@ def plot(result: dict, path) -> None:
         x = [j + (i - (len(result["cold"]) - 1) / 2) * width for j in range(len(keys))]
         means = [row["per_video_ms"][k]["mean"] for k in keys]
         errors = [row["per_video_ms"][k]["std"] or 0.0 for k in keys]
-        left.bar(x, means, width, yerr=errors, capsize=2, label=f"{_workers(row['workers'])} decode workers")
-    left.set_xticks(range(len(keys)), [STAGE_LABELS[k] for k in keys])
+        label = "inline decode" if row["workers"] == 0 else _plural(row["workers"])
+        left.bar(x, means, width, yerr=errors, capsize=2, label=label)
+    left.set_xticks(range(len(keys)), [STAGE_LABELS[k].replace(" ", "\n") for k in keys], fontsize=9)
     left.set_ylabel("ms per video (mean over runs)")
     left.set_title(f"Cold full index of {result['clips']['videos']} clips, per video")
     left.legend(fontsize=8)
     left.grid(axis="y", alpha=0.3)
     cold = {r["workers"]: r for r in result["cold"]}
     base = cold.get(1) or result["cold"][0]
-    bars = [("cold full\n" + ("inline" if base["workers"] == 0 else f"{base['workers']} worker(s)"), base["wall_s"]),
+    short = "inline" if base["workers"] == 0 else f"{base['workers']} worker{'' if base['workers'] == 1 else 's'}"
+    bars = [(f"cold full\n{short}", base["wall_s"]),
             ("model load\n(in cold runs)", result["load"]["total_s"])]
     bars += [(r["case"].replace(" changed", "\nchanged"), r["wall_s"]) for r in result["reruns"]]
-    values = [b[1]["mean"] for b in bars]
-    drawn = right.bar(range(len(bars)), values, yerr=[b[1]["std"] or 0.0 for b in bars], capsize=3,
-                      color=["C0", "C7", "C1", "C2"])
-    for bar, value in zip(drawn, values, strict=True):
-        right.annotate(f"{_num(value)} s", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
-                       fontsize=8)
+    values, errors = [b[1]["mean"] for b in bars], [b[1]["std"] or 0.0 for b in bars]
+    drawn = right.bar(range(len(bars)), values, yerr=errors, capsize=3, color=["C0", "C7", "C1", "C2"])
+    for bar, value, error in zip(drawn, values, errors, strict=True):
+        right.annotate(f"{_num(value)} s", (bar.get_x() + bar.get_width() / 2, value + error), ha="center",
+                       va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     right.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     right.set_yscale("log")
     right.set_ylabel("wall seconds of the index_videos call")
