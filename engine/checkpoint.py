@@ -184,8 +184,6 @@ def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | N
 def load_checkpoint(folder: str, device: str = "cpu"):
     """Rebuild the model (engine.model.CVRModel) from config.json and load model.safetensors
     strictly (no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from engine.model import CVRModel
     from engine.text import build_text_encoder
@@ -201,6 +199,37 @@ def load_checkpoint(folder: str, device: str = "cpu"):
         # change every query's features.
         raise CheckpointError(f"{folder}: trained with text encoder {saved_id}, but {found_id} is installed")
     model = CVRModel(model_config, text)
+    tensors = _checked_weights(folder, config, model.trainable_state())
+    # load_state_dict copies into the model's own tensors, so fp16-stored weights come back in the
+    # model's dtype (float32), exactly the rounded values training scored with.
+    model.load_state_dict(tensors, strict=False)
+    model.checkpoint_id = checkpoint_id(folder)
+    return model.to(device).eval()
+
+
+def load_video_tower(folder: str, device: str = "cpu"):
+    """Only the checkpoint's video tower (engine.model.VideoTower), what indexing runs: the text
+    encoder, which is most of a checkpoint's load time, is not built. Same checks as
+    load_checkpoint on the tensors it loads; `.checkpoint_id` set, `encode_video` as the model's."""
+    from engine.model import VideoTower
+
+    config = read_checkpoint_config(folder)
+    model_config = ModelConfig.from_dict(config["model"], where=os.path.join(folder, CONFIG))
+    tower = VideoTower(model_config)
+    expected = {f"video.{k}": v for k, v in tower.state_dict().items()}
+    tensors = _checked_weights(folder, config, expected, only="video.")
+    tower.load_state_dict({k.removeprefix("video."): v for k, v in tensors.items()})
+    tower.encode_video = tower.forward
+    tower.config, tower.checkpoint_id = model_config, checkpoint_id(folder)
+    return tower.to(device).eval()
+
+
+def _checked_weights(folder: str, config: dict, expected: dict, only: str | None = None) -> dict:
+    """model.safetensors verified against its digest and read; every expected tensor there with its
+    shape and finite values, and (unless `only` names a prefix to read) nothing unexpected."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     weights = os.path.join(folder, WEIGHTS)
     if not os.path.exists(weights):
         raise CheckpointError(f"{folder}: no {WEIGHTS}")
@@ -210,7 +239,8 @@ def load_checkpoint(folder: str, device: str = "cpu"):
         tensors = load_file(weights)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights}: unreadable ({str(error).splitlines()[0]})") from None
-    expected = model.trainable_state()
+    if only is not None:
+        tensors = {k: v for k, v in tensors.items() if k.startswith(only)}
     for name, tensor in expected.items():
         if name not in tensors:
             raise CheckpointError(f"{weights}: missing tensor {name}")
@@ -224,8 +254,4 @@ def load_checkpoint(folder: str, device: str = "cpu"):
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{weights}: unexpected tensor {unexpected[0]}")
-    # load_state_dict copies into the model's own tensors, so fp16-stored weights come back in the
-    # model's dtype (float32), exactly the rounded values training scored with.
-    model.load_state_dict(tensors, strict=False)
-    model.checkpoint_id = checkpoint_id(folder)
-    return model.to(device).eval()
+    return tensors

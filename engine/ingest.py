@@ -441,10 +441,11 @@ class _Models:
         self.latent_dim, self.concept_dim = model_config["latent_dim"], model_config["concept_dim"]
 
     def model(self):
-        from engine.checkpoint import load_checkpoint
+        """The video tower alone: indexing never runs the text encoder, the slow part of a load."""
+        from engine.checkpoint import load_video_tower
 
         if self._model is None:
-            self._model = load_checkpoint(self.checkpoint, self.options.device)
+            self._model = load_video_tower(self.checkpoint, self.options.device)
         return self._model.eval()
 
     def extractor(self):

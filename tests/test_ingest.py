@@ -462,3 +462,28 @@ def test_evaluate_through_the_search_path_matches_the_score_matrix(world, tmp_pa
     assert main(["evaluate", "--checkpoint", world["ckpt"], "--gallery", gallery, "--split", "test",
                  "--out", str(tmp_path / "none"), "--where", "nothing=1"]) == 2
     assert "unknown filter field" in capsys.readouterr().err
+
+
+def test_indexing_loads_only_the_video_tower(world, model):
+    """The video tower alone gives the whole model's video embeddings (indexing never builds the
+    text encoder), with the same refusals of damaged weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.checkpoint import CheckpointError, load_video_tower
+
+    tower = load_video_tower(world["ckpt"])
+    frames, mask = torch.randn(3, 5, 2048), torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] + [0] * 4]).bool()
+    with torch.no_grad():
+        ours, theirs = tower.encode_video(frames, mask), model.encode_video(frames, mask)
+    assert torch.equal(ours.lat, theirs.lat) and torch.equal(ours.con, theirs.con)
+    assert tower.checkpoint_id == model.checkpoint_id
+    damaged = os.path.join(tempfile.mkdtemp(dir=world["base"]), "ckpt")
+    shutil.copytree(world["ckpt"], damaged)
+    weights = os.path.join(damaged, "model.safetensors")
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.startswith("video.") and tensors[k].is_floating_point())
+    tensors[name][0] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_video_tower(damaged)
