@@ -5,7 +5,7 @@ The clips are the built-in set as mp4 files (`cvr data synth --mp4`: 8 frames at
 H.264 at 128 px). Every measurement is one call of `engine.ingest.index_videos` (what `cvr index
 --videos FOLDER --out GALLERY` runs) in a fresh child process of one torch thread, so each pays
 what a `cvr index` command pays after its imports: reading the checkpoint, loading its video tower
-(and the text encoder the checkpoint also builds) and the ResNet-50, starting the decode workers.
+and the ResNet-50, starting the decode workers.
 Rows:
 
 1. **Cold full index**: all clips into a new gallery, once per decode worker count (0 = decoded
@@ -13,7 +13,7 @@ Rows:
    stage from the run's `IngestReport.times` (decode summed over the workers, which run beside the
    ResNet-50; the ResNet-50, video tower and writing run in the indexing process).
 2. **Model load**, part of each run's wall: the two loaders `index_videos` calls before its first
-   batch (the checkpoint's `load_checkpoint`, with its text encoder's share, and the ResNet-50's
+   batch (the checkpoint's video tower, `load_video_tower`, and the ResNet-50's
    `RegionExtractor.from_config`, first-use imports included) are timed inside each run, so that
    the per-video numbers can also be read without it.
 3. **Re-runs** into the gallery of a cold run: after `--changed` clips were re-encoded with other
@@ -50,7 +50,7 @@ STAGE_LABELS = {"decode": "decode", "resnet": "ResNet-50", "tower": "video tower
 TINY_TRAIN = ["--epochs", "1", "--batch-size", "16", "--latent-dim", "32", "--attn-dim", "16", "--video-gru-hidden",
               "16", "--video-local-dim", "32", "--quiet"]
 CHILD_TIMEOUT_S = 1800
-LOADS = ("checkpoint", "text_encoder", "resnet")  # the loaders timed inside a run (text_encoder: within checkpoint)
+LOADS = ("checkpoint", "resnet")  # the loaders timed inside a run (the video tower; the frame extractor)
 
 
 @dataclass
@@ -131,10 +131,9 @@ def change_clips(collection: str, changes: list) -> None:
 
 def child_index(job: dict) -> dict:
     """One index_videos call. The two loaders it calls when it has something to embed (the
-    checkpoint's load_checkpoint, which also builds the model's text encoder, and the ResNet-50's
-    RegionExtractor.from_config; it imports them when it needs them) are wrapped to time them, so
-    each run reports its own model load."""
-    from engine import checkpoint, text, vision
+    checkpoint's load_video_tower and the ResNet-50's RegionExtractor.from_config; it imports them
+    when it needs them) are wrapped to time them, so each run reports its own model load."""
+    from engine import checkpoint, vision
     from engine.ingest import IngestOptions, index_videos
 
     loads = {}
@@ -148,8 +147,7 @@ def child_index(job: dict) -> dict:
                 loads[name] = loads.get(name, 0.0) + time.perf_counter() - clock
         return wrapper
 
-    checkpoint.load_checkpoint = timed("checkpoint", checkpoint.load_checkpoint)
-    text.build_text_encoder = timed("text_encoder", text.build_text_encoder)
+    checkpoint.load_video_tower = timed("checkpoint", checkpoint.load_video_tower)
     from_config = vision.RegionExtractor.from_config  # bound to the class
     vision.RegionExtractor.from_config = classmethod(lambda cls, *a, **k: timed("resnet", from_config)(*a, **k))
     cpu = time.process_time()
@@ -317,8 +315,8 @@ def summary(result: dict) -> str:
         "",
         f"- Cold full index, videos/s (videos / wall), best of {base['runs']} runs: {best} "
         f"(means {means}; the slowest run took {max(walls) / min(walls):.1f}x the fastest). Wall includes "
-        f"{_num(load['total_s']['mean'])} s of model loading, {_num(load['text_encoder_s']['mean'])} s of it "
-        "building the checkpoint's text encoder, which indexing never runs.",
+        f"{_num(load['total_s']['mean'])} s of model loading (the video tower "
+        f"{_num(load['checkpoint_s']['mean'])} s, the ResNet-50 {_num(load['resnet_s']['mean'])} s).",
         f"- Per video with {_plural(base['workers'])}: "
         + ", ".join(f"{STAGE_LABELS[k]} {_num(ms[k])} ms ({100 * ms[k] / stage_ms:.0f}%)"
                     for k in sorted(STAGES, key=lambda k: -ms[k]))
@@ -349,9 +347,7 @@ def markdown(result: dict) -> str:
                   + [_pm(r["per_video_ms"][k]) for k in (*STAGES, "other")] + [_pm(r["cpu_s"])]
                   for r in result["cold"]]
     load = result["load"]
-    load_table = [["checkpoint: video tower and text encoder (`load_checkpoint`)", _pm(load["checkpoint_s"])],
-                  ["of which the text encoder (`build_text_encoder`; indexing never runs it)",
-                   _pm(load["text_encoder_s"])],
+    load_table = [["checkpoint: the video tower alone (`load_video_tower`)", _pm(load["checkpoint_s"])],
                   ["ResNet-50 frame extractor (`RegionExtractor.from_config`)", _pm(load["resnet_s"])],
                   ["total", _pm(load["total_s"])]]
     rerun_table = [[r["case"], r["workers"], r["runs"], _count(r["reindexed"]), _pm(r["wall_s"]), _pm(r["load_s"]),

@@ -34,8 +34,8 @@ def test_ingest_tiny_writes_cold_rows_per_worker_count(ingest_out):
             assert row["per_video_ms"][stage]["mean"] > 0, stage
         run = row["per_run"][0]
         assert run["counts"]["new"] == 6 and run["skipped"] == 0
-        assert run["models_loaded"] == ["checkpoint", "resnet", "text_encoder"]
-        assert run["load_s"]["resnet"] > 0 and run["load_s"]["checkpoint"] >= run["load_s"]["text_encoder"] > 0
+        assert run["models_loaded"] == ["checkpoint", "resnet"]  # the video tower and the ResNet-50, no text encoder
+        assert run["load_s"]["resnet"] > 0 and run["load_s"]["checkpoint"] > 0
         assert 0 < row["load_s"]["mean"] < row["wall_s"]["mean"]
     assert result["load"]["total_s"]["mean"] > 0 and result["load"]["runs"] == 2
 
