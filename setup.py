@@ -44,7 +44,8 @@ setup(
         # `cvr export` (the dynamo ONNX exporter needs onnxscript); ONNX Runtime itself is core.
         "export": ["onnx>=1.20.0", "onnxscript>=0.7.0"],
         # The HTTP service.
-        "serve": ["fastapi>=0.165", "uvicorn>=0.54", "prometheus-client>=0.26"],
+        # The HTTP service; swagger-ui-bundle ships the API docs page's assets (no CDN).
+        "serve": ["fastapi>=0.165", "uvicorn>=0.54", "prometheus-client>=0.26", "swagger-ui-bundle>=1.1"],
         # Scale-out on Ray.
         "cluster": ["ray[serve,data]>=2.60"],
         # Tests: httpx drives the FastAPI test client, schemathesis fuzzes the API from its OpenAPI

@@ -214,7 +214,7 @@ class Server:
         import httpx
 
         samples = {}
-        for line in httpx.get(self.url + "/metrics/", timeout=30).text.splitlines():
+        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
                 samples[name] = float(value)

@@ -239,6 +239,7 @@ class Retriever:
         gallery = self.gallery
         paths = gallery.paths(gallery.ids[row]) if gallery.has_media else []
         return {"path": paths[0] if paths else None, "paths": paths,
+                "relative_path": os.path.relpath(paths[0], gallery.media_root) if paths else None,
                 "segment": segment[0] if segment else None, "segment_score": segment[1] if segment else None,
                 "thumbnail": gallery.thumbnail(row) if gallery.has_media else None}
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import random
 import re
 import time
 from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -31,6 +33,8 @@ from engine.serve.state import MAX_BODY_BYTES, MAX_K, MAX_QUERIES, MAX_QUERY_CHA
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 ANCHOR_NAME = re.compile(r"^[0-9a-f]{16}$")
+DOCS_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+               "frame-ancestors 'none'")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -46,7 +50,7 @@ class SearchRequest(BaseModel):
     queries: list[str] = Field(min_length=1, max_length=MAX_QUERIES,
                                description=f"English text queries, 1 to {MAX_QUERIES}, each at most "
                                            f"{MAX_QUERY_CHARS} characters")
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: int = Field(10, ge=1, le=MAX_K, strict=True)
     where: list[str] = Field(default_factory=list, max_length=16,
                              description="metadata filters FIELD OP VALUE, e.g. 'duration>=10', 'tag=cooking'")
     mode: Literal["auto", "exhaustive", "two-stage"] = "auto"
@@ -62,25 +66,45 @@ def create_app(config: ServeConfig, retriever) -> FastAPI:
     """The app over a loaded Retriever (models are loaded by the caller, once)."""
     holder = GalleryHolder(retriever)
     metrics = Metrics()
-    jobs = Jobs(config, on_commit=lambda: holder.current(force=True))
+    jobs = Jobs(config, on_commit=lambda: metrics.gallery_videos.set(len(holder.current(force=True).gallery)))
     batcher = MicroBatcher(lambda texts, key: _run_search(holder, texts, key, metrics), config.max_batch,
                            config.max_wait_ms, config.max_queue, on_batch=metrics.batch_size.observe)
 
     @asynccontextmanager
     async def lifespan(_app):
+        jobs.stopping.clear()  # an app may be started again after a stop (a test client entered twice)
         batcher.start()
         metrics.gallery_videos.set(len(holder.current().gallery))
         yield
         jobs.stop()  # an index job commits its batch in flight, the rest is abandoned
         await batcher.stop()
 
-    app = FastAPI(title="CVR-SDGM", version="1", lifespan=lifespan,
+    app = FastAPI(title="CVR-SDGM", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Text-to-video retrieval. Queries are English: the text encoders are.")
     app.state.holder, app.state.jobs, app.state.batcher, app.state.metrics = holder, jobs, batcher, metrics
     app.add_middleware(_Guard, metrics=metrics)
     app.add_middleware(_BodyLimit)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.mount("/metrics", metrics.asgi_app())
+    docs_assets = _swagger_assets()
+    if docs_assets:
+        app.mount("/docs-assets", StaticFiles(directory=docs_assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        """Swagger UI from the swagger-ui-bundle package (no CDN), started by /static/docs.js."""
+        if not docs_assets:
+            return JSONResponse({"detail": "the API docs page needs swagger-ui-bundle (pip install "
+                                           "'cvr-sdgm[serve]'); the schema is at /openapi.json"}, status_code=404)
+        # Swagger UI sets inline styles: this page alone allows them.
+        headers = dict(SECURITY_HEADERS, **{"Content-Security-Policy": DOCS_POLICY})
+        return FileResponse(os.path.join(STATIC, "docs.html"), headers=headers)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        metrics.queue_depth.set(batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def writer(request: Request) -> None:
         if config.read_only:
@@ -120,8 +144,9 @@ def create_app(config: ServeConfig, retriever) -> FastAPI:
             answers = await batcher.submit(texts, (body.k, body.mode, where), config.timeout_s)
         except QueueFull:
             metrics.rejected.inc()
+            # Retry-After is whole seconds: 1 or 2 at random, so refused clients do not all come back at once.
             return JSONResponse({"detail": "the server is busy: try again shortly"}, status_code=503,
-                                headers={"Retry-After": "1"})
+                                headers={"Retry-After": str(random.choice((1, 2)))})
         except asyncio.TimeoutError:
             raise HTTPException(504, f"no answer within {config.timeout_s:g} s") from None
         except CVRError as error:
@@ -140,7 +165,7 @@ def create_app(config: ServeConfig, retriever) -> FastAPI:
     @app.get("/v1/videos/{video_id:path}/file")
     async def video_file(video_id: str):
         gallery, _ = _video(holder, video_id)
-        paths = [p for p in gallery.paths(video_id) if os.path.isfile(p)]
+        paths = [p for p in gallery.paths(video_id) if os.path.isfile(p) and _within(gallery.media_root, p)]
         if not paths:
             raise HTTPException(404, f"video {video_id!r} has no file on this server")
         return FileResponse(paths[0], media_type=_media_type(paths[0]))  # Range requests: 206 / 416
@@ -171,7 +196,10 @@ def create_app(config: ServeConfig, retriever) -> FastAPI:
         if not gallery.has_media:
             raise HTTPException(409, "this gallery was built from feature files: it cannot index video files")
         paths = [_inside(gallery.media_root, p) for p in body.paths]
-        job = jobs.submit(paths)
+        files_to_index = _files_inside(gallery.media_root, paths)
+        if not files_to_index:
+            raise HTTPException(400, "no video file under those paths (or only links to outside the media root)")
+        job = jobs.submit(files_to_index, [os.path.relpath(p, gallery.media_root) for p in files_to_index])
         return {"job": job.id, "status": job.status, "url": f"/v1/jobs/{job.id}"}
 
     @app.get("/v1/jobs/{job_id}")
@@ -199,6 +227,13 @@ def create_app(config: ServeConfig, retriever) -> FastAPI:
     async def cvr_error(_request, error: CVRError):
         return JSONResponse({"detail": str(error).splitlines()[0]}, status_code=400)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, error: RequestValidationError):
+        """422 as FastAPI words it, without echoing the input: a NaN or a lone surrogate in it
+        cannot be written back as JSON (FastAPI's own answer would then be a 500)."""
+        details = [{k: v for k, v in item.items() if k in ("type", "loc", "msg")} for item in error.errors()]
+        return JSONResponse({"detail": details}, status_code=422)
+
     return app
 
 
@@ -214,8 +249,9 @@ def _run_search(holder: GalleryHolder, texts: list, key: tuple, metrics: Metrics
     results = current.search(texts, k=min(k, len(current.gallery)), options=SearchOptions(mode=mode),
                              where=list(where))
     per_query = current.last_timings.per_query_ms()
-    for stage, value in per_query.items():
-        metrics.stage_seconds.labels(stage).observe(value / 1000.0)
+    for stage, value in per_query.items():  # once per query: a batch of 8 weighs 8 times a batch of 1
+        for _ in texts:
+            metrics.stage_seconds.labels(stage).observe(value / 1000.0)
     metrics.gallery_videos.set(len(current.gallery))
     timings = dict(per_query, batch=len(texts), mode=current.last_timings.mode)
     return [(result, timings) for result in results]
@@ -230,6 +266,10 @@ def _clean_queries(queries: list) -> list:
             raise HTTPException(400, f"query {i} is {len(text)} characters, over the limit of {MAX_QUERY_CHARS}")
         if "\x00" in text:
             raise HTTPException(400, f"query {i} holds a NUL character")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPException(400, f"query {i} is not valid Unicode text (a lone surrogate)") from None
         cleaned.append(" ".join(text.split()))
     return cleaned
 
@@ -239,7 +279,7 @@ def _as_json(result, timings: dict) -> dict:
     for rank, ((video_id, score), detail) in enumerate(zip(result.hits, result.details, strict=True), start=1):
         has_thumbnail = bool(detail["thumbnail"])
         hits.append({"rank": rank, "id": video_id, "score": score,
-                     "path": detail["path"] and os.path.basename(detail["path"]),
+                     "path": detail.get("relative_path"),
                      "segment": detail["segment"], "segment_score": detail["segment_score"],
                      "thumbnail": f"/v1/videos/{video_id}/thumbnail" if has_thumbnail else None,
                      "file": f"/v1/videos/{video_id}/file" if detail["path"] else None})
@@ -266,6 +306,29 @@ def _inside(root: str, path: str) -> str:
     if not os.path.exists(full):
         raise HTTPException(404, f"no file or folder {path!r} under the media root")
     return full
+
+
+def _within(root: str, path: str) -> bool:
+    """Whether `path`, links resolved, is inside `root` (links resolved too)."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return real == real_root or real.startswith(real_root + os.sep)
+
+
+def _files_inside(root: str, paths: list) -> list:
+    """The video files the paths name (folders walked as `cvr index` walks them), less any whose
+    real location is outside the media root (a link inside pointing out)."""
+    from engine.ingest import find_videos
+
+    found, _ = find_videos(paths)
+    return [p for p in found if _within(root, p)]
+
+
+def _swagger_assets() -> str | None:
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    return swagger_ui_bundle.swagger_ui_path
 
 
 def _media_type(path: str) -> str:
@@ -295,7 +358,9 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        if length is not None and not length.isdigit():
+            return await _refuse(send, 400, "Content-Length is not a number")
+        if length is not None and int(length) > MAX_BODY_BYTES:
             return await _too_large(send)
         body, more = b"", True
         while more:
@@ -318,8 +383,12 @@ class _BodyLimit:
 
 
 async def _too_large(send) -> None:
-    response = JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-    await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+    await _refuse(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
+
+
+async def _refuse(send, status: int, detail: str) -> None:
+    response = JSONResponse({"detail": detail}, status_code=status, headers=SECURITY_HEADERS)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
 

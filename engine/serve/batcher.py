@@ -37,7 +37,7 @@ class MicroBatcher:
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000.0
         self.max_queue, self.on_batch = max_queue, on_batch
         self.queue: asyncio.Queue | None = None
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvr-model")
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._worker: asyncio.Task | None = None
 
     @property
@@ -45,6 +45,7 @@ class MicroBatcher:
         return self.queue.qsize() if self.queue is not None else 0
 
     def start(self) -> None:
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvr-model")
         self.queue = asyncio.Queue(maxsize=self.max_queue)
         self._worker = asyncio.get_running_loop().create_task(self._serve())
 
@@ -55,6 +56,7 @@ class MicroBatcher:
         await self.queue.join()
         self._worker.cancel()
         self.executor.shutdown(wait=True)
+        self._worker = None
 
     async def submit(self, texts: list, key: tuple, timeout: float):
         loop = asyncio.get_running_loop()
@@ -99,13 +101,26 @@ class MicroBatcher:
                 self.on_batch(len(texts))
             try:
                 results = await loop.run_in_executor(self.executor, self.run, texts, key)
-            except Exception as error:  # noqa: BLE001 - the error belongs to the requests of this batch
-                for pending in members:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
+            except Exception as error:  # noqa: BLE001 - whose request failed is found below
+                await self._one_by_one(members, key, error)
                 continue
             start = 0
             for pending in members:
                 if not pending.future.done():
                     pending.future.set_result(results[start : start + len(pending.texts)])
                 start += len(pending.texts)
+
+    async def _one_by_one(self, members: list, key: tuple, error: Exception) -> None:
+        """A batch failed: run its requests alone, so only the one that fails gets the error."""
+        if len(members) == 1:
+            if not members[0].future.done():
+                members[0].future.set_exception(error)
+            return
+        loop = asyncio.get_running_loop()
+        for pending in members:
+            if pending.future.done():
+                continue
+            try:
+                pending.future.set_result(await loop.run_in_executor(self.executor, self.run, pending.texts, key))
+            except Exception as alone:  # noqa: BLE001 - this request's own error
+                pending.future.set_exception(alone)

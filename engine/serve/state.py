@@ -103,7 +103,6 @@ class GalleryHolder:
         if not force and now - self._checked < RELOAD_CHECK_S:
             return self.retriever
         with self._lock:
-            self._checked = now
             stamp = self._manifest_stamp()
             if stamp is not None and stamp != self._stamp:
                 from engine.gallery import Gallery
@@ -113,13 +112,15 @@ class GalleryHolder:
                 gallery = Gallery.load(self.folder, checkpoint_id=old.pipeline.checkpoint_id)
                 self.retriever = Retriever.from_parts(old.pipeline, gallery, old.backend, old.anchor_cache)
                 self._stamp = stamp
+            self._checked = now  # only once the newer gallery is in place
         return self.retriever
 
 
 @dataclass
 class Job:
     id: str
-    paths: list
+    paths: list  # absolute: what the run indexes
+    shown: list = field(default_factory=list)  # the same, relative to the media root: what the API shows
     status: str = "queued"  # queued, running, done, failed, abandoned
     created: float = field(default_factory=time.time)
     finished: float | None = None
@@ -128,8 +129,10 @@ class Job:
     progress: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "status": self.status, "paths": self.paths, "created": self.created,
-                "finished": self.finished, "error": self.error, "report": self.report, "progress": self.progress}
+        report = self.report and {k: v for k, v in self.report.items() if k in ("counts", "videos", "exit_code",
+                                                                                 "seconds", "indexed_videos")}
+        return {"id": self.id, "status": self.status, "paths": self.shown, "created": self.created,
+                "finished": self.finished, "error": self.error, "report": report, "progress": self.progress}
 
 
 class Jobs:
@@ -145,8 +148,8 @@ class Jobs:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, paths: list) -> Job:
-        job = Job(uuid.uuid4().hex[:12], paths)
+    def submit(self, paths: list, shown: list | None = None) -> Job:
+        job = Job(uuid.uuid4().hex[:12], paths, shown or [])
         with self._lock:
             self.jobs[job.id] = job
             self._queue.append(job)
@@ -175,17 +178,18 @@ class Jobs:
         job.status = "running"
         options = IngestOptions(progress=False, workers=0, should_stop=self.stopping.is_set,
                                 on_progress=lambda done, total: job.progress.update(done=done, total=total))
+        status, error_text, report = "failed", None, None
         try:
             report = index_videos(self.config.checkpoint, job.paths, self.config.gallery, options)
-            job.report = report.to_dict()
-            job.status = "abandoned" if report.stopped else "done"
+            status = "abandoned" if report.stopped else "done"
         except CVRError as error:
-            job.status, job.error = "failed", str(error).splitlines()[0]
+            error_text = str(error).splitlines()[0]
         except OSError as error:
-            job.status, job.error = "failed", f"{error.filename or ''}: {error.strerror or error}".strip(": ")
+            error_text = f"{error.filename or ''}: {error.strerror or error}".strip(": ")
         finally:
-            job.finished = time.time()
-            self.on_commit()
+            self.on_commit()  # the server serves the new gallery before the job says it is done
+            job.report = report and report.to_dict()
+            job.error, job.finished, job.status = error_text, time.time(), status
 
     def stop(self, timeout: float = 60.0) -> None:
         self.stopping.set()
