@@ -342,11 +342,13 @@ class Gallery:
         structural checks and the manifest's own digest still run). A writer may swap a new
         folder in while this one reads (`cvr index --append`): a read that fails across a swap
         is tried once more on the new folder rather than reported as damage."""
-        before = _folder_inode(folder)
+        before = _folder_stamp(folder)
         try:
             return cls._load(folder, checkpoint_id, verify)
-        except GalleryError:
-            if before is None or _folder_inode(folder) == before:
+        except (GalleryError, FileNotFoundError):
+            # A writer swapped the folder, or committed a new manifest (and deleted files the old
+            # one listed) while this read: read the new state once more.
+            if before is None or _folder_stamp(folder) == before:
                 raise
             return cls._load(folder, checkpoint_id, verify)
 
@@ -443,9 +445,11 @@ def _check_unique(ids: list, where: str) -> None:
         raise GalleryError(f"{where}: video {duplicate} appears twice")
 
 
-def _folder_inode(folder: str) -> int | None:
+def _folder_stamp(folder: str) -> tuple | None:
+    """The folder's inode and its manifest's (inode, mtime): what a writer's swap or commit changes."""
     try:
-        return os.stat(folder).st_ino
+        manifest = os.stat(os.path.join(folder, MANIFEST))
+        return os.stat(folder).st_ino, manifest.st_ino, manifest.st_mtime_ns
     except OSError:
         return None
 

@@ -356,7 +356,8 @@ def test_the_built_in_mp4s_reproduce_the_bigfile_route(world, model):
     assert len(from_files) == 16 and cosine.min() >= 0.98
     # A gallery of feature files answers with nulls where video files would give paths and moments.
     hits = [r.details for r in _retriever(world, features).search(["a red circle"], k=2)][0]
-    assert hits == [{"path": None, "paths": [], "segment": None, "segment_score": None, "thumbnail": None}] * 2
+    assert hits == [{"path": None, "paths": [], "relative_path": None, "segment": None, "segment_score": None,
+                     "thumbnail": None}] * 2
 
 
 def _retriever(world, gallery):
