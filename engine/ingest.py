@@ -15,6 +15,7 @@ import csv
 import glob
 import json
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -111,7 +112,10 @@ def find_videos(inputs: list, list_file: str | None = None) -> tuple:
 def _expand(item: str, skipped: list) -> list:
     if os.path.isdir(item):
         walked = []
-        for folder, subfolders, names in os.walk(item):
+
+        def unreadable(error: OSError) -> None:  # a folder the walk cannot enter is reported, not skipped silently
+            skipped.append(Skipped(error.filename or item, "unreadable", error.strerror or "cannot be read"))
+        for folder, subfolders, names in os.walk(item, onerror=unreadable):
             subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
             walked += [os.path.join(folder, n) for n in sorted(names)
                        if not n.startswith(".") and n.lower().endswith(VIDEO_EXTENSIONS)]
@@ -511,6 +515,9 @@ def _classify(found: list, root: str, writer, report: IngestReport, skipped: lis
             continue
         try:
             status = os.stat(path)
+            if not stat.S_ISREG(status.st_mode):  # a FIFO or a device would block the hash forever
+                skipped.append(Skipped(path, "not-a-video", "not a regular file"))
+                continue
             entry = known.get(rel)
             if entry and entry["size"] == status.st_size and entry["mtime_ns"] == status.st_mtime_ns:
                 report.counts["unchanged"] += 1

@@ -488,3 +488,11 @@ def test_indexing_loads_only_the_video_tower(world, model):
     save_file(tensors, weights)
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_video_tower(damaged)
+
+
+def test_a_fifo_or_an_unreadable_subfolder_is_reported_not_waited_on(world, model):
+    folder = _folder(world, "videos", clips=1)
+    os.mkfifo(os.path.join(folder, "pipe.mp4"))  # reading it would block for ever
+    report = _index(world, model, [folder], os.path.join(os.path.dirname(folder), "gallery"))
+    assert report.counts["new"] == 1 and [(os.path.basename(s.path), s.kind) for s in report.skipped] == \
+        [("pipe.mp4", "not-a-video")]
