@@ -490,7 +490,7 @@ def test_indexing_loads_only_the_video_tower(world, model):
         load_video_tower(damaged)
 
 
-def test_a_fifo_or_an_unreadable_subfolder_is_reported_not_waited_on(world, model):
+def test_a_fifo_named_like_a_video_is_skipped_not_waited_on(world, model):
     folder = _folder(world, "videos", clips=1)
     os.mkfifo(os.path.join(folder, "pipe.mp4"))  # reading it would block for ever
     report = _index(world, model, [folder], os.path.join(os.path.dirname(folder), "gallery"))
