@@ -192,3 +192,15 @@ def mean_std(values: list) -> tuple:
     """(mean, sample standard deviation); the deviation is None for fewer than two values."""
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def write_results(out: Path, name: str, result: dict, markdown_text: str, plot) -> dict:
+    """A benchmark's three outputs under `out`: NAME.json (the result), NAME.md (its tables) and
+    NAME.png (`plot(result, path)`), each written atomically; returns their paths."""
+    from engine import files
+
+    written = {"md": out / f"{name}.md", "json": out / f"{name}.json", "png": out / f"{name}.png"}
+    files.write_json(written["json"], result)
+    files.atomic_write(written["md"], markdown_text)
+    plot(result, written["png"])
+    return {k: str(v) for k, v in written.items()}

@@ -428,11 +428,7 @@ def plot(result: dict, path) -> None:
 
 
 def write_outputs(result: dict, out: Path) -> dict:
-    paths_out = {"md": out / "ingest.md", "json": out / "ingest.json", "png": out / "ingest.png"}
-    files.write_json(paths_out["json"], result)
-    files.atomic_write(paths_out["md"], markdown(result))
-    plot(result, paths_out["png"])
-    return {k: str(v) for k, v in paths_out.items()}
+    return common.write_results(out, "ingest", result, markdown(result), plot)
 
 
 # ---------------------------------------------------------------------------------------------

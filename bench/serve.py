@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-from engine import files, paths
+from engine import paths
 
 SHIPPED = paths.WEIGHTS / "retrieval" / "builtin"
 SEARCH_MODULES = "text_encoder,generator_step,vision,query_tower,scorer"  # export.onnx.SEARCH_MODULES
@@ -647,11 +647,7 @@ def plot(result: dict, path) -> None:
 
 
 def write_outputs(result: dict, out: Path) -> dict:
-    paths_out = {"md": out / "serve.md", "json": out / "serve.json", "png": out / "serve.png"}
-    files.write_json(paths_out["json"], result)
-    files.atomic_write(paths_out["md"], markdown(result))
-    plot(result, paths_out["png"])
-    return {k: str(v) for k, v in paths_out.items()}
+    return common.write_results(out, "serve", result, markdown(result), plot)
 
 
 # ---------------------------------------------------------------------------------------------

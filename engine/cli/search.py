@@ -75,16 +75,7 @@ def handler(args) -> int:
     options = SearchOptions(mode=args.mode, candidates=args.candidates, nprobe=args.nprobe,
                             ef_search=args.ef_search)
     options.validate()
-    export_dir = args.export
-    if args.backend in EXPORTED and export_dir is None:
-        export_dir = _default_export(args)
-    if args.backend not in EXPORTED:
-        from engine.cli.common import set_threads
-
-        set_threads(args.threads)
-    retriever = Retriever(args.checkpoint, args.gallery, backend=args.backend, generator=args.generator,
-                          device=args.device, steps=args.steps, anchor_cache=args.anchor_cache,
-                          export_dir=export_dir, threads=args.threads)
+    retriever = open_retriever(args)
     results = retriever.search(texts, k=args.k, options=options, where=args.where)
     if args.json:
         print(json.dumps([_as_json(r) for r in results], indent=1, allow_nan=False))  # always valid JSON
@@ -100,6 +91,22 @@ def handler(args) -> int:
     if args.backend in EXPORTED:  # onnxruntime-gpu may fall back to the CPU: say what ran
         print(f"{args.backend}: {retriever.pipeline.provider}")
     return 0
+
+
+def open_retriever(args, gallery: str | None = None, anchor_cache: str | None = None):
+    """The Retriever the flags describe (`cvr search`, `cvr serve`): an exported backend's export
+    folder made or reused, torch's threads set, the models loaded once."""
+    from engine.cli.common import set_threads
+    from engine.retriever import Retriever
+
+    export_dir = args.export
+    if args.backend in EXPORTED and export_dir is None:
+        export_dir = _default_export(args)
+    if args.backend not in EXPORTED:
+        set_threads(args.threads)
+    return Retriever(args.checkpoint, gallery or args.gallery, backend=args.backend, generator=args.generator,
+                     device=args.device, steps=args.steps, anchor_cache=anchor_cache or args.anchor_cache,
+                     export_dir=export_dir, threads=args.threads)
 
 
 def _as_json(result) -> dict:

@@ -52,29 +52,19 @@ def handler(args) -> int:
     return 0
 
 
-def run(config, args=None) -> None:
+def run(config, args) -> None:
     """Load the models once, then serve until SIGTERM / SIGINT (uvicorn drains requests in flight)."""
     import os
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(config.threads))  # per worker thread: see README
     import uvicorn
 
-    from engine.retriever import EXPORTED, Retriever, check_backend
+    from engine.cli.search import open_retriever
+    from engine.retriever import check_backend
     from engine.serve.app import create_app
 
     check_backend(config.backend, config.device)
-    export_dir = config.export_dir
-    if config.backend in EXPORTED and export_dir is None:
-        from engine.cli.search import _default_export
-
-        export_dir = _default_export(args)
-    if config.backend not in EXPORTED:
-        from engine.cli.common import set_threads
-
-        set_threads(config.threads)
-    retriever = Retriever(config.checkpoint, config.gallery, backend=config.backend, generator=config.generator,
-                          device=config.device, steps=config.steps, anchor_cache=config.anchor_cache,
-                          export_dir=export_dir, threads=config.threads)
+    retriever = open_retriever(args, gallery=config.gallery, anchor_cache=config.anchor_cache)
     app = create_app(config, retriever)
     print(f"cvr serve: {len(retriever.gallery)} videos on http://{config.host}:{config.port}/ "
           f"(API docs at /docs; {config.backend} backend)", flush=True)
