@@ -22,7 +22,8 @@ $(STAMP): setup.py
 	# The browser tests drive Debian's chromium through playwright, which never downloads a browser
 	# here: as root (as CI runs), apt installs it when it is missing; otherwise those tests skip.
 	if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) || \
+		echo "warning: chromium could not be installed with apt: the browser tests will be skipped"; fi
 	touch $(STAMP)
 
 # The product in a few minutes: the built-in test clips as mp4 files, indexed with the shipped
