@@ -1,7 +1,8 @@
 """Video files in: `cvr index --videos` keeps a gallery in step with a folder of videos, and
 `cvr features` writes their frame features for training.
 
-One run: find the files (folders walked recursively, globs, a list), compare each with what the
+One run (files found and metadata read by engine/video_files.py, decoded and embedded by
+engine/video_embed.py): find the files (folders walked recursively, globs, a list), compare each with what the
 gallery recorded (path relative to the media root, size, mtime, content hash), decode the new and
 changed ones in worker processes (engine/video.py) while this process runs the ResNet-50 and the
 video tower over what they decoded, and commit every batch as an immutable part plus a new
@@ -11,8 +12,6 @@ is indexed once and keeps both paths.
 """
 from __future__ import annotations
 
-import csv
-import glob
 import json
 import os
 import stat
@@ -23,11 +22,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine import files, locks, paths
-from engine.errors import CVRError, InputError
-from engine.video import Sampling, VideoError
+from engine.errors import CVRError
+from engine.video import Sampling
+from engine.video_embed import SegmentWindow, StageTimes, decoded, embed, frame_features
+from engine.video_files import (
+    Skipped,
+    feature_ids,
+    find_videos,
+    media_root_for,
+    read_metadata,
+    video_id_of,
+)
 
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg", ".wmv", ".flv",
-                    ".ts", ".3gp", ".ogv")
 DEFAULT_SEGMENTS = "4:2"
 BATCH_VIDEOS = 16  # videos per committed part: what a kill can lose, and the tower's batch
 REPORT = "index_report.json"
@@ -36,232 +42,6 @@ PARTS = "parts"
 
 class IngestError(CVRError):
     """A run that cannot start or cannot index anything (one-line message, exit code 2)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Segments: overlapping windows of seconds, each embedded by the video tower
-
-
-@dataclass(frozen=True)
-class SegmentWindow:
-    window: float
-    stride: float
-
-    @classmethod
-    def parse(cls, text: str | None):
-        """`WINDOW:STRIDE` in seconds ('4:2'), or None for 'none'."""
-        if text is None or text == "none":
-            return None
-        try:
-            window, stride = (float(x) for x in str(text).split(":"))
-        except ValueError:
-            raise InputError(f"--segments must be WINDOW:STRIDE in seconds (e.g. 4:2) or none, got {text!r}") from None
-        if not (0 < stride <= window < float("inf")):
-            raise InputError(f"--segments {text}: needs 0 < stride <= window")
-        return cls(window, stride)
-
-    def to_dict(self) -> dict:
-        return {"window": self.window, "stride": self.stride}
-
-    def spans(self, duration: float) -> list:
-        """[start, end] windows covering the video: every stride from 0, the last one ending at
-        the end; a video no longer than the window is one segment."""
-        if duration <= self.window:
-            return [(0.0, float(duration))]
-        spans, start = [], 0.0
-        while start + self.window < duration - 1e-9:
-            spans.append((start, start + self.window))
-            start += self.stride
-        spans.append((max(0.0, duration - self.window), float(duration)))
-        return sorted(set(spans))
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the files
-
-
-@dataclass
-class Skipped:
-    path: str
-    kind: str
-    reason: str
-
-
-def find_videos(inputs: list, list_file: str | None = None) -> tuple:
-    """(video files as absolute paths, in a stable order without repeats; Skipped inputs). A
-    folder is walked recursively for files with a video extension (hidden files left out); a
-    file named directly, by a glob or in the list is taken whatever its extension."""
-    named = list(inputs or [])
-    if list_file:
-        try:
-            with open(list_file, encoding="utf-8") as handle:
-                named += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or error
-            raise IngestError(f"--list {list_file}: cannot read ({reason})") from None
-    found, skipped, seen = [], [], set()
-    for item in named:
-        for path in _expand(item, skipped):
-            path = os.path.abspath(path)
-            if path not in seen:
-                seen.add(path)
-                found.append(path)
-    return found, skipped
-
-
-def _expand(item: str, skipped: list) -> list:
-    if os.path.isdir(item):
-        walked = []
-
-        def unreadable(error: OSError) -> None:  # a folder the walk cannot enter is reported, not skipped silently
-            skipped.append(Skipped(error.filename or item, "unreadable", error.strerror or "cannot be read"))
-        for folder, subfolders, names in os.walk(item, onerror=unreadable):
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-            walked += [os.path.join(folder, n) for n in sorted(names)
-                       if not n.startswith(".") and n.lower().endswith(VIDEO_EXTENSIONS)]
-        return walked
-    if glob.has_magic(item):
-        matched = sorted(glob.glob(item, recursive=True))
-        if not matched:
-            skipped.append(Skipped(item, "missing", "the pattern matches no file"))
-        return [m for m in matched if os.path.isfile(m)]
-    if not os.path.lexists(item):
-        skipped.append(Skipped(item, "missing", "no such file or folder"))
-        return []
-    return [item]
-
-
-def media_root_for(found: list, inputs: list) -> str:
-    """The default media root of a new gallery: the one folder given, or the deepest folder that
-    holds every file."""
-    folders = [os.path.abspath(i) for i in inputs or [] if os.path.isdir(i)]
-    if len(folders) == 1 and all(p.startswith(folders[0] + os.sep) for p in found):
-        return folders[0]
-    return os.path.commonpath([os.path.dirname(p) for p in found]) if found else os.getcwd()
-
-
-def video_id_of(rel: str) -> str:
-    """A video's id: its path under the media root without the extension ('cooking/pasta'), made
-    safe to store one per line: bytes that are not UTF-8 become U+FFFD, control characters '_',
-    and spaces at either end go."""
-    stem, _ = os.path.splitext(rel)
-    text = os.fsencode(stem).decode("utf-8", "replace").replace(os.sep, "/")
-    return "".join("_" if ord(c) < 32 or ord(c) == 127 else c for c in text).strip() or "_"
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding in worker processes
-
-
-def _decode_one(job: tuple) -> tuple:
-    """(path, DecodedVideo or None, (kind, reason) or None, seconds): runs in a worker."""
-    from engine.video import decode_video
-
-    path, sampling, size = job
-    clock = time.perf_counter()
-    try:
-        video = decode_video(path, Sampling.from_dict(sampling), size)
-        return path, video, None, time.perf_counter() - clock
-    except VideoError as error:
-        return path, None, (error.kind, getattr(error, "reason", str(error))), time.perf_counter() - clock
-
-
-def _quiet_worker() -> None:
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def decoded(paths_to_decode: list, sampling: Sampling, size: int, workers: int = 1):
-    """Yield _decode_one's results in order; `workers` processes decode ahead of the caller (0:
-    decode here, one at a time). A forkserver, not fork: the caller holds torch's threads."""
-    jobs = [(p, sampling.to_dict(), size) for p in paths_to_decode]
-    if workers <= 0 or len(jobs) <= 1:
-        yield from map(_decode_one, jobs)
-        return
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["engine.video"])
-    with context.Pool(min(workers, len(jobs)), initializer=_quiet_worker) as pool:
-        yield from pool.imap(_decode_one, jobs, chunksize=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Features and embeddings
-
-
-@dataclass
-class StageTimes:
-    decode: float = 0.0  # summed over the workers (they run beside the other stages)
-    resnet: float = 0.0
-    tower: float = 0.0
-    write: float = 0.0
-    wall: float = 0.0
-    videos: int = 0
-
-    def per_video(self) -> dict:
-        n = max(self.videos, 1)
-        return {k: getattr(self, k) / n for k in ("decode", "resnet", "tower", "write")}
-
-
-def frame_features(extractor, videos: list, times: StageTimes) -> list:
-    """Pooled ResNet-50 features (n_i, 2048) of each decoded video, batched across videos."""
-    clock = time.perf_counter()
-    pooled = extractor.pooled(np.concatenate([v.frames for v in videos]))
-    times.resnet += time.perf_counter() - clock
-    bounds = np.cumsum([0] + [len(v.frames) for v in videos])
-    return [pooled[bounds[i] : bounds[i + 1]] for i in range(len(videos))]
-
-
-def thin(rows: np.ndarray, max_frames: int) -> np.ndarray:
-    """At most max_frames rows, evenly spread (as engine.datasets.video_frames does)."""
-    if len(rows) <= max_frames:
-        return rows
-    return rows[np.linspace(0, len(rows) - 1, max_frames).round().astype(int)]
-
-
-def embed(model, features: list, videos: list, window: SegmentWindow | None, max_frames: int,
-          times: StageTimes, batch: int = 256) -> tuple:
-    """The video tower over each whole video and each of its segments: (lat (n, 2, D), con
-    (n, 2, K), segment lat (s, D), segment row (s,), segment span (s, 2)), float32."""
-    import torch
-
-    sequences = [thin(rows, max_frames) for rows in features]  # whole videos first, then segments
-    owners, spans = [], []
-    for row, (rows, video) in enumerate(zip(features, videos, strict=True)):
-        if window is None:
-            continue
-        stamps = np.asarray(video.timestamps)
-        for start, end in window.spans(video.duration):
-            inside = (stamps >= start) & ((stamps < end) | (end >= video.duration))
-            if inside.any():
-                sequences.append(thin(rows[inside], max_frames))
-                owners.append(row)
-                spans.append((start, end))
-    clock = time.perf_counter()
-    lats, cons = [], []
-    with torch.no_grad():
-        for first in range(0, len(sequences), batch):
-            chunk = sequences[first : first + batch]
-            length = max(len(s) for s in chunk)
-            frames = np.zeros((len(chunk), length, chunk[0].shape[1]), np.float32)
-            mask = np.zeros((len(chunk), length), bool)
-            for i, s in enumerate(chunk):
-                frames[i, : len(s)], mask[i, : len(s)] = s, True
-            device = _device(model)
-            out = model.encode_video(torch.from_numpy(frames).to(device), torch.from_numpy(mask).to(device))
-            lats.append(out.lat.float().cpu().numpy())
-            cons.append(out.con.float().cpu().numpy())
-    times.tower += time.perf_counter() - clock
-    lat, con = np.concatenate(lats), np.concatenate(cons)
-    n = len(videos)
-    segment_lat = lat[n:, 0] if window is not None else np.zeros((0, lat.shape[2]), np.float32)
-    return (lat[:n], con[:n], segment_lat, np.asarray(owners, np.int32),
-            np.asarray(spans, np.float32).reshape(-1, 2))
-
-
-def _device(model):
-    return next(model.parameters()).device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,82 +452,6 @@ def _prune(writer, root: str, report: IngestReport) -> None:
         report.counts["removed"] += 1
 
 
-# ---------------------------------------------------------------------------------------------
-# Metadata
-
-
-def read_metadata(path: str) -> dict:
-    """{key: {field: value}} from JSON lines or CSV; the key is the record's `id` or `path`.
-    CSV cells that read as numbers become numbers; a cell with ';' becomes a list (tags)."""
-    text = _read_text(path)
-    rows = _csv_rows(text, path) if path.lower().endswith(".csv") else _jsonl_rows(text, path)
-    table = {}
-    for line, row in rows:
-        key = row.pop("id", None) or row.pop("path", None)
-        if isinstance(key, int) and not isinstance(key, bool):
-            key = str(key)  # a JSON id 7 names the video "7"
-        if not isinstance(key, str) or not key:
-            raise InputError(f"{path}:{line}: a metadata record needs an 'id' or a 'path'")
-        row.pop("path", None)
-        for field_name, value in row.items():
-            if not _plain_value(value):
-                raise InputError(f"{path}:{line}: field {field_name!r} must be text, a finite number, true/false or "
-                                 "a list of those")
-        table[key] = row
-    return table
-
-
-def _plain_value(value) -> bool:
-    import math
-
-    if isinstance(value, list):
-        return all(_plain_value(v) and not isinstance(v, list) for v in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return isinstance(value, (str, int, bool))
-
-
-def _jsonl_rows(text: str, path: str) -> list:
-    rows = []
-    for line, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw)
-        except ValueError as error:
-            raise InputError(f"{path}:{line}: not a JSON object ({getattr(error, 'msg', error)})") from None
-        if not isinstance(value, dict):
-            raise InputError(f"{path}:{line}: not a JSON object")
-        rows.append((line, value))
-    return rows
-
-
-def _csv_rows(text: str, path: str) -> list:
-    reader = csv.DictReader(text.splitlines())
-    rows = []
-    for line, row in enumerate(reader, 2):
-        if None in row:
-            raise InputError(f"{path}:{line}: more cells than the header names")
-        # ids and paths stay text ('0007' is not 7); other cells that read as numbers are numbers
-        rows.append((line, {k: (v if k in ("id", "path") else _cell(v)) for k, v in row.items()
-                            if k and v is not None and v != ""}))
-    return rows
-
-
-def _cell(text: str):
-    if ";" in text:
-        return [_cell(part.strip()) for part in text.split(";") if part.strip()]
-    import math
-
-    for kind in (int, float):
-        try:
-            value = kind(text)
-        except ValueError:
-            continue
-        return value if math.isfinite(value) else text  # 'nan', 'inf', '1e400' stay text
-    return text
-
-
 def _attach_metadata(writer, metadata: dict, path: str, root: str, report: IngestReport) -> None:
     """Merge the metadata file's fields into the gallery's, keyed by video id or by path (relative
     to the media root, or absolute); a key matching no video is a warning in the report."""
@@ -803,26 +507,6 @@ def _rebuild_or_drop_index(writer, spec, warnings: list) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Frame features for training: `cvr features`
-
-
-def feature_ids(found: list, ids_file: str | None) -> dict:
-    """path -> video id: the file name without its extension, or the `path,id` CSV's mapping."""
-    if not ids_file:
-        return {p: os.path.splitext(os.path.basename(p))[0] for p in found}
-    mapping = {}
-    for line, row in _csv_rows(_read_text(ids_file), ids_file):
-        if not isinstance(row.get("path"), str) or "id" not in row:
-            raise InputError(f"{ids_file}:{line}: needs the columns path and id")
-        mapping[os.path.abspath(row["path"])] = str(row["id"])
-    return {p: mapping[p] for p in found if p in mapping}
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a spreadsheet's BOM
-            return handle.read()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
 
 
 def extract_features(inputs: list, folder: str, sampling: Sampling, vision, options: IngestOptions,

@@ -18,7 +18,9 @@ from conftest import TINY_TRAIN
 
 from engine.cli import main
 from engine.gallery import Gallery
-from engine.ingest import IngestOptions, SegmentWindow, index_videos, read_metadata
+from engine.ingest import IngestOptions, index_videos
+from engine.video_embed import SegmentWindow
+from engine.video_files import read_metadata
 
 CLIPS = 8
 

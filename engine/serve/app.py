@@ -317,7 +317,7 @@ def _within(root: str, path: str) -> bool:
 def _files_inside(root: str, paths: list) -> list:
     """The video files the paths name (folders walked as `cvr index` walks them), less any whose
     real location is outside the media root (a link inside pointing out)."""
-    from engine.ingest import find_videos
+    from engine.video_files import find_videos
 
     found, _ = find_videos(paths)
     return [p for p in found if _within(root, p)]
