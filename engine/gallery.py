@@ -281,10 +281,10 @@ class Gallery:
         return self._paths_of.get(video_id, [])
 
     def thumbnail(self, row: int) -> str | None:
-        part, physical = (int(x[0]) for x in self.locate([row]))
-        record = (self.parts[part].records or [None] * (physical + 1))[physical]
+        record = self.record(row)
         if not record or not record.get("thumbnail"):
             return None
+        part = int(self.locate([row])[0][0])
         return os.path.join(self.parts[part].folder, record["thumbnail"])
 
     def best_segments(self, rows, q_global: np.ndarray) -> list:

@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
+from engine.datasets import video_id_of
 from engine.errors import InputError
-from engine.metrics import _video_id_of
 
 
 def search_metrics(retriever, captions: list, k: int | None = None, options=None, where=None,
@@ -24,7 +24,7 @@ def search_metrics(retriever, captions: list, k: int | None = None, options=None
     exhaustive mode)."""
     gallery = retriever.gallery
     present = set(gallery.ids)
-    wanted = [_video_id_of(cap_id) for cap_id, _ in captions]
+    wanted = [video_id_of(cap_id) for cap_id, _ in captions]
     if not captions:
         raise InputError("no captions to evaluate")
     missing = sorted({v for v in wanted if v not in present})
