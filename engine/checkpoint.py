@@ -224,6 +224,24 @@ def load_video_tower(folder: str, device: str = "cpu"):
     return tower.to(device).eval()
 
 
+def load_matcher(folder: str, device: str = "cpu"):
+    """Only the checkpoint's matcher (engine.model.Matcher with its frozen min-max constants):
+    what a shard that scores its gallery for queries encoded elsewhere needs (engine/cluster/).
+    Returns an object with `.matcher`, `.config` and `.checkpoint_id`, which
+    engine.backends.pytorch.TorchScorer takes as a model."""
+    from types import SimpleNamespace
+
+    from engine.model import Matcher
+
+    config = read_checkpoint_config(folder)
+    model_config = ModelConfig.from_dict(config["model"], where=os.path.join(folder, CONFIG))
+    matcher = Matcher(concept_space=model_config.concept_space, local_branch=model_config.local_branch)
+    expected = {f"matcher.{k}": v for k, v in matcher.state_dict().items()}
+    tensors = _checked_weights(folder, config, expected, only="matcher.")
+    matcher.load_state_dict({k.removeprefix("matcher."): v for k, v in tensors.items()})
+    return SimpleNamespace(matcher=matcher.to(device).eval(), config=model_config, checkpoint_id=checkpoint_id(folder))
+
+
 def _checked_weights(folder: str, config: dict, expected: dict, only: str | None = None) -> dict:
     """model.safetensors verified against its digest and read; every expected tensor there with its
     shape and finite values, and (unless `only` names a prefix to read) nothing unexpected."""

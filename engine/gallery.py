@@ -280,6 +280,10 @@ class Gallery:
                 self._paths_of.setdefault(entry["id"], []).append(os.path.join(self.media_root, rel))
         return self._paths_of.get(video_id, [])
 
+    def metadata_of(self, video_id: str) -> dict:
+        """The metadata fields attached to a video (`cvr index --metadata`)."""
+        return dict((self.manifest.get("fields") or {}).get(video_id, {}))
+
     def thumbnail(self, row: int) -> str | None:
         record = self.record(row)
         if not record or not record.get("thumbnail"):

@@ -118,6 +118,12 @@ def is_feature_folder(path: Path) -> bool:
     return (path / "feature.bin").is_file() and (path / "shape.txt").is_file()
 
 
+def is_shardset(path: Path) -> bool:
+    from engine.cluster.shardset import FORMAT, SHARDS
+
+    return json_format(path / SHARDS) == FORMAT
+
+
 def is_evaluation(prefix: Path) -> bool:
     """`cvr evaluate --out PREFIX` writes PREFIX.json (tagged; untagged before this format, but
     holding its checkpoint and metrics) and PREFIX.md."""
@@ -131,6 +137,7 @@ KINDS = {
     "checkpoint": (is_checkpoint, "a checkpoint"),
     "bare checkpoint": (is_bare_checkpoint, "a checkpoint holding only what `cvr train` writes"),
     "gallery": (is_gallery, "a gallery"),
+    "shard set": (is_shardset, "a shard set written by `cvr gallery shard`"),
     "export": (is_export, "an export folder"),
     "anchor store": (is_anchor_store, "an anchor store"),
     "generator": (is_generator, "a built-in generator folder"),

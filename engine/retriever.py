@@ -193,7 +193,15 @@ class Retriever:
         return filters.allowed_rows(self._fields, len(self.gallery), conditions)
 
     def _search_batch(self, texts: list, k: int, options: SearchOptions, timings: Timings,
-                      allowed: np.ndarray | None = None) -> list:
+                      allowed=None) -> list:
+        q_lat, q_con, anchor_paths = self._encode(texts, timings)
+        clock = time.perf_counter()
+        results = self._rank(texts, q_lat, q_con, k, options, allowed, anchor_paths)
+        timings.search += time.perf_counter() - clock
+        return results
+
+    def _encode(self, texts: list, timings: Timings) -> tuple:
+        """The query path up to the query embeddings: (q_lat, q_con, anchor PNG paths)."""
         pipeline = self.pipeline
         clock = time.perf_counter()
         text = pipeline.encode_text(texts)
@@ -210,15 +218,14 @@ class Retriever:
         clock = time.perf_counter()
         q_lat, q_con = pipeline.encode_queries(text, regions)
         timings.tower += time.perf_counter() - clock
-        clock = time.perf_counter()
-        values, rows = gallery_search(pipeline.scorer, self.gallery, q_lat, q_con, k, options, allowed)
-        if not np.isfinite(values[rows >= 0]).all():
-            # NaN would rank videos in file order and print as NaN: never silently wrong.
-            raise QueryError(f"scores that are NaN or infinite: the checkpoint or the gallery {self.gallery.folder} "
-                             "holds damaged values (`cvr doctor` says which)")
-        results = self._results(texts, values, rows, anchor_paths, q_lat)
-        timings.search += time.perf_counter() - clock
-        return results
+        return q_lat, q_con, anchor_paths
+
+    def _rank(self, texts: list, q_lat: np.ndarray, q_con: np.ndarray, k: int, options: SearchOptions,
+              allowed, anchor_paths: list) -> list:
+        """The gallery search of a batch of query embeddings, as SearchResults."""
+        values, rows = gallery_search(self.pipeline.scorer, self.gallery, q_lat, q_con, k, options, allowed)
+        check_scores(values[rows >= 0], self.gallery.folder)
+        return self._results(texts, values, rows, anchor_paths, q_lat)
 
     def _results(self, texts: list, values: np.ndarray, rows: np.ndarray, anchor_paths: list,
                  q_lat: np.ndarray) -> list:
@@ -229,19 +236,12 @@ class Retriever:
             kept = row_i >= 0
             hit_rows, hit_values = row_i[kept], row_v[kept]
             segments = self.gallery.best_segments(hit_rows, query[0])
-            details = [self._details(int(j), segment) for j, segment in zip(hit_rows, segments, strict=True)]
+            details = [hit_details(self.gallery, int(j), segment)
+                       for j, segment in zip(hit_rows, segments, strict=True)]
             results.append(SearchResult(text, [(ids[j], float(v)) for v, j in zip(hit_values.tolist(),
                                                                                  hit_rows.tolist(), strict=True)],
                                         anchor=path, details=details))
         return results
-
-    def _details(self, row: int, segment) -> dict:
-        gallery = self.gallery
-        paths = gallery.paths(gallery.ids[row]) if gallery.has_media else []
-        return {"path": paths[0] if paths else None, "paths": paths,
-                "relative_path": os.path.relpath(paths[0], gallery.media_root) if paths else None,
-                "segment": segment[0] if segment else None, "segment_score": segment[1] if segment else None,
-                "thumbnail": gallery.thumbnail(row) if gallery.has_media else None}
 
     def _save_anchor_pngs(self, texts: list, images) -> list:
         """With an anchor cache, each query's anchor is also kept as a PNG a person can open."""
@@ -262,3 +262,20 @@ class Retriever:
                     Image.fromarray(image).save(temporary)
             paths.append(path)
         return paths
+
+
+def check_scores(values: np.ndarray, where: str) -> None:
+    """NaN would rank videos in file order and print as NaN: never silently wrong."""
+    if not np.isfinite(values).all():
+        raise QueryError(f"scores that are NaN or infinite: the checkpoint or the gallery {where} "
+                         "holds damaged values (`cvr doctor` says which)")
+
+
+def hit_details(gallery, row: int, segment) -> dict:
+    """What a hit shows beside its id: its paths, thumbnail and best segment (None values for a
+    gallery built from feature files)."""
+    paths = gallery.paths(gallery.ids[row]) if gallery.has_media else []
+    return {"path": paths[0] if paths else None, "paths": paths,
+            "relative_path": os.path.relpath(paths[0], gallery.media_root) if paths else None,
+            "segment": segment[0] if segment else None, "segment_score": segment[1] if segment else None,
+            "thumbnail": gallery.thumbnail(row) if gallery.has_media else None}

@@ -1,10 +1,11 @@
-"""`cvr doctor PATH` (engine/doctor.py), `cvr gallery info G` and `cvr gallery rm G ID...`."""
+"""`cvr doctor PATH` (engine/doctor.py), `cvr gallery info G`, `cvr gallery rm G ID...` and
+`cvr gallery shard G --shards N --out DIR` (engine/cluster/shardset.py)."""
 from __future__ import annotations
 
 import json
 import os
 
-from engine.cli.common import CLIError
+from engine.cli.common import CLIError, positive
 
 EXIT_PROBLEMS = 2  # a folder with problems is refused, like any bad input
 
@@ -27,6 +28,14 @@ def add(sub) -> None:
     remove.add_argument("gallery")
     remove.add_argument("ids", nargs="+", metavar="ID")
     remove.set_defaults(func=_cmd_gallery_rm)
+    shard = gallery_sub.add_parser("shard", help="split a gallery into N shards that load on different machines "
+                                                 "(each with its own FAISS index; one top manifest)")
+    shard.add_argument("gallery")
+    shard.add_argument("--shards", type=positive("--shards"), required=True)
+    shard.add_argument("--out", required=True, help="the shard set folder to write (replaced atomically)")
+    shard.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    shard.add_argument("--quiet", action="store_true")
+    shard.set_defaults(func=_cmd_gallery_shard)
 
 
 def _cmd_doctor(args) -> int:
@@ -97,6 +106,15 @@ def _cmd_gallery_rm(args) -> int:
 
     manifest = remove_videos(args.gallery, args.ids)
     print(f"{args.gallery}: removed {len(set(args.ids))} video(s), {manifest['count']} left")
+    return 0
+
+
+def _cmd_gallery_shard(args) -> int:
+    from engine.cluster.shardset import shard_gallery
+
+    top = shard_gallery(args.gallery, args.shards, args.out, args.overwrite, progress=not args.quiet)
+    sizes = ", ".join(str(entry["count"]) for entry in top["shards"])
+    print(f"{os.path.abspath(args.out)}: {top['count']} videos in {len(top['shards'])} shards ({sizes})")
     return 0
 
 

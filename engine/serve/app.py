@@ -176,7 +176,7 @@ def create_app(config: ServeConfig, retriever) -> FastAPI:
         record = gallery.record(row) or {}
         return {"id": video_id, "paths": [os.path.relpath(p, gallery.media_root) for p in gallery.paths(video_id)]
                 if gallery.has_media else [], "record": record,
-                "fields": (gallery.manifest.get("fields") or {}).get(video_id, {}),
+                "fields": gallery.metadata_of(video_id),
                 "thumbnail": f"/v1/videos/{video_id}/thumbnail" if gallery.thumbnail(row) else None,
                 "file": f"/v1/videos/{video_id}/file" if gallery.has_media else None}
 
