@@ -33,7 +33,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["engine", "engine.backends", "engine.cli", "engine.serve", "kernels", "export", "training"],
+    packages=["engine", "engine.backends", "engine.cli", "engine.cluster", "engine.serve", "kernels", "export", "training"],
     # Shipped weights: the built-in ResNet-50 extractor and the built-in generator.
     package_data={"engine": ["weights/*.*", "weights/retrieval/builtin/*.*", "serve/static/*.*"]
                   + ["weights/generator/" + "*/" * depth + "*.*" for depth in range(5)]},

@@ -62,13 +62,22 @@ class IndexRequest(BaseModel):
                              description="files or folders, relative to the gallery's media root")
 
 
-def create_app(config: ServeConfig, retriever) -> FastAPI:
-    """The app over a loaded Retriever (models are loaded by the caller, once)."""
+def create_app(config: ServeConfig, retriever, make_batcher=None) -> FastAPI:
+    """The app over a loaded Retriever (models are loaded by the caller, once). `make_batcher(run,
+    metrics)`: what coalesces requests into `run(texts, key)` calls (default: the micro-batcher;
+    a Ray Serve replica passes its @serve.batch, engine/cluster/ray_serve.py)."""
     holder = GalleryHolder(retriever)
     metrics = Metrics()
     jobs = Jobs(config, on_commit=lambda: metrics.gallery_videos.set(len(holder.current(force=True).gallery)))
-    batcher = MicroBatcher(lambda texts, key: _run_search(holder, texts, key, metrics), config.max_batch,
-                           config.max_wait_ms, config.max_queue, on_batch=metrics.batch_size.observe)
+
+    def run(texts: list, key: tuple) -> list:
+        return _run_search(holder, texts, key, metrics)
+
+    if make_batcher is None:
+        batcher = MicroBatcher(run, config.max_batch, config.max_wait_ms, config.max_queue,
+                               on_batch=metrics.batch_size.observe)
+    else:
+        batcher = make_batcher(run, metrics)
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -91,36 +91,43 @@ class MicroBatcher:
     async def _run_batch(self, batch: list) -> None:
         now = time.monotonic()
         live = [p for p in batch if not p.future.done() and p.deadline > now]  # the late are not served
-        groups: dict = {}
-        for pending in live:
-            groups.setdefault(pending.key, []).append(pending)
-        loop = asyncio.get_running_loop()
-        for key, members in groups.items():
-            texts = [t for p in members for t in p.texts]
-            if self.on_batch:
-                self.on_batch(len(texts))
-            try:
-                results = await loop.run_in_executor(self.executor, self.run, texts, key)
-            except Exception as error:  # noqa: BLE001 - whose request failed is found below
-                await self._one_by_one(members, key, error)
-                continue
-            start = 0
-            for pending in members:
-                if not pending.future.done():
-                    pending.future.set_result(results[start : start + len(pending.texts)])
-                start += len(pending.texts)
-
-    async def _one_by_one(self, members: list, key: tuple, error: Exception) -> None:
-        """A batch failed: run its requests alone, so only the one that fails gets the error."""
-        if len(members) == 1:
-            if not members[0].future.done():
-                members[0].future.set_exception(error)
-            return
-        loop = asyncio.get_running_loop()
-        for pending in members:
+        answers = await answer_grouped([(p.texts, p.key) for p in live], self.run, self.executor, self.on_batch)
+        for pending, answer in zip(live, answers, strict=True):
             if pending.future.done():
                 continue
-            try:
-                pending.future.set_result(await loop.run_in_executor(self.executor, self.run, pending.texts, key))
-            except Exception as alone:  # noqa: BLE001 - this request's own error
-                pending.future.set_exception(alone)
+            if isinstance(answer, Exception):
+                pending.future.set_exception(answer)
+            else:
+                pending.future.set_result(answer)
+
+
+async def answer_grouped(requests: list, run, executor, on_batch=None) -> list:
+    """Answer requests [(texts, key)] with one `run(texts, key)` call per distinct key on
+    `executor`: per request, its list of results or the exception it raised. A call that fails
+    is run again request by request, so only the request that fails gets the error."""
+    groups: dict = {}
+    for i, (_, key) in enumerate(requests):
+        groups.setdefault(key, []).append(i)
+    loop = asyncio.get_running_loop()
+    answers: list = [None] * len(requests)
+    for key, members in groups.items():
+        texts = [t for i in members for t in requests[i][0]]
+        if on_batch:
+            on_batch(len(texts))
+        try:
+            results = await loop.run_in_executor(executor, run, texts, key)
+        except Exception as error:  # noqa: BLE001 - whose request failed is found below
+            if len(members) == 1:
+                answers[members[0]] = error
+                continue
+            for i in members:
+                try:
+                    answers[i] = await loop.run_in_executor(executor, run, requests[i][0], key)
+                except Exception as alone:  # noqa: BLE001 - this request's own error
+                    answers[i] = alone
+            continue
+        start = 0
+        for i in members:
+            answers[i] = results[start : start + len(requests[i][0])]
+            start += len(requests[i][0])
+    return answers
