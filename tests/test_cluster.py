@@ -1,4 +1,4 @@
-"""Runs the Ray cases (tests/cluster_cases.py) in a child pytest inside a private network namespace
+"""Runs the Ray cases (tests/cluster_cases*.py) in a child pytest inside a private network namespace
 that this test creates (`unshare -n`, then loopback up): everything Ray starts listens on
 127.0.0.1 only, and the child's Ray is shut down at the end of its session. Needs root (as CI
 runs), unshare and ip; the cluster extra (`make install` installs it)."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import glob
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ def _namespace_command() -> list:
             pytest.skip(f"{tool} is not installed")
     pytest.importorskip("ray", reason="Ray is the cluster extra: pip install 'cvr-sdgm[cluster]'")
     inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-             os.path.join(REPO, "tests", "cluster_cases.py")]
+             *sorted(glob.glob(os.path.join(REPO, "tests", "cluster_cases*.py")))]
     return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner]
 
 
