@@ -67,6 +67,7 @@ class IngestOptions:
     list_file: str | None = None
     progress: bool = True
     overwrite: bool = False
+    ray: str | None = None  # run decoding and embedding as a Ray Data job: "local", "auto" or an address
     should_stop: object = None  # a callable: True asks the run to stop after the batch in flight
     on_progress: object = None  # a callable (videos decoded, videos to decode)
 
@@ -165,7 +166,11 @@ def _index_locked(checkpoint, found, skipped, inputs, out, options, model) -> In
     pending = _classify(found, root, writer, report, skipped)
     for item in skipped:
         _report_skip(report, item)
-    if pending:
+    if pending and options.ray is not None:
+        from engine.cluster.ray_ingest import index_pending_on_ray
+
+        index_pending_on_ray(pending, writer, models, sampling, window, options, report)
+    elif pending:
         _index_pending(pending, writer, models.model(), models.extractor(), job, sampling, window, options, report)
     if options.prune:
         _prune(writer, root, report)
@@ -352,39 +357,46 @@ def _report_skip(report: IngestReport, item: Skipped) -> None:
 
 
 def _index_pending(pending: list, writer, model, extractor, job, sampling, window, options, report) -> None:
+    max_frames = int(job.get("max_frames", 64))
+    stream = decoded([p.path for p in pending], sampling, extractor.config.image_size, options.workers)
+    run_stream(pending, stream, lambda batch: _commit_batch(batch, writer, model, extractor, max_frames, window,
+                                                            report), writer, options, report)
+
+
+def run_stream(pending: list, stream, commit, writer, options, report) -> None:
+    """Consume `stream` ((path, payload, problem or None, decode seconds) per pending file, in any
+    order): skip the files that failed, and `commit` the others in batches of
+    options.batch_videos [(_Pending, payload)]; stops after a batch when options.should_stop says so."""
     from tqdm import tqdm
 
-    size = extractor.config.image_size
-    max_frames = int(job.get("max_frames", 64))
     batch: list = []
     bar = tqdm(total=len(pending), desc="index videos", unit="video", disable=not options.progress,
                file=sys.stderr)
     by_path = {p.path: p for p in pending}
     try:
-        for done, (path, video, problem, seconds) in enumerate(
-                decoded([p.path for p in pending], sampling, size, options.workers), start=1):
+        for done, (path, payload, problem, seconds) in enumerate(stream, start=1):
             report.times.decode += seconds
             bar.update(1)
             if options.on_progress:
                 options.on_progress(done, len(pending))
             item = by_path[path]
             if problem is not None:
-                _skip_pending(writer, item, problem, report)
+                skip_pending(writer, item, problem, report)
                 continue
-            batch.append((item, video))
+            batch.append((item, payload))
             if len(batch) >= options.batch_videos:
-                _commit_batch(batch, writer, model, extractor, max_frames, window, report)
+                commit(batch)
                 batch = []
                 if options.should_stop and options.should_stop():
                     report.stopped = True
                     return
         if batch:
-            _commit_batch(batch, writer, model, extractor, max_frames, window, report)
+            commit(batch)
     finally:
         bar.close()
 
 
-def _skip_pending(writer, item: _Pending, problem: tuple, report: IngestReport) -> None:
+def skip_pending(writer, item: _Pending, problem: tuple, report: IngestReport) -> None:
     """A file that cannot be indexed; a changed file's old content is no longer its content."""
     kind, reason = problem
     for rel in [item.rel] + [rel for rel, _, _ in item.also]:
@@ -400,7 +412,14 @@ def _commit_batch(batch: list, writer, model, extractor, max_frames, window, rep
     """Embed a batch of decoded videos and commit it as one part."""
     videos = [video for _, video in batch]
     features = frame_features(extractor, videos, report.times)
-    lat, con, seg_lat, seg_row, seg_span = embed(model, features, videos, window, max_frames, report.times)
+    commit_embedded(batch, embed(model, features, videos, window, max_frames, report.times), writer, window, report)
+
+
+def commit_embedded(batch: list, embedded: tuple, writer, window, report) -> None:
+    """Commit a batch [(_Pending, DecodedVideo)] as one part, given its embeddings (engine.
+    video_embed.embed's tuple; the frames of the videos are no longer needed). Distributed
+    indexing (engine/cluster/ray_ingest.py) embeds elsewhere and commits here too."""
+    lat, con, seg_lat, seg_row, seg_span = embedded
     if not (np.isfinite(lat).all() and np.isfinite(con).all()):
         raise IngestError("the video tower produced NaN or infinite embeddings: the checkpoint holds damaged weights")
     clock = time.perf_counter()
@@ -426,7 +445,7 @@ def _commit_batch(batch: list, writer, model, extractor, max_frames, window, rep
             report.warnings.append((item.path, warning))
             print(f"cvr index: warning: {item.path}: {warning}", file=sys.stderr, flush=True)
     segments = (seg_lat, seg_row, seg_span) if window is not None else None
-    writer.add_part(ids, lat, con, segments, records, [v.thumbnail for v in videos])
+    writer.add_part(ids, lat, con, segments, records, [v.thumbnail for _, v in batch])
     files.fault_point("after-part")  # the part is written, the manifest does not list it yet
     writer.commit()
     files.fault_point("after-batch")

@@ -130,3 +130,63 @@ def test_ray_serve_answers_the_api_as_the_unsharded_server(ray_cluster, tmp_path
         ray_serve.shutdown()
         shards.close()
         time.sleep(0.5)
+
+
+def _index(args: list) -> int:
+    from engine.cli import main
+
+    return main(["index", "--checkpoint", BUILTIN, "--workers", "0", "--quiet", "--batch-size", "2", *args])
+
+
+def _same_gallery(ray_built: str, local_built: str) -> None:
+    """Same ids in the same rows, the same records, segments and paths; embeddings equal up to float
+    rounding (stored float16: a last-bit difference of the float32 features can round either way)."""
+    from engine.gallery import Gallery
+
+    got, want = Gallery.load(ray_built), Gallery.load(local_built)
+    assert got.ids == want.ids and len(got) > 0
+    np.testing.assert_allclose(np.asarray(got.lat[:], np.float32), np.asarray(want.lat[:], np.float32), atol=2e-3)
+    np.testing.assert_allclose(np.asarray(got.con[:], np.float32), np.asarray(want.con[:], np.float32), atol=2e-3)
+    for row, video_id in enumerate(want.ids):
+        assert got.paths(video_id) == want.paths(video_id)
+        mine, theirs = dict(got.record(row)), dict(want.record(row))
+        assert mine == theirs
+        assert open(got.thumbnail(row), "rb").read() == open(want.thumbnail(row), "rb").read()
+    for a, b in zip(got.best_segments(range(len(got)), np.ones(512, np.float32)),
+                    want.best_segments(range(len(want)), np.ones(512, np.float32)), strict=True):
+        assert a[0] == b[0]
+
+
+def test_ray_indexing_equals_the_single_process_run_and_resumes_after_a_kill(ray_cluster, tmp_path_factory):
+    import shutil
+    import subprocess
+    import sys
+
+    import serve_fixture
+    from videofiles import text_as_mp4, zero_bytes
+
+    base = tmp_path_factory.mktemp("ray-index")
+    videos = base / "videos"
+    videos.mkdir()
+    for clip in serve_fixture.extra_clips(tmp_path_factory):
+        shutil.copy(clip, videos)
+    bad = {os.path.basename(zero_bytes(videos)), os.path.basename(text_as_mp4(videos))}
+    local, distributed = str(base / "local"), str(base / "ray")
+    address = ray_cluster.get_runtime_context().gcs_address
+    assert _index(["--videos", str(videos), "--out", local]) == 3  # some skipped
+    # Killed after its first committed batch (the real SIGKILL), then run again: it goes on.
+    command = [sys.executable, "-m", "engine.cli", "index", "--checkpoint", BUILTIN, "--workers", "0", "--quiet",
+               "--batch-size", "2", "--videos", str(videos), "--out", distributed, "--ray", address]
+    killed = subprocess.run(command, env=dict(os.environ, CVR_TEST_KILL_AT="after-batch", CVR_TEST_KILL_AFTER="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    from engine.gallery import Gallery
+
+    assert len(Gallery.load(distributed)) == 2
+    assert _index(["--videos", str(videos), "--out", distributed, "--ray", address]) == 3
+    _same_gallery(distributed, local)
+    reports = [json.load(open(os.path.join(g, "index_report.json"))) for g in (distributed, local)]
+    assert {os.path.basename(s["path"]) for s in reports[0]["skipped"]} == bad
+    assert [(s["kind"], s["reason"]) for s in reports[0]["skipped"]] == [(s["kind"], s["reason"])
+                                                                         for s in reports[1]["skipped"]]
+    assert reports[0]["counts"]["new"] == len(Gallery.load(local)) - 2  # the resumed run did only the rest

@@ -4,10 +4,10 @@ that this test creates (`unshare -n`, then loopback up): everything Ray starts l
 runs), unshare and ip; the cluster extra (`make install` installs it)."""
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
-import glob
 import subprocess
 import sys
 

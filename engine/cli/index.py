@@ -32,6 +32,12 @@ def add(sub) -> None:
     videos.add_argument("--workers", type=int, default=1,
                         help="decoding processes beside the feature extraction (default 1; 0 decodes inline)")
     videos.add_argument("--device", default="cpu", help="device of the ResNet-50 and the video tower")
+    videos.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="decode and embed as a Ray Data job (GPU actors where the cluster has GPUs): a local "
+                             "Ray (no ADDRESS), 'auto' (the cluster of `ray start`) or a cluster address")
+    videos.add_argument("--shards", type=positive("--shards"), default=None, metavar="N",
+                        help="then split the gallery into N shards (`cvr gallery shard`) at --shards-out")
+    videos.add_argument("--shards-out", default=None, metavar="DIR", help="the shard set folder (default OUT-shards)")
     videos.add_argument("--vision-weights", default=None,
                         help="where the ResNet-50 the checkpoint recorded is now (checked by its digest)")
     features = index.add_argument_group("frame features of a collection (MSR-VTT layout)")
@@ -121,9 +127,15 @@ def _videos(args) -> int:
                             metadata=args.metadata, prune=args.prune, faiss=args.faiss, dtype=args.dtype,
                             device=args.device, workers=args.workers, batch_videos=args.batch_size or 16,
                             vision_weights=args.vision_weights, list_file=args.list, progress=not args.quiet,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, ray=args.ray)
     if args.workers < 0:
         raise CLIError(f"--workers must be >= 0, got {args.workers}")
+    if args.shards_out and not args.shards:
+        raise CLIError("--shards-out needs --shards N")
+    if args.ray is not None:
+        from engine.cli.common import require
+
+        require("cluster", "ray")
     set_threads(1)
     report = index_videos(args.checkpoint, args.videos or [], args.out, options)
     times = report.times
@@ -140,5 +152,11 @@ def _videos(args) -> int:
               file=sys.stderr)
     else:
         print(f"{args.out}: {report.videos} videos")
+    if args.shards and report.videos:
+        from engine.cluster.shardset import shard_gallery
+
+        out = args.shards_out or args.out.rstrip("/") + "-shards"
+        top = shard_gallery(args.out, args.shards, out, progress=not args.quiet)
+        print(f"{out}: {top['count']} videos in {len(top['shards'])} shards")
     print(report.summary())  # the last line: N new, N changed, N unchanged, N removed, N skipped
     return report.exit_code
