@@ -196,3 +196,39 @@ def test_a_killed_split_leaves_no_shard_set(source, tmp_path):
     assert not os.path.exists(out)
     shard_gallery(source, 2, out, progress=False)  # what the killed run left does not stop the next
     assert read_shardset(out)["count"] == len(Gallery.load(source))
+
+
+def test_cvr_serve_over_local_shards_answers_as_the_unsharded_server(tmp_path_factory):
+    """`cvr serve --shards DIR` without Ray: the same app over a ShardedRetriever in this process."""
+    import serve_fixture
+
+    from engine.cluster.scatter import ShardedRetriever
+    from engine.serve.app import create_app
+
+    world = serve_fixture.demo_world(tmp_path_factory)
+    folder = str(tmp_path_factory.mktemp("local-set") / "set")
+    shard_gallery(world["gallery"], 2, folder, progress=False)
+    plain = serve_fixture.retriever(world["gallery"], world["anchor_cache"])
+    sharded = ShardedRetriever(plain.pipeline, folder, LocalShards.open(folder, BUILTIN), "torch", plain.anchor_cache)
+    config = serve_fixture.config(folder, world["anchor_cache"], read_only=True)
+    client, _ = serve_fixture.client(create_app(config, sharded)), None
+    reference, _ = serve_fixture.serve(world)
+    body = {"queries": ["a red circle moving left", "a small blue square"], "k": 4, "where": ["duration>=1"]}
+    with client, reference:
+        got, want = client.post("/v1/search", json=body).json(), reference.post("/v1/search", json=body).json()
+        for a, b in zip(got["results"], want["results"], strict=True):
+            assert [h["id"] for h in a["hits"]] == [h["id"] for h in b["hits"]]
+            assert [h["segment"] for h in a["hits"]] == [h["segment"] for h in b["hits"]]
+            np.testing.assert_allclose([h["score"] for h in a["hits"]], [h["score"] for h in b["hits"]], atol=1e-5)
+        video_id = got["results"][0]["hits"][0]["id"]
+        mine, theirs = client.get(f"/v1/videos/{video_id}").json(), reference.get(f"/v1/videos/{video_id}").json()
+        for answer in (mine, theirs):  # the thumbnail's file name inside its part differs; its bytes do not
+            answer["record"].pop("thumbnail")
+        assert mine == theirs
+        assert client.get(f"/v1/videos/{video_id}/thumbnail").content == \
+            reference.get(f"/v1/videos/{video_id}/thumbnail").content
+        assert client.get("/v1/videos/nope").status_code == 404
+        assert client.delete(f"/v1/videos/{video_id}").status_code == 403
+        assert client.get("/readyz").json()["videos"] == len(world["ids"])
+        bad = client.post("/v1/search", json=dict(body, where=["nosuchfield=1"]))
+        assert bad.status_code == 400 and "unknown filter field" in bad.json()["detail"]

@@ -143,10 +143,10 @@ def run_on_ray(config, args) -> None:
     require("cluster", "ray")
     check_backend(config.backend, config.device)
     config = dataclasses.replace(config, export_dir=_export_dir(config, args))
-    stop = threading.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.set())
     ray = connect(args.ray)
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+        signal.signal(number, lambda *_: stop.set())
     shards = None
     try:
         shards = RayShards.start(config.gallery, config.checkpoint, cpus=args.shard_cpus, threads=1)
