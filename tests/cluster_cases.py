@@ -173,7 +173,10 @@ def test_ray_indexing_equals_the_single_process_run_and_resumes_after_a_kill(ray
     bad = {os.path.basename(zero_bytes(videos)), os.path.basename(text_as_mp4(videos))}
     local, distributed = str(base / "local"), str(base / "ray")
     address = ray_cluster.get_runtime_context().gcs_address
-    assert _index(["--videos", str(videos), "--out", local]) == 3  # some skipped
+    assert _index(["--videos", str(videos), "--out", local, "--shards", "2"]) == 3  # some skipped
+    from engine.cluster.shardset import read_shardset
+
+    assert read_shardset(local + "-shards")["count"] == len(os.listdir(videos)) - len(bad)
     # Killed after its first committed batch (the real SIGKILL), then run again: it goes on.
     command = [sys.executable, "-m", "engine.cli", "index", "--checkpoint", BUILTIN, "--workers", "0", "--quiet",
                "--batch-size", "2", "--videos", str(videos), "--out", distributed, "--ray", address]

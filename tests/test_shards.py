@@ -232,3 +232,20 @@ def test_cvr_serve_over_local_shards_answers_as_the_unsharded_server(tmp_path_fa
         assert client.get("/readyz").json()["videos"] == len(world["ids"])
         bad = client.post("/v1/search", json=dict(body, where=["nosuchfield=1"]))
         assert bad.status_code == 400 and "unknown filter field" in bad.json()["detail"]
+
+
+def test_cli_refuses_what_it_cannot_serve_or_index(source, tmp_path, capsys):
+    ckpt = ["--checkpoint", BUILTIN]
+    cases = [
+        (["serve", *ckpt], "either --gallery G or --shards DIR"),
+        (["serve", *ckpt, "--gallery", source, "--shards", source], "either --gallery G or --shards DIR"),
+        (["serve", *ckpt, "--gallery", source, "--ray"], "--ray serves a shard set"),
+        (["serve", *ckpt, "--gallery", source, "--replicas", "2"], "--replicas and --max-replicas need --ray"),
+        (["serve", *ckpt, "--shards", source], "not a shard set"),
+        (["index", *ckpt, "--videos", str(tmp_path), "--out", str(tmp_path / "g"), "--shards-out", "x"],
+         "--shards-out needs --shards"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
