@@ -170,7 +170,9 @@ def save_checkpoint(model, folder: str, log: list | None = None, extra: dict | N
             "format": FORMAT,
             "model": model.config.to_dict(),
             "text_encoder": _text_config(model.text.describe(), folder, to_file=True),
-            "norm": {"order": ["lat_g", "lat_l", "con_g", "con_l"], "min_max": model.matcher.norm.tolist()},
+            # the CVR matcher's frozen min-max constants (the glscl head has none)
+            "norm": {"order": ["lat_g", "lat_l", "con_g", "con_l"], "min_max": model.matcher.norm.tolist()}
+            if hasattr(model.matcher, "norm") else None,
             "weights_dtype": weights_dtype,
             **(extra or {}),
         }
@@ -208,14 +210,14 @@ def load_checkpoint(folder: str, device: str = "cpu"):
 
 
 def load_video_tower(folder: str, device: str = "cpu"):
-    """Only the checkpoint's video tower (engine.model.VideoTower), what indexing runs: the text
+    """Only the checkpoint's video tower (engine.model.build_video_tower: its head's), what indexing runs: the text
     encoder, which is most of a checkpoint's load time, is not built. Same checks as
     load_checkpoint on the tensors it loads; `.checkpoint_id` set, `encode_video` as the model's."""
-    from engine.model import VideoTower
+    from engine.model import build_video_tower
 
     config = read_checkpoint_config(folder)
     model_config = ModelConfig.from_dict(config["model"], where=os.path.join(folder, CONFIG))
-    tower = VideoTower(model_config)
+    tower = build_video_tower(model_config)
     expected = {f"video.{k}": v for k, v in tower.state_dict().items()}
     tensors = _checked_weights(folder, config, expected, only="video.")
     tower.load_state_dict({k.removeprefix("video."): v for k, v in tensors.items()})
@@ -225,17 +227,17 @@ def load_video_tower(folder: str, device: str = "cpu"):
 
 
 def load_matcher(folder: str, device: str = "cpu"):
-    """Only the checkpoint's matcher (engine.model.Matcher with its frozen min-max constants):
+    """Only the checkpoint's matcher (engine.model.build_matcher: its head's, with its frozen constants):
     what a shard that scores its gallery for queries encoded elsewhere needs (engine/cluster/).
     Returns an object with `.matcher`, `.config` and `.checkpoint_id`, which
     engine.backends.pytorch.TorchScorer takes as a model."""
     from types import SimpleNamespace
 
-    from engine.model import Matcher
+    from engine.model import build_matcher
 
     config = read_checkpoint_config(folder)
     model_config = ModelConfig.from_dict(config["model"], where=os.path.join(folder, CONFIG))
-    matcher = Matcher(concept_space=model_config.concept_space, local_branch=model_config.local_branch)
+    matcher = build_matcher(model_config)
     expected = {f"matcher.{k}": v for k, v in matcher.state_dict().items()}
     tensors = _checked_weights(folder, config, expected, only="matcher.")
     matcher.load_state_dict({k.removeprefix("matcher."): v for k, v in tensors.items()})

@@ -66,6 +66,10 @@ def _fits(value, annotation: str) -> bool:
     return False
 
 
+HEADS = ("cvr", "glscl")
+GLSCL_MASKS = ("paper", "renormalise")
+
+
 @dataclass
 class ModelConfig:
     """Every dimension of the CVR-SDGM towers (ARCHITECTURE.md sections 3-7)."""
@@ -86,9 +90,30 @@ class ModelConfig:
     attention: str = "hybrid"  # hybrid | spatial | channel | meanpool
     local_branch: bool = True
     concept_space: bool = True
+    # Which scoring head: "cvr" (this engine's model, sections 4-7) or "glscl" (the GLSCL peer,
+    # engine/glscl.py; peers.md section 1). The glscl_* fields are used by that head only.
+    head: str = "cvr"
+    glscl_queries: int = 8  # K shared learnable queries
+    glscl_decoder_layers: int = 2  # the shared query decoder (the paper: 3; small to train on a CPU)
+    glscl_temporal_layers: int = 2  # the temporal transformer over frames (the paper: 4)
+    glscl_heads: int = 8  # attention heads of both (must divide latent_dim)
+    glscl_frames: int = 12  # F: frames per video (the paper's 12 at 1 fps); more are subsampled evenly
+    glscl_tau: float = 3.0  # temperature of the frame weights (the paper's scripts)
+    glscl_lambda: float = 0.5  # S = S_g + lambda S_l
+    # paper: mask after the softmax, no renormalisation; renormalise: softmax over the valid frames. The
+    # weights differ by one factor per pair, which the cosine does not see: the scores are the same.
+    glscl_mask: str = "paper"
+    glscl_alpha: float = 1e-4  # intra-diversity loss weight
+    glscl_beta: float = 0.005  # weight of the diagonal term of the inter-consistency loss
+    glscl_target: float = 0.75  # its target for the diagonal
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.head == "cvr":
+            # The default head's config.json stays exactly what it was before heads existed (its
+            # checkpoint id too); a config without these fields loads as the cvr head.
+            values = {k: v for k, v in values.items() if k != "head" and not k.startswith("glscl_")}
+        return values
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> ModelConfig:
@@ -108,6 +133,24 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be {' or '.join(HEADS)}, got {self.head!r}")
+        if self.head == "glscl":
+            self._validate_glscl()
+
+    def _validate_glscl(self) -> None:
+        for name in ("glscl_queries", "glscl_decoder_layers", "glscl_temporal_layers", "glscl_heads",
+                     "glscl_frames"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.latent_dim % self.glscl_heads:
+            raise ConfigError(f"glscl_heads ({self.glscl_heads}) must divide latent_dim ({self.latent_dim})")
+        if self.glscl_mask not in GLSCL_MASKS:
+            raise ConfigError(f"glscl_mask must be {' or '.join(GLSCL_MASKS)}, got {self.glscl_mask!r}")
+        if not self.glscl_tau > 0:
+            raise ConfigError(f"glscl_tau must be positive, got {self.glscl_tau}")
+        if self.use_anchor:
+            raise ConfigError("the glscl head is text-only: it takes no anchors")
 
 
 @dataclass

@@ -5,8 +5,11 @@ folder of rows (the gallery folder itself, `.`, for a gallery written at once; `
 the batches `cvr index --videos` commits):
 
 - `ids.txt`: one video id per line, in row order;
-- `embeddings.safetensors`: `lat` (n, 2, D) and `con` (n, 2, K), float16 by default (float32 on
-  request); index 0 of dim 1 is the global branch, 1 the local one;
+- `embeddings.safetensors`: `lat` (n, S, D) and `con` (n, T, K), float16 by default (float32 on
+  request). For the CVR head S = T = 2: index 0 of dim 1 is the global branch, 1 the local one;
+  other heads record their slot counts in the manifest's dims (`lat_slots`, `con_slots`; absent
+  means 2 and 2, every gallery written before heads existed); the glscl head's are in
+  engine/glscl.py. The FAISS first stage always indexes slot 0 of `lat`;
 - for video files (optional): `videos.jsonl`, one record per row (content hash, duration, fps,
   sampled timestamps, thumbnail, decoding warnings), `thumbs/<row>.jpg`, and
   `segments.safetensors`: the global latent vector `lat` (s, D) of every segment (window of
@@ -70,6 +73,21 @@ FINITE_CHECK_ROWS = 1 << 16
 
 class GalleryError(CVRError):
     """A gallery (or the input to build one) that cannot be used; the message is one line."""
+
+
+def slot_counts(dims: dict) -> tuple:
+    """(lat slots S, con slots T) of a manifest's dims: 2 and 2 where not recorded."""
+    return int(dims.get("lat_slots", 2)), int(dims.get("con_slots", 2))
+
+
+def embedding_dims(lat, con) -> dict:
+    """The manifest's dims of embeddings lat (n, S, D) and con (n, T, K): latent D and concept K,
+    and the slot counts where they are not the CVR head's 2 and 2 (so that its manifests stay as
+    they were)."""
+    dims = {"latent": int(lat.shape[2]), "concept": int(con.shape[2])}
+    if (lat.shape[1], con.shape[1]) != (2, 2):
+        dims.update(lat_slots=int(lat.shape[1]), con_slots=int(con.shape[1]))
+    return dims
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +235,7 @@ class Part:
 
 
 class Gallery:
-    """A validated gallery: `ids` of the live rows, `lat` (N, 2, D) and `con` (N, 2, K) in the
+    """A validated gallery: `ids` of the live rows, `lat` (N, S, D) and `con` (N, T, K) in the
     stored dtype (a memory map, or engine.rows.Rows over several parts), `manifest`, `faiss_index`
     (None without one), `folder`, `parts`; for video files `media_root` and per-row `records`."""
 
@@ -376,7 +394,8 @@ class Gallery:
         if not parts:  # every video removed: an empty gallery, which searches refuse with one line
             dims = manifest["dims"]
             dtype = DTYPES[manifest["dtype"]]
-            lat, con = np.zeros((0, 2, dims["latent"]), dtype), np.zeros((0, 2, dims["concept"]), dtype)
+            lat_slots, con_slots = slot_counts(dims)
+            lat, con = np.zeros((0, lat_slots, dims["latent"]), dtype), np.zeros((0, con_slots, dims["concept"]), dtype)
         elif len(parts) == 1 and parts[0].live is None:
             lat, con = parts[0].lat, parts[0].con
         else:
@@ -493,6 +512,9 @@ def _check_manifest_fields(manifest: dict, path: str) -> None:
     for name in ("latent", "concept"):
         if not isinstance(dims, dict) or not count(dims.get(name), 1):
             raise bad(f"dims.{name}")
+    for name in ("lat_slots", "con_slots"):
+        if name in dims and not count(dims[name], 1):
+            raise bad(f"dims.{name}")
     if manifest.get("dtype") not in DTYPES:
         raise bad("dtype")
     if not count(manifest.get("count")):  # 0: every video removed (`cvr gallery rm`); searches refuse it
@@ -554,7 +576,8 @@ def _read_embeddings(folder: str, n: int, manifest: dict) -> tuple:
     value for finiteness."""
     path = os.path.join(folder, EMBEDDINGS)
     dims, dtype = manifest["dims"], DTYPES[manifest["dtype"]]
-    expected = {"lat": (n, 2, dims["latent"]), "con": (n, 2, dims["concept"])}
+    lat_slots, con_slots = slot_counts(dims)
+    expected = {"lat": (n, lat_slots, dims["latent"]), "con": (n, con_slots, dims["concept"])}
     header, offset = _safetensors_header(path, expected)
     arrays = {}
     for name, shape in expected.items():

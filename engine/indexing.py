@@ -26,6 +26,7 @@ from engine.gallery import (
     GalleryError,
     build_faiss_index,
     check_finite,
+    embedding_dims,
     faiss_factory,
     faiss_record,
 )
@@ -39,7 +40,7 @@ def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = 
                   sources: list | None = None, overwrite: bool = False) -> dict:
     """Write a complete gallery folder atomically; returns its manifest.
 
-    `lat` (N, 2, D) and `con` (N, 2, K) are numpy arrays (or anything numpy converts), cast to
+    `lat` (N, S, D) and `con` (N, T, K) are numpy arrays (or anything numpy converts), cast to
     `dtype`; `checkpoint` is {"id": sha256, "path": folder, "norm": {...}}; `faiss` a shorthand
     (flat, ivf, hnsw) or a faiss index_factory string, built from the cast global latent vectors so
     that the first stage sees exactly what reranking sees. `out` may hold a gallery (or be empty);
@@ -59,7 +60,7 @@ def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = 
             written[FAISS_FILE] = _write_faiss(work, index)
             faiss_info = faiss_record(index, faiss, factory, train_points)
         manifest = seal({
-            **manifest_base(checkpoint, out, lat.shape[2], con.shape[2], dtype),
+            **manifest_base(checkpoint, out, lat.shape[2], con.shape[2], dtype, lat.shape[1], con.shape[1]),
             "count": len(ids), "files": written, "parts": [{"name": ROOT_PART, "count": len(ids), "drop": []}],
             "faiss": faiss_info and dict(faiss_info, file=FAISS_FILE),
             "sources": sources or [],
@@ -68,13 +69,16 @@ def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = 
     return manifest
 
 
-def manifest_base(checkpoint: dict, out: str, latent: int, concept: int, dtype: str) -> dict:
-    """The fields every gallery manifest starts with."""
+def manifest_base(checkpoint: dict, out: str, latent: int, concept: int, dtype: str, lat_slots: int = 2,
+                  con_slots: int = 2) -> dict:
+    """The fields every gallery manifest starts with (slot counts recorded where not 2 and 2:
+    engine.gallery.embedding_dims)."""
+    dims = embedding_dims(np.empty((0, lat_slots, latent)), np.empty((0, con_slots, concept)))
     return {
         "format": FORMAT, "version": VERSION,
         "checkpoint": {"id": checkpoint["id"],
                        "path": checkpoint.get("path") and paths.reference(checkpoint["path"], out)},
-        "dims": {"latent": int(latent), "concept": int(concept)}, "dtype": dtype,
+        "dims": dims, "dtype": dtype,
         "norm": checkpoint.get("norm"),  # for information: scoring uses the model's constants
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -83,9 +87,10 @@ def manifest_base(checkpoint: dict, out: str, latent: int, concept: int, dtype: 
 def _check_arrays(ids: list, lat: np.ndarray, con: np.ndarray) -> None:
     if not ids:
         raise GalleryError("no videos to write")
-    if lat.ndim != 3 or con.ndim != 3 or lat.shape[:2] != (len(ids), 2) or con.shape[:2] != (len(ids), 2):
+    if lat.ndim != 3 or con.ndim != 3 or lat.shape[0] != len(ids) or con.shape[0] != len(ids) \
+            or 0 in lat.shape[1:] or 0 in con.shape[1:]:
         raise GalleryError(f"embeddings of shape {tuple(lat.shape)} and {tuple(con.shape)} do not match "
-                           f"{len(ids)} videos x 2 branches")
+                           f"{len(ids)} videos x slots x width")
     for video_id in ids:
         if not isinstance(video_id, str) or not video_id or video_id != video_id.strip() or "\n" in video_id:
             raise GalleryError(f"video id {video_id!r} cannot be written one per line")
@@ -220,7 +225,7 @@ def _videos(root: str, collection: str, split: str | None, feature: str) -> tupl
 
 def encode_videos(model, bigfile, video_ids: list, max_frames: int, batch_size: int = 256,
                   progress: bool = False, dtype=np.float32) -> tuple:
-    """The video tower over every video, in batches: numpy (lat (N, 2, D), con (N, 2, K)) cast to
+    """The video tower over every video, in batches: numpy (lat (N, S, D), con (N, T, K)) cast to
     `dtype` batch by batch (a large gallery is never held in float32 when stored in float16).
     NaN/inf frames raise engine.datasets.video_frames' ValueError, which names the video."""
     import torch

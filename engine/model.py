@@ -282,6 +282,24 @@ class Matcher(nn.Module):
 # The whole model
 
 
+def build_video_tower(config: ModelConfig) -> nn.Module:
+    """The video tower of the config's head (what indexing loads alone)."""
+    if config.head == "glscl":
+        from engine.glscl import GLSCLVideoTower
+
+        return GLSCLVideoTower(config)
+    return VideoTower(config)
+
+
+def build_matcher(config: ModelConfig) -> nn.Module:
+    """The matcher of the config's head: `forward(query, video, transductive)` -> (Q, N) scores."""
+    if config.head == "glscl":
+        from engine.glscl import GLSCLMatcher
+
+        return GLSCLMatcher(config)
+    return Matcher(concept_space=config.concept_space, local_branch=config.local_branch)
+
+
 class CVRModel(nn.Module):
     """Text encoder, query tower, video tower and matcher of one CVR-SDGM model."""
 
@@ -292,9 +310,15 @@ class CVRModel(nn.Module):
         config.validate()
         self.config = config
         self.text = text_encoder if text_encoder is not None else build_text_encoder(config.text)
-        self.query = QueryTower(config, self.text.dim_sentence, self.text.dim_tokens)
-        self.video = VideoTower(config)
-        self.matcher = Matcher(concept_space=config.concept_space, local_branch=config.local_branch)
+        if config.head == "glscl":
+            from engine.glscl import GLSCLQueryTower
+
+            self.video = build_video_tower(config)  # first: it owns the decoder both towers share
+            self.query = GLSCLQueryTower(config, self.text.dim_sentence, self.text.dim_tokens, self.video.decoder)
+        else:  # the default head: modules built in this order, so seeded initialisation is unchanged
+            self.query = QueryTower(config, self.text.dim_sentence, self.text.dim_tokens)
+            self.video = build_video_tower(config)
+        self.matcher = build_matcher(config)
 
     def encode_text(self, texts: list, regions: torch.Tensor | None = None) -> Embeddings:
         return self.encode_text_features(self.text(texts), regions)

@@ -32,6 +32,7 @@ from engine.gallery import (
     _read_embeddings,
     _read_ids,
     build_faiss_index,
+    embedding_dims,
     faiss_factory,
     faiss_record,
     part_folder,
@@ -73,6 +74,7 @@ class GalleryWriter:
                  records: list | None = None, thumbnails: list | None = None) -> str:
         """Stage a part of new videos (committed by the next `commit`); returns its name."""
         dtype = np.float16 if self.manifest["dtype"] == "float16" else np.float32
+        self._check_dims(lat, con)
         generation = self.manifest["generation"] + 1
         name = f"{PARTS}/p{generation:06d}"
         root = self._staging_root()
@@ -94,6 +96,15 @@ class GalleryWriter:
         self.manifest["count"] += len(ids)
         self.manifest["faiss"] = self._without_index()
         return name
+
+    def _check_dims(self, lat: np.ndarray, con: np.ndarray) -> None:
+        """A new gallery's first part sets its dims (slot counts and widths come from the head that
+        embedded it, which the caller's base may not know); every later part must match them."""
+        found = embedding_dims(lat, con)
+        if not self.manifest["parts"] and not self.exists:
+            self.manifest["dims"] = found
+        elif found != self.manifest["dims"]:
+            raise GalleryError(f"{self.folder}: embeddings of dims {found}, the gallery's are {self.manifest['dims']}")
 
     def drop(self, video_ids) -> int:
         """Drop live videos (committed by the next `commit`); returns how many were dropped."""

@@ -1,6 +1,9 @@
 """The formulas the Triton kernels fuse, defined once in plain PyTorch (ARCHITECTURE.md, sections 4
 and 7).
 
+The GLSCL peer head's score (`glscl_score`, engine/glscl.py) is defined here too, for the same
+reason: training, the torch Scorer and any exported graph compute the one function.
+
 Every other place that computes them calls these: the model (engine/model.py), the training losses
 (training/losses.py), the exported ONNX graphs (export/graphs/) and the kernels' ``*_ref`` oracles
 (kernels/global_local_score.py, kernels/hybrid_attention.py). Functions here are whole-tensor and
@@ -143,3 +146,57 @@ def hybrid_attention(tokens, token_mask, regions, sentence, beta, gamma, region_
     weights = masked_softmax(torch.einsum("bld,brd->blr", tokens, regions) * scale, valid)
     return HybridAttention(gamma * a_s + (1 - gamma) * a_c, a_s, a_c, m,
                            torch.einsum("blr,brd->bld", weights, regions))
+
+
+# ---------------------------------------------------------------------------------------------
+# GLSCL score (the peer head, engine/glscl.py; peers.md section 1a)
+
+GLSCL_MASKS = ("paper", "renormalise")
+GLSCL_EPS = 1e-8  # cos(x, y) = <x, y> / max(|x| |y|, GLSCL_EPS), as torch.cosine_similarity
+
+
+def glscl_frame_weights(logits: torch.Tensor, mask: torch.Tensor, mode: str = "paper") -> torch.Tensor:
+    """Frame weights w from logits (..., F) and a bool mask broadcastable to them: "paper" is the
+    GLSCL code's softmax over all F slots then times the mask (no renormalisation: padded slots
+    keep their share of the denominator); "renormalise" a softmax over the valid frames only."""
+    if mode == "paper":
+        return torch.softmax(logits, dim=-1) * mask.to(logits.dtype)
+    if mode == "renormalise":
+        return masked_softmax(logits, mask.expand_as(logits))
+    raise ValueError(f"GLSCL mask mode must be one of {GLSCL_MASKS}, got {mode!r}")
+
+
+def glscl_score(q_lat, v_lat, v_mask, tau: float = 3.0, lam: float = 0.5, mode: str = "paper") -> torch.Tensor:
+    """GLSCL scores (q, n) of queries q_lat (q, 1+K, D) against videos v_lat (n, 1+F+K, D) whose
+    frame mask is v_mask (n, F) (bool or 0/1). Slots: query [c, z^t_1..K]; video [mean, v_1..F,
+    z^v_1..K] (engine/glscl.py writes them; padded frames are zeros).
+
+        w_f = softmax_f(<c, v_f> / tau) * m_f             ("paper"; "renormalise": softmax over
+                                                            the valid frames only)
+        S_g = cos(c, sum_f w_f v_f)
+        S_l = (1/K) sum_k <z^t_k, z^v_k>                   (the z are L2-normalised)
+        S   = S_g + lam * S_l
+
+    The two mask modes give the same S_g: the paper's weights are the renormalised ones times one
+    positive r = (sum over valid frames) / (sum over all F) per pair, and the cosine does not see
+    a scale. They differ in the weights only (`glscl_frame_weights`); both are kept, as the issue
+    asks, and tests/test_glscl.py shows it.
+
+    The pooled video is never formed (it would be q x n x D): <c, sum_f w_f v_f> = sum_f w_f <c, v_f>
+    and |sum_f w_f v_f|^2 = w^T G w with G = V V^T the video's F x F Gram matrix, so the largest
+    temporary is q x n x F."""
+    k = q_lat.shape[1] - 1
+    frames = v_mask.shape[1]
+    c, z_t = q_lat[:, 0], q_lat[:, 1:]
+    v, z_v = v_lat[:, 1 : 1 + frames], v_lat[:, 1 + frames : 1 + frames + k]
+    mask = (v_mask > 0.5).unsqueeze(0)  # (1, n, F)
+    dots = torch.einsum("qd,nfd->qnf", c, v)
+    w = glscl_frame_weights(dots / tau, mask, mode)
+    numerator = (w * dots).sum(-1)
+    gram = torch.einsum("nfd,ngd->nfg", v, v)
+    squared = (torch.einsum("qnf,nfg->qng", w, gram) * w).sum(-1)
+    # max(., eps^2) before the root: its gradient stays finite where nothing is pooled
+    norms = c.norm(dim=-1, keepdim=True) * squared.clamp_min(GLSCL_EPS * GLSCL_EPS).sqrt()
+    s_g = numerator / norms.clamp_min(GLSCL_EPS)
+    s_l = z_t.reshape(z_t.shape[0], -1) @ z_v.reshape(z_v.shape[0], -1).T / k
+    return s_g + lam * s_l

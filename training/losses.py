@@ -11,6 +11,10 @@ public code inherits:
 - BCE of each modality's concept probabilities against the video's tag scores, as
   ``nn.BCELoss()`` (mean over every element), multiplied by the batch size in the total, which puts
   it on the same per-sample scale as the summed triplets.
+
+The glscl head's losses (peers.md section 1b, from GLSCL's modeling.py) follow `hybrid_loss`:
+symmetric InfoNCE with a learnable logit scale, the inter-consistency and the intra-diversity
+losses, summed by `glscl_loss`.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import torch
 
 from kernels import reference
 
-__all__ = ["concept_bce", "cosine_sim", "hybrid_loss", "jaccard_sim", "triplet_loss"]
+__all__ = ["concept_bce", "cosine_sim", "glscl_consistency", "glscl_diversity", "glscl_loss", "hybrid_loss",
+           "info_nce", "jaccard_sim", "triplet_loss"]
 
 
 def cosine_sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -129,6 +134,67 @@ def hybrid_loss(
     triplets = sum(v for k, v in parts.items() if k.startswith("tri_"))
     bces = sum(v for k, v in parts.items() if k.startswith("bce_"))
     total = triplets + weight * bces
+    logged = {k: float(v.detach()) for k, v in parts.items()}
+    logged["total"] = float(total.detach())
+    return total, logged
+
+
+# ---------------------------------------------------------------------------------------------
+# The glscl head (engine/glscl.py)
+
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) here, so the softmax cannot saturate without bound
+
+
+def info_nce(scores: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a (B, B) text x video score matrix whose diagonal holds the pairs:
+    the mean of -log softmax(diagonal) over rows and over columns of exp(logit_scale) * scores,
+    averaged over the two directions (GLSCL's CrossEn on S and S^T)."""
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"info_nce needs a square (B, B) score matrix, got {tuple(scores.shape)}")
+    logits = scores * logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    target = torch.arange(scores.shape[0], device=scores.device)
+    return (torch.nn.functional.cross_entropy(logits, target)
+            + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+def glscl_consistency(z_v: torch.Tensor, z_t: torch.Tensor, beta: float = 0.005, target: float = 0.75) -> torch.Tensor:
+    """Inter-consistency of the decoded vectors z_v, z_t (B, K, D), pair b in row b:
+
+        MSE(mean_b z^v_b, mean_b z^t_b) + beta * sum_k (C_kk - target)^2,  C = (1/K) sum_b z^v_b z^t_b^T
+
+    (GLSCL's code names it Intra_Consistency; C is summed over the batch and divided by K, as there)."""
+    k = z_v.shape[1]
+    diagonal = torch.einsum("bkd,bkd->k", z_v, z_t) / k  # C_kk without forming C
+    mse = ((z_v.mean(0) - z_t.mean(0)) ** 2).mean()
+    return mse + beta * ((diagonal - target) ** 2).sum()
+
+
+def glscl_diversity(z_v: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """Intra-diversity of the video side's K decoded vectors (B, K, D): M = mean_b z^v_b z^v_b^T (K, K)
+    and a hinge in both directions with the diagonal as the positive,
+
+        sum_{i != j} [margin + M_ij - M_ii]_+ / (K(K-1)) + sum_{i != j} [margin + M_ij - M_jj]_+ / (K(K-1))
+
+    (GLSCL's Inter_Diversity), so each query decodes something the others do not."""
+    k = z_v.shape[1]
+    if k < 2:
+        return z_v.new_zeros(())
+    m = torch.einsum("bid,bjd->ij", z_v, z_v) / z_v.shape[0]
+    diagonal = m.diagonal()
+    off = ~torch.eye(k, dtype=torch.bool, device=m.device)
+    rows = (margin + m - diagonal[:, None]).clamp_min(0)[off].sum()
+    cols = (margin + m - diagonal[None, :]).clamp_min(0)[off].sum()
+    return (rows + cols) / (k * (k - 1))
+
+
+def glscl_loss(scores: torch.Tensor, logit_scale: torch.Tensor, z_t: torch.Tensor, z_v: torch.Tensor,
+               alpha: float = 1e-4, beta: float = 0.005, target: float = 0.75) -> tuple[torch.Tensor, dict]:
+    """GLSCL's total for a batch of B pairs: InfoNCE on the (B, B) scores S = S_g + lambda S_l,
+    + alpha * intra-diversity(z^v) + inter-consistency(z^v, z^t). Returns the total and its parts
+    as floats (nce, diversity, consistency, total)."""
+    parts = {"nce": info_nce(scores, logit_scale), "diversity": alpha * glscl_diversity(z_v),
+             "consistency": glscl_consistency(z_v, z_t, beta, target)}
+    total = parts["nce"] + parts["diversity"] + parts["consistency"]
     logged = {k: float(v.detach()) for k, v in parts.items()}
     logged["total"] = float(total.detach())
     return total, logged

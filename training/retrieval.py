@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from engine.metrics import format_metrics_table, retrieval_metrics
 from engine.model import CVRModel, Embeddings
 from engine.outputs import EVALUATION_FORMAT
 from engine.vision import read_extractor
-from training.losses import hybrid_loss
+from training.losses import glscl_loss, hybrid_loss
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,12 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
     vocab = collection.tag_vocab(job.tag_vocab_size)
     if not vocab:
         raise InputError(f"{collection.tag_vocab_path(job.tag_vocab_size)}: empty tag vocabulary")
+    if model_config.head == "glscl":
+        # The glscl towers take F frames (more are subsampled evenly, the loader's rule): load F,
+        # and record it, so that indexing reads videos as training did.
+        job = replace(job, max_frames=model_config.glscl_frames)
+        if job.anchors:
+            raise InputError("the glscl head is text-only: train it without --anchors")
     train = load_split(collection, "train", job.feature, vocab, job.max_frames)
     val = load_split(collection, "val", job.feature, vocab, job.max_frames)
     anchors = AnchorStore(job.anchors) if job.anchors else None
@@ -318,9 +324,7 @@ def _train_epoch(model, data: SplitData, anchors, cache, optimizer, config: Trai
         videos = torch.from_numpy(data.caption_video[index])
         query = model.encode_text_features(features, regions)
         video = model.encode_video(data.frames[videos], data.frame_mask[videos])
-        loss, parts = hybrid_loss(_as_branches(query), _as_branches(video), data.tags[videos],
-                                  margin=config.margin, concept_margin=config.margin,
-                                  bce_weight=config.bce_weight * len(index))
+        loss, parts = batch_loss(model, query, video, data.tags[videos], config)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
@@ -328,6 +332,21 @@ def _train_epoch(model, data: SplitData, anchors, cache, optimizer, config: Trai
         losses.append(parts["total"])
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def batch_loss(model, query: Embeddings, video: Embeddings, tags: torch.Tensor, config: TrainConfig) -> tuple:
+    """(loss, parts) of one batch of pairs (row i of each side is pair i), by the model's head:
+    RIVRL's hybrid loss for cvr, GLSCL's for glscl."""
+    if model.config.head == "glscl":
+        from engine.glscl import split_slots
+
+        mc = model.config
+        _, z_t = split_slots(query, mc)
+        _, _, z_v = split_slots(video, mc)
+        return glscl_loss(model.matcher(query, video), model.matcher.logit_scale, z_t, z_v,
+                          alpha=mc.glscl_alpha, beta=mc.glscl_beta, target=mc.glscl_target)
+    return hybrid_loss(_as_branches(query), _as_branches(video), tags, margin=config.margin,
+                       concept_margin=config.margin, bce_weight=config.bce_weight * len(tags))
 
 
 def _as_branches(emb: Embeddings) -> dict:

@@ -62,6 +62,27 @@ class TorchScorer:
         return block_rows(queries, self.latent_dim, self.concept_dim, budget)
 
 
+class GLSCLScorer(TorchScorer):
+    """engine.search.Scorer of a glscl checkpoint (engine/glscl.py): the same float32 blocks through
+    its matcher (kernels.reference.glscl_score), fewer rows per block since each row holds
+    1+F+K vectors of width D."""
+
+    def __init__(self, model, device: str):
+        super().__init__(model, device)
+        self.config = model.config
+
+    def block_rows(self, queries: int) -> int:
+        from engine.glscl import block_rows as glscl_block_rows
+
+        budget = GPU_BLOCK_ELEMENTS if self.device.type == "cuda" else BLOCK_ELEMENTS
+        return glscl_block_rows(queries, self.config, budget)
+
+
+def scorer_for(model, device: str) -> TorchScorer:
+    """The Scorer of a loaded model (or load_matcher's namespace) for its head."""
+    return GLSCLScorer(model, device) if model.config.head == "glscl" else TorchScorer(model, device)
+
+
 class TorchPipeline:
     """The checkpoint's text encoder, generator, ResNet-50 and query tower, loaded once."""
 
@@ -79,7 +100,7 @@ class TorchPipeline:
         self.provider = None
         if self.anchors:
             self._load_anchor_path(checkpoint, generator, steps, anchor_cache, vision_weights)
-        self.scorer = TorchScorer(self.model, device)
+        self.scorer = scorer_for(self.model, device)
 
     def _load_anchor_path(self, checkpoint, generator, steps, anchor_cache, vision_weights) -> None:
         from engine.anchors import AnchorGenerator, GeneratorOptions

@@ -33,6 +33,7 @@ def add(sub) -> None:
     train.add_argument("--attention", default="hybrid", choices=["hybrid", "spatial", "channel", "meanpool"])
     train.add_argument("--no-local-branch", action="store_true")
     train.add_argument("--no-concept-space", action="store_true")
+    add_glscl_flags(train)
     train.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
                        help="how model.safetensors stores the weights (float16: half the size; default float32)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -64,6 +65,39 @@ def add(sub) -> None:
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
+def add_glscl_flags(train) -> None:
+    """--head and the glscl head's own flags (ModelConfig.glscl_*; engine/glscl.py)."""
+    from engine.config import GLSCL_MASKS, HEADS, ModelConfig
+
+    defaults = ModelConfig()
+    train.add_argument("--head", default="cvr", choices=list(HEADS),
+                       help="scoring head: cvr (this engine's model, default) or glscl (the GLSCL peer, text-only)")
+    glscl = train.add_argument_group("the glscl head (with --head glscl)")
+    for name, kind, what in (("queries", int, "K shared learnable queries"),
+                             ("decoder-layers", int, "layers of the shared query decoder"),
+                             ("temporal-layers", int, "layers of the temporal transformer over frames"),
+                             ("heads", int, "attention heads (must divide --latent-dim)"),
+                             ("frames", int, "F frames per video (more are subsampled evenly); replaces --max-frames"),
+                             ("tau", float, "temperature of the frame weights"),
+                             ("lambda", float, "weight of the local score: S = S_g + lambda S_l"),
+                             ("alpha", float, "weight of the intra-diversity loss"),
+                             ("beta", float, "weight of the inter-consistency loss's diagonal term")):
+        field = "glscl_" + name.replace("-", "_")
+        glscl.add_argument(f"--glscl-{name}", type=kind, default=getattr(defaults, field), dest=field,
+                           help=f"{what} (default {getattr(defaults, field)})")
+    glscl.add_argument("--glscl-mask", default=defaults.glscl_mask, choices=list(GLSCL_MASKS),
+                       help="frame mask of the global score: paper (after the softmax, no renormalisation, as "
+                            "GLSCL's code) or renormalise (softmax over the valid frames)")
+
+
+def _glscl_config(args) -> dict:
+    if args.head != "glscl":
+        return {}
+    names = ("queries", "decoder_layers", "temporal_layers", "heads", "frames", "tau", "lambda", "alpha", "beta",
+             "mask")
+    return {"head": "glscl", **{f"glscl_{n}": getattr(args, f"glscl_{n}") for n in names}}
+
+
 def _text_config(args) -> dict:
     if args.text_encoder == "minilm":
         return {"kind": "minilm", "finetune": args.finetune_text}
@@ -82,13 +116,15 @@ def _cmd_train(args) -> int:
     from training.retrieval import RetrievalJob, train_retrieval
 
     anchors = None if args.anchors == "none" else args.anchors
+    if anchors is not None and args.head == "glscl":
+        raise CLIError("--head glscl is text-only: drop --anchors")
     if anchors is not None and not os.path.isdir(anchors):
         raise CLIError(f"--anchors: no anchor store at {anchors}")
     claim(args.out, "bare checkpoint", "cvr train", args.overwrite)  # its onnx/ and evaluations are kept
     model_config = ModelConfig(
         text=_text_config(args), latent_dim=args.latent_dim, attn_dim=args.attn_dim,
         video_gru_hidden=args.video_gru_hidden, video_local_dim=args.video_local_dim, attention=args.attention,
-        local_branch=not args.no_local_branch, concept_space=not args.no_concept_space,
+        local_branch=not args.no_local_branch, concept_space=not args.no_concept_space, **_glscl_config(args),
     )
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                threads=args.threads)
