@@ -30,8 +30,10 @@ SIMILARITIES = ("lat_g", "lat_l", "con_g", "con_l")
 
 @dataclass
 class Embeddings:
-    """One side's hybrid-space embeddings: latent (B, 2, D) L2-normalised per branch, and concept
-    probabilities (B, 2, K); index 0 is the global branch, 1 the local one."""
+    """One side's embeddings. For the cvr head: latent (B, 2, D) L2-normalised per branch, and
+    concept probabilities (B, 2, K); index 0 is the global branch, 1 the local one. Other heads
+    keep other slots in dim 1 (the glscl head's: engine/glscl.py); slot 0 of `lat` is always the
+    vector a FAISS first stage searches with."""
 
     lat: torch.Tensor
     con: torch.Tensor
@@ -301,7 +303,8 @@ def build_matcher(config: ModelConfig) -> nn.Module:
 
 
 class CVRModel(nn.Module):
-    """Text encoder, query tower, video tower and matcher of one CVR-SDGM model."""
+    """Text encoder, query tower, video tower and matcher of one retrieval model, of the config's
+    head: CVR-SDGM's (cvr) or GLSCL's (glscl, engine/glscl.py)."""
 
     def __init__(self, config: ModelConfig, text_encoder: nn.Module | None = None):
         super().__init__()

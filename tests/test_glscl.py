@@ -239,3 +239,29 @@ def test_default_head_config_is_as_before(tiny_ckpt):
     assert "head" not in model and not any(k.startswith("glscl_") for k in model)
     assert ModelConfig.from_dict(model).head == "cvr"
     assert set(ModelConfig().to_dict()) == set(model)
+
+
+def test_losses_equal_their_formulas():
+    from training.losses import glscl_consistency, glscl_diversity, glscl_loss, info_nce
+
+    rng = np.random.default_rng(6)
+    z_v, z_t = (torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(5, 3, 4))), dim=-1)
+                for _ in range(2))
+    b, k = 5, 3
+    c = sum(z_v[i] @ z_t[i].T for i in range(b)) / k
+    mse = float(((z_v.mean(0) - z_t.mean(0)) ** 2).mean())
+    expected = mse + 0.005 * sum((float(c[j, j]) - 0.75) ** 2 for j in range(k))
+    assert float(glscl_consistency(z_v, z_t, 0.005, 0.75)) == pytest.approx(expected, rel=1e-9)
+    m = sum(z_v[i] @ z_v[i].T for i in range(b)) / b
+    hinge = sum(max(0.0, 0.1 + float(m[i, j] - m[i, i])) + max(0.0, 0.1 + float(m[i, j] - m[j, j]))
+                for i in range(k) for j in range(k) if i != j) / (k * (k - 1))
+    assert float(glscl_diversity(z_v)) == pytest.approx(hinge, rel=1e-9)
+    scores = torch.from_numpy(rng.normal(size=(b, b)))
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    logits = scores.numpy() * math.exp(2.0)
+    rows = -np.mean([logits[i, i] - np.log(np.exp(logits[i]).sum()) for i in range(b)])
+    cols = -np.mean([logits[i, i] - np.log(np.exp(logits[:, i]).sum()) for i in range(b)])
+    assert float(info_nce(scores, scale)) == pytest.approx((rows + cols) / 2, rel=1e-9)
+    total, parts = glscl_loss(scores, scale, z_t, z_v, alpha=1e-4)
+    assert parts["total"] == pytest.approx(parts["nce"] + parts["diversity"] + parts["consistency"])
+    assert parts["diversity"] == pytest.approx(1e-4 * hinge)
