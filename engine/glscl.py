@@ -117,14 +117,19 @@ class GLSCLVideoTower(nn.Module):
         self.decoder = QueryDecoder(config)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor):
-        from engine.model import Embeddings
+        return encode_fitted(self, *fit_frames(frames, mask.bool(), self.frames))
 
-        frames, mask = fit_frames(frames, mask.bool(), self.frames)
-        v = self.temporal(frames, mask)
-        z_v = self.decoder(v, mask)
-        mean = F.normalize(reference.masked_mean(v, mask), dim=-1)
-        lat = torch.cat([mean.unsqueeze(1), v, z_v], 1)
-        return Embeddings(lat=lat, con=mask.to(lat.dtype).unsqueeze(1))
+
+def encode_fitted(tower: GLSCLVideoTower, frames: torch.Tensor, mask: torch.Tensor):
+    """The video tower on frames already fitted to its F slots (`fit_frames`): what the exported
+    graph runs (export/graphs/glscl.py), since fitting branches on the data."""
+    from engine.model import Embeddings
+
+    v = tower.temporal(frames, mask)
+    z_v = tower.decoder(v, mask)
+    mean = F.normalize(reference.masked_mean(v, mask), dim=-1)
+    lat = torch.cat([mean.unsqueeze(1), v, z_v], 1)
+    return Embeddings(lat=lat, con=mask.to(lat.dtype).unsqueeze(1))
 
 
 class GLSCLQueryTower(nn.Module):

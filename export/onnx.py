@@ -70,6 +70,12 @@ from engine.files import sha256_file
 from engine.integrity import seal
 from engine.outputs import claim
 from export.graphs.generator_step import generator_step_spec
+from export.graphs.glscl import (
+    glscl_query_tower_spec,
+    glscl_scorer_section,
+    glscl_scorer_spec,
+    glscl_video_tower_spec,
+)
 from export.graphs.gru import TRANSLATIONS
 from export.graphs.query_tower import query_tower_spec
 from export.graphs.scorer import scorer_spec
@@ -250,10 +256,14 @@ def load_parts(plan: ExportPlan) -> ExportParts:
         specs += anchor_specs
         extra_files.update(anchor_files)
         regions = anchors["vision"]["regions"]
-    specs += [query_tower_spec(model, regions), video_tower_spec(model), scorer_spec(model)]
+    if model.config.head == "glscl":  # its own graphs (export/graphs/glscl.py); text-only, so no anchors
+        specs += [glscl_query_tower_spec(model), glscl_video_tower_spec(model), glscl_scorer_spec(model)]
+        scorer = glscl_scorer_section(model)
+    else:
+        specs += [query_tower_spec(model, regions), video_tower_spec(model), scorer_spec(model)]
+        scorer = {"order": ["lat_g", "lat_l", "con_g", "con_l"], "norm": model.matcher.norm.tolist(),
+                  "weights": list(model.matcher.weights), "local_branch": model.matcher.local_branch}
     wanted = {*plan.modules, *(["generator_text"] if "generator_step" in plan.modules else [])}
-    scorer = {"order": ["lat_g", "lat_l", "con_g", "con_l"], "norm": model.matcher.norm.tolist(),
-              "weights": list(model.matcher.weights), "local_branch": model.matcher.local_branch}
     return ExportParts([spec for spec in specs if spec.name in wanted], text, extra_files, anchors, scorer)
 
 

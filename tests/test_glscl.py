@@ -265,3 +265,36 @@ def test_losses_equal_their_formulas():
     total, parts = glscl_loss(scores, scale, z_t, z_v, alpha=1e-4)
     assert parts["total"] == pytest.approx(parts["nce"] + parts["diversity"] + parts["consistency"])
     assert parts["diversity"] == pytest.approx(1e-4 * hinge)
+
+
+def test_glscl_export_has_parity_and_the_onnxruntime_backend_searches_as_torch(glscl_ckpt, msrvtt, tmp_path):
+    """`cvr export` of a glscl checkpoint: its query tower, video tower and scorer graphs within the
+    fp32 parity tolerance; the exported video tower reproduces the gallery; search through ONNX
+    Runtime returns torch's ranking."""
+    from engine.backends.onnxruntime import OnnxRuntimeBackend
+    from engine.cli import main
+    from engine.datasets import Collection, video_frames
+    from engine.gallery import Gallery
+    from engine.retriever import Retriever
+
+    export_dir, gallery_dir = str(tmp_path / "onnx"), str(tmp_path / "gallery")
+    assert main(["export", "--checkpoint", glscl_ckpt, "--format", "onnx", "--out", export_dir]) == 0
+    with open(os.path.join(export_dir, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    assert manifest["scorer"]["head"] == "glscl" and manifest["scorer"]["frames"] == 5
+    for name in ("query_tower", "video_tower", "scorer"):
+        assert manifest["modules"][name]["parity"]["fp32"]["max_abs_diff"] <= 1e-4, name
+    assert main(["index", "--checkpoint", glscl_ckpt, "--root", msrvtt, "--collection", "msrvtt10k", "--out",
+                 gallery_dir, "--dtype", "float32", "--quiet"]) == 0
+    gallery = Gallery.load(gallery_dir)
+    backend = OnnxRuntimeBackend(export_dir, threads=1)
+    frames, mask = video_frames(Collection(msrvtt, "msrvtt10k").features("resnext101-resnet152"), gallery.ids, 64)
+    lat, con = backend.encode_videos(frames, mask)
+    np.testing.assert_allclose(lat, gallery.lat, atol=1e-4)
+    np.testing.assert_array_equal(con, gallery.con)
+    texts = ["a man and a dog", "a red car in the kitchen"]
+    torch_hits = Retriever(glscl_ckpt, gallery_dir).search(texts, k=12)
+    ort_hits = Retriever(glscl_ckpt, gallery_dir, backend="onnxruntime", export_dir=export_dir).search(texts, k=12)
+    for a, b in zip(torch_hits, ort_hits, strict=True):
+        assert [v for v, _ in a.hits] == [v for v, _ in b.hits]
+        np.testing.assert_allclose([s for _, s in a.hits], [s for _, s in b.hits], atol=1e-5)

@@ -273,7 +273,11 @@ class ExportedBackend:
         return out["lat"], out["con"]
 
     def encode_videos(self, frames: np.ndarray, mask: np.ndarray) -> tuple:
-        """Video embeddings (lat (N, 2, D), con (N, 2, K)) of frame features (N, F, d) + mask."""
+        """Video embeddings (lat (N, 2, D), con (N, 2, K); a glscl export's slots, engine/glscl.py)
+        of frame features (N, F, d) + mask."""
+        scorer = self.manifest.get("scorer") or {}
+        if scorer.get("head") == "glscl":  # its graph takes exactly F frame slots
+            frames, mask = fit_frames(frames, mask, int(scorer["frames"]))
         out = self.run("video_tower", {"frames": frames.astype(np.float32), "frame_mask": mask.astype(np.int64)})
         return out["lat"], out["con"]
 
@@ -289,6 +293,20 @@ class ExportedBackend:
             parts.append(self.run("scorer", feeds)["scores"])
         return np.concatenate(parts, axis=1)
 
+
+
+def fit_frames(frames: np.ndarray, mask: np.ndarray, count: int) -> tuple:
+    """engine.glscl.fit_frames in numpy: each video's valid frames first, more than `count`
+    subsampled evenly (engine.datasets.video_frames' rule), zeros after; exactly `count` slots."""
+    out = np.zeros((frames.shape[0], count, frames.shape[2]), np.float32)
+    out_mask = np.zeros((frames.shape[0], count), np.int64)
+    for b in range(frames.shape[0]):
+        rows = np.flatnonzero(mask[b])
+        if len(rows) > count:
+            rows = rows[np.linspace(0, len(rows) - 1, count).round().astype(np.int64)]
+        out[b, : len(rows)] = frames[b, rows]
+        out_mask[b, : len(rows)] = 1
+    return out, out_mask
 
 
 class ExportedScorer:
