@@ -21,3 +21,7 @@ class MissingEntryError(CVRError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class UnavailableError(CVRError):
+    """A part of the service that is down or too slow (a shard actor): a server answers 503, not 400."""

@@ -27,7 +27,7 @@ def ray_cluster():
 
     ray = connect(None, num_cpus=2)
     yield ray
-    ray_serve.shutdown()
+    ray_serve.undeploy()
     ray.shutdown()
 
 
@@ -56,6 +56,10 @@ def test_ray_shard_actors_equal_the_unsharded_search(ray_cluster, tmp_path):
                 assert np.array_equal(picked, rows), (where, k)
                 finite = rows >= 0
                 np.testing.assert_allclose(top[finite], values[finite], atol=1e-5, rtol=0)
+        from engine.cluster.ray_shards import ClusterError
+
+        with pytest.raises(ClusterError, match="--shard-cpus 5: must be between 0"):  # never a wait forever
+            RayShards.start(str(tmp_path / "set"), BUILTIN, cpus=5)
         from engine.filters import FilterError
 
         with pytest.raises(FilterError, match="unknown filter field"):  # a shard's error comes back as itself
@@ -127,7 +131,7 @@ def test_ray_serve_answers_the_api_as_the_unsharded_server(ray_cluster, tmp_path
                    if line.startswith("cvr_batch_queries_")}
         assert samples["cvr_batch_queries_sum"] > samples["cvr_batch_queries_count"] > 0
     finally:
-        ray_serve.shutdown()
+        ray_serve.undeploy()
         shards.close()
         time.sleep(0.5)
 
@@ -193,3 +197,15 @@ def test_ray_indexing_equals_the_single_process_run_and_resumes_after_a_kill(ray
     assert [(s["kind"], s["reason"]) for s in reports[0]["skipped"]] == [(s["kind"], s["reason"])
                                                                          for s in reports[1]["skipped"]]
     assert reports[0]["counts"]["new"] == len(Gallery.load(local)) - 2  # the resumed run did only the rest
+
+
+def test_ray_indexing_of_only_bad_files_is_one_line(ray_cluster, tmp_path, capsys):
+    from videofiles import text_as_mp4, zero_bytes
+
+    videos = tmp_path / "bad"
+    videos.mkdir()
+    zero_bytes(videos), text_as_mp4(videos)
+    address = ray_cluster.get_runtime_context().gcs_address
+    assert _index(["--videos", str(videos), "--out", str(tmp_path / "g"), "--ray", address, "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("skipped") >= 2

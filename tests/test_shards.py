@@ -158,6 +158,8 @@ def test_cli_shard_and_its_refusals(source, tmp_path, capsys):
     assert main(["gallery", "shard", source, "--shards", "99", "--out", str(tmp_path / "x")]) == 2
     assert "cannot fill 99 shards" in capsys.readouterr().err
     assert main(["gallery", "shard", source, "--shards", "2", "--out", source]) == 2
+    assert main(["gallery", "shard", source, "--shards", "2", "--out", os.path.dirname(source), "--overwrite"]) == 2
+    assert "a folder holding it" in capsys.readouterr().err and os.path.isdir(source)
     assert not os.path.exists(tmp_path / "x")
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -7,6 +7,7 @@ import os
 import sys
 
 from engine.cli.common import CLIError, add_overwrite, positive
+from engine.errors import CVRError
 from engine.gallery import DTYPES, FAISS_SHORTHANDS
 
 
@@ -132,6 +133,11 @@ def _videos(args) -> int:
         raise CLIError(f"--workers must be >= 0, got {args.workers}")
     if args.shards_out and not args.shards:
         raise CLIError("--shards-out needs --shards N")
+    shards_out = (args.shards_out or args.out.rstrip("/") + "-shards") if args.shards else None
+    if shards_out:
+        out, there = os.path.abspath(args.out), os.path.abspath(shards_out)
+        if there == out or there.startswith(out + os.sep) or out.startswith(there + os.sep):
+            raise CLIError(f"--shards-out {shards_out}: must not be the gallery {args.out}, inside it or hold it")
     if args.ray is not None:
         from engine.cli.common import require
 
@@ -152,11 +158,16 @@ def _videos(args) -> int:
               file=sys.stderr)
     else:
         print(f"{args.out}: {report.videos} videos")
-    if args.shards and report.videos:
+    print(report.summary())  # N new, N changed, N unchanged, N removed, N skipped
+    if shards_out and report.videos:
         from engine.cluster.shardset import shard_gallery
 
-        out = args.shards_out or args.out.rstrip("/") + "-shards"
-        top = shard_gallery(args.out, args.shards, out, progress=not args.quiet)
-        print(f"{out}: {top['count']} videos in {len(top['shards'])} shards")
-    print(report.summary())  # the last line: N new, N changed, N unchanged, N removed, N skipped
+        # The gallery is committed whatever happens here: a refusal says so.
+        try:
+            top = shard_gallery(args.out, args.shards, shards_out, progress=not args.quiet)
+        except CVRError as error:
+            raise CLIError(f"{args.out} is indexed, but not split: {error}") from None
+        print(f"{shards_out}: {top['count']} videos in {len(top['shards'])} shards")
+    elif shards_out:
+        print(f"cvr index: no videos, so no shard set at {shards_out}", file=sys.stderr)
     return report.exit_code

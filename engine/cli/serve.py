@@ -18,7 +18,7 @@ def add(sub) -> None:
                        help="query replicas on Ray (default 1); with --max-replicas the least of an autoscaling range")
     serve.add_argument("--max-replicas", type=positive("--max-replicas"), default=None,
                        help="autoscale the query replicas up to this many on the requests in flight")
-    serve.add_argument("--shard-cpus", type=float, default=None,
+    serve.add_argument("--shard-cpus", type=_non_negative, default=None,
                        help="logical CPUs each shard actor reserves (default: 1, less on a small cluster)")
     serve.add_argument("--checkpoint", required=True)
     serve.add_argument("--backend", default="torch", choices=BACKENDS)
@@ -147,7 +147,7 @@ def run_on_ray(config, args) -> None:
     stop = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(number, lambda *_: stop.set())
-    shards = None
+    shards, deployed = None, False
     try:
         shards = RayShards.start(config.gallery, config.checkpoint, cpus=args.shard_cpus, threads=1)
         top_replicas = args.max_replicas or args.replicas
@@ -155,13 +155,35 @@ def run_on_ray(config, args) -> None:
         replica_cpus = max(0.1, min(1.0, round(left / top_replicas, 2)))  # what the shards leave, shared
         gpus = min(1.0, cluster_gpus() / top_replicas) if config.device.startswith("cuda") else 0.0
         ray_serve.deploy(config, config.gallery, shards.names, args.replicas, args.max_replicas, replica_cpus, gpus)
+        deployed = True
         print(f"cvr serve: {len(shards.names)} shards on http://{config.host}:{config.port}/ (Ray Serve, "
               f"{args.replicas}{'-' + str(args.max_replicas) if args.max_replicas else ''} replicas; "
               f"API docs at /docs)", flush=True)
         stop.wait()
+    except ray.exceptions.RayError as error:
+        from engine.cluster.ray_shards import cluster_error
+
+        raise cluster_error(error, "Ray Serve failed") from None
+    except RuntimeError as error:  # Serve's own "deploying the application failed"
+        from engine.cluster.ray_shards import ClusterError
+
+        raise ClusterError(f"Ray Serve: {str(error).strip().splitlines()[0]}") from None
     finally:
-        ray_serve.shutdown()
+        if deployed:
+            ray_serve.undeploy()
         if shards is not None:
             shards.close()
         if args.ray == "local":
             ray.shutdown()
+
+
+def _non_negative(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value

@@ -17,10 +17,11 @@ paths (shared storage, or a copy per node).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
-from engine.cluster.ray_shards import cluster_gpus, connect
+from engine.cluster.ray_shards import cluster_error, cluster_gpus, connect
 
 
 class Decoder:
@@ -66,7 +67,8 @@ class Embedder:
     def __call__(self, batch: dict) -> dict:
         from engine.video_embed import StageTimes, embed, frame_features
 
-        ok = [i for i, video in enumerate(batch["video"]) if video is not None]
+        # Not `video is not None`: Ray Data hands a batch of only failed files its Nones as NaN.
+        ok = [i for i, kind in enumerate(batch["kind"]) if not kind]
         videos = [batch["video"][i] for i in ok]
         times = StageTimes()
         pieces = [None] * len(batch["path"])
@@ -78,12 +80,12 @@ class Embedder:
                 mine = seg_row == n
                 pieces[i] = (lat[n], con[n], seg_lat[mine], seg_span[mine])
         # The frames stay here: the driver needs the record and the thumbnail, not the pixels.
-        metas = [None if v is None else dataclasses.replace(v, frames=np.zeros((0,), np.uint8))
-                 for v in batch["video"]]
+        metas = [dataclasses.replace(batch["video"][i], frames=np.zeros((0,), np.uint8)) if i in ok else None
+                 for i in range(len(batch["path"]))]
         share = (times.resnet + times.tower) / max(1, len(videos))
         return _columns({"path": list(batch["path"]), "video": metas, "piece": pieces, "kind": list(batch["kind"]),
                          "reason": list(batch["reason"]), "decode_s": list(batch["decode_s"]),
-                         "embed_s": [share if v is not None else 0.0 for v in batch["video"]]})
+                         "embed_s": [share if i in ok else 0.0 for i in range(len(batch["path"]))]})
 
 
 def _columns(values: dict) -> dict:
@@ -109,13 +111,20 @@ def _dataset(paths: list, sampling: dict, size: int, models, window, options):
     device = "cuda" if on_gpu else "cpu"
     decoders = max(1, int(options.workers))
     max_frames = int(models.job.get("max_frames", 64))
-    dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths)))
+    # A few blocks per decoder keep them all busy; one block per file would be a million tasks.
+    blocks = max(1, min(len(paths), 8 * decoders))
+    dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
     dataset = dataset.map_batches(Decoder, fn_constructor_args=(sampling, size), batch_size=1, batch_format="numpy",
                                   compute=ray.data.ActorPoolStrategy(size=decoders),
                                   num_cpus=max(0.1, min(1.0, cpus / (2 * decoders))))
     embed_options = {"num_gpus": 1} if on_gpu else {"num_cpus": max(0.1, min(1.0, cpus / 2))}
-    return dataset.map_batches(Embedder, fn_constructor_args=(models.checkpoint, models.record, options.vision_weights,
-                                                              device, max_frames, window and window.to_dict()),
+    # Actors run in Ray's working directory, not the caller's: every path they get is absolute.
+    weights = options.vision_weights
+    if weights not in (None, "builtin", "random"):
+        weights = os.path.abspath(weights)
+    return dataset.map_batches(Embedder, fn_constructor_args=(os.path.abspath(models.checkpoint), models.record,
+                                                              weights, device, max_frames,
+                                                              window and window.to_dict()),
                                batch_size=options.batch_videos, batch_format="numpy",
                                compute=ray.data.ActorPoolStrategy(size=max(1, gpus) if on_gpu else 1),
                                **embed_options)
@@ -149,6 +158,8 @@ def index_pending_on_ray(pending: list, writer, models, sampling, window, option
 
     try:
         run_stream(pending, stream(), commit, writer, options, report)
+    except ray.exceptions.RayError as error:
+        raise cluster_error(error, "the Ray Data job failed") from None
     finally:
         if started_here:
             ray.shutdown()

@@ -16,8 +16,9 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import os
+import sys
 
-from engine.cluster.ray_shards import NAMESPACE, require_ray
+from engine.cluster.ray_shards import NAMESPACE, ClusterError, require_ray
 
 APP_NAME = "cvr-sdgm"
 DEPLOYMENT = "cvr-query"
@@ -63,8 +64,9 @@ def _replica_class():
             set_threads(config.threads)
             pipeline = open_pipeline(config.backend, config.checkpoint, config.device, config.generator,
                                      config.steps, config.anchor_cache, None, config.export_dir, config.threads)
-            self.retriever = ShardedRetriever(pipeline, shard_folder, RayShards.attach(shard_names), config.backend,
-                                              config.anchor_cache)
+            shards = RayShards.attach(shard_names)
+            shards.timeout = config.timeout_s  # a hung shard is a 503 for this batch, not a stuck replica
+            self.retriever = ShardedRetriever(pipeline, shard_folder, shards, config.backend, config.anchor_cache)
             self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvr-model")
             self.answer.set_max_batch_size(config.max_batch)
             self.answer.set_batch_wait_timeout_s(config.max_wait_ms / 1000.0)
@@ -97,6 +99,12 @@ def deploy(config, shard_folder: str, shard_names: list, replicas: int = 1, max_
 
     if not ray.is_initialized():
         raise RuntimeError("connect to Ray first (engine.cluster.ray_shards.connect)")
+    running = sorted(serve.status().applications)
+    if running:
+        # One Serve HTTP proxy per cluster: another app at "/" would be replaced, and new
+        # http_options (host, port) would be ignored.
+        raise ClusterError(f"Ray Serve on this cluster already runs {', '.join(running)}: stop it "
+                           "(`serve shutdown`) or use another cluster")
     options = {"name": DEPLOYMENT, "max_ongoing_requests": max(2 * config.max_batch, 8),
                "max_queued_requests": config.max_queue,
                "ray_actor_options": {"num_cpus": replica_cpus, "num_gpus": gpus,
@@ -113,16 +121,28 @@ def deploy(config, shard_folder: str, shard_names: list, replicas: int = 1, max_
     deployment = serve.deployment(_replica_class()).options(**options)
     serve.start(http_options={"host": config.host, "port": config.port,
                               "request_timeout_s": config.timeout_s + 5})
-    serve.run(deployment.bind(dataclasses.asdict(config), os.path.abspath(shard_folder), list(shard_names)),
-              name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.run(deployment.bind(dataclasses.asdict(config), os.path.abspath(shard_folder), list(shard_names)),
+                  name=APP_NAME, route_prefix="/", blocking=False)
+    except BaseException:
+        undeploy()  # a replica that cannot start leaves no half-deployed app behind
+        raise
 
 
-def shutdown() -> None:
+def undeploy() -> None:
+    """Delete this engine's Serve app, then Serve itself when nothing else runs on it."""
     ray = require_ray()
-    if ray.is_initialized():
-        from ray import serve
+    if not ray.is_initialized():
+        return
+    from ray import serve
 
-        serve.shutdown()
+    try:
+        if APP_NAME in serve.status().applications:
+            serve.delete(APP_NAME)
+        if not serve.status().applications:
+            serve.shutdown()
+    except Exception as error:  # noqa: BLE001 - a Serve already gone is what was asked for
+        print(f"cvr serve: stopping Ray Serve: {str(error).splitlines()[0]}", file=sys.stderr)
 
 
-__all__ = ["APP_NAME", "DEPLOYMENT", "NAMESPACE", "ServeBatch", "deploy", "shutdown"]
+__all__ = ["APP_NAME", "DEPLOYMENT", "NAMESPACE", "ServeBatch", "deploy", "undeploy"]

@@ -8,18 +8,34 @@ paths (shared storage, or a copy per node): an actor loads only its own shard.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import uuid
 
 import numpy as np
 
-from engine.errors import CVRError
+from engine.errors import CVRError, UnavailableError
 
 NAMESPACE = "cvr-sdgm"
 ACTOR_PREFIX = "cvr-shard"
+START_TIMEOUT_S = 600.0  # loading a shard of millions of rows takes a while; never waiting is worse
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class ClusterError(CVRError):
-    """Ray missing, unreachable, or a shard actor that failed (one-line message)."""
+class ClusterError(UnavailableError):
+    """Ray missing or unreachable, or a shard actor that failed or is too slow (one-line message)."""
+
+
+def cluster_error(error: Exception, what: str) -> CVRError:
+    """The one-line error a Ray failure deserves: the CVRError raised inside an actor or task as
+    itself, anything else as a ClusterError naming its last meaningful line (no colour codes)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, CVRError):
+        return cause
+    lines = [ANSI.sub("", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("File ", "Traceback", "^"))]
+    found = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else type(error).__name__)
+    return ClusterError(f"{what}: {found}")
 
 
 def require_ray():
@@ -86,31 +102,47 @@ class RayShards:
     def __init__(self, actors: list, names: list):
         self.actors, self.names = actors, names
         self.cpus = 0.0  # logical CPUs each actor reserved (known to the process that started them)
+        self.timeout = None  # seconds a call may take (a server sets its request deadline)
 
     @classmethod
     def start(cls, folder: str, checkpoint: str, device: str = "cpu", cpus: float | None = None,
-              threads: int = 1, prefix: str = ACTOR_PREFIX) -> RayShards:
-        """One actor per shard of the set at `folder`, named `prefix-shard-NNN` (so that query
-        replicas find them); returns once every shard has loaded."""
+              threads: int = 1, prefix: str | None = None, timeout: float = START_TIMEOUT_S) -> RayShards:
+        """One actor per shard of the set at `folder`, named `prefix-shard-NNN` (unique per call
+        unless given, so that two servers on one cluster never meet; query replicas attach by
+        name); returns once every shard has loaded, or cleans up and raises one line."""
         from engine.cluster.scatter import ShardSearcher
-        from engine.cluster.shardset import read_shardset
+        from engine.cluster.shardset import check_shards, read_shardset
 
         ray = require_ray()
         folder, checkpoint = os.path.abspath(folder), os.path.abspath(checkpoint)
         top = read_shardset(folder)
-        cpus = shard_cpus(len(top["shards"])) if cpus is None else cpus
+        check_shards(folder, top)  # a missing or changed shard is refused here, with its own message
+        total = float(ray.cluster_resources().get("CPU", 1.0))
+        cpus = shard_cpus(len(top["shards"])) if cpus is None else float(cpus)
+        if not 0 <= cpus <= total:
+            raise ClusterError(f"--shard-cpus {cpus:g}: must be between 0 and the cluster's {total:g} CPUs")
+        prefix = prefix or f"{ACTOR_PREFIX}-{uuid.uuid4().hex[:8]}"
         gpus = 1 if device.startswith("cuda") else 0
         remote = ray.remote(ShardSearcher)
-        names, actors = [], []
-        for entry in top["shards"]:
-            name = f"{prefix}-{entry['name']}"
-            names.append(name)
-            actors.append(remote.options(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
-                                         get_if_exists=False).remote(folder, entry, checkpoint, top["fields"],
-                                                                     device, threads))
-        shards = cls(actors, names)
+        shards = cls([], [])
         shards.cpus = cpus
-        shards.call("info")  # waits for every load; a shard that cannot load says why here
+        try:
+            for entry in top["shards"]:
+                name = f"{prefix}-{entry['name']}"
+                # A shard actor holds nothing but what it loads: Ray restarts it where it died.
+                actor = remote.options(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
+                                       max_restarts=3, max_task_retries=1)
+                shards.actors.append(actor.remote(folder, entry, checkpoint, top["fields"], device, threads))
+                shards.names.append(name)
+            shards.call("info", timeout=timeout)  # waits for every load
+        except BaseException as error:
+            shards.close()
+            if isinstance(error, ValueError) and "already" in str(error):
+                raise ClusterError(f"shard actors named {prefix}-* already run on this cluster") from None
+            if isinstance(error, ClusterError) and "did not answer" in str(error):
+                raise ClusterError(f"the {len(top['shards'])} shard actors did not start within {timeout:g} s "
+                                   f"(each asks {cpus:g} CPUs of the cluster's {total:g}; see `ray status`)") from None
+            raise
         return shards
 
     @classmethod
@@ -122,21 +154,22 @@ class RayShards:
         except ValueError as error:
             raise ClusterError(f"shard actor missing: {error}") from None
 
-    def call(self, method: str, *args) -> list:
+    def call(self, method: str, *args, timeout: float | None = None) -> list:
         ray = require_ray()
         refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
         try:
-            return ray.get([getattr(actor, method).remote(*refs) for actor in self.actors])
-        except ray.exceptions.RayTaskError as error:
-            cause = getattr(error, "cause", None)
-            if isinstance(cause, CVRError | OSError):
-                raise cause from None
-            raise
-        except ray.exceptions.RayActorError as error:
-            raise ClusterError(f"a shard actor is down ({str(error).strip().splitlines()[0]})") from None
+            return ray.get([getattr(actor, method).remote(*refs) for actor in self.actors],
+                           timeout=timeout if timeout is not None else self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"a shard did not answer {method} within {timeout or self.timeout:g} s") from None
+        except ray.exceptions.RayError as error:
+            raise cluster_error(error, "a shard actor failed") from None
 
     def close(self) -> None:
         ray = require_ray()
         for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+            try:
+                ray.kill(actor, no_restart=True)
+            except ValueError:  # already gone
+                pass
+        self.actors, self.names = [], []

@@ -53,9 +53,6 @@ class ShardSearcher:
                 "indexed": gallery.faiss_index is not None, "media_root": gallery.media_root,
                 "nbytes": gallery.nbytes, "pid": os.getpid()}
 
-    def check_where(self, where: list) -> None:
-        self._allowed(where)
-
     def _allowed(self, where: list):
         from engine import filters
 

@@ -66,8 +66,8 @@ def shard_gallery(source: str, shards: int, out: str, overwrite: bool = False, p
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ShardSetError(f"--shards must be a positive integer, got {shards!r}")
     source, out = os.path.abspath(source), os.path.abspath(out)
-    if out == source or out.startswith(source + os.sep):
-        raise ShardSetError(f"--out {out}: must not be the gallery {source} or inside it")
+    if out == source or out.startswith(source + os.sep) or source.startswith(out + os.sep):
+        raise ShardSetError(f"--out {out}: must not be the gallery {source}, inside it or a folder holding it")
     gallery = Gallery.load(source)
     if shards > len(gallery):
         raise ShardSetError(f"{source}: {len(gallery)} videos cannot fill {shards} shards (one video at least each)")
@@ -203,18 +203,29 @@ def shard_folder(folder: str, entry: dict) -> str:
     return os.path.join(folder, entry["name"])
 
 
-def load_shard(folder: str, entry: dict, checkpoint_id: str | None = None, verify: bool = True) -> Gallery:
-    """One shard of the set at `folder` (its entry from the top manifest), refused when its
-    manifest is not the one the split recorded."""
+def check_shards(folder: str, top: dict) -> None:
+    """Every shard of the set is there with the manifest the split recorded (what a driver checks
+    before it starts actors on them; each actor verifies its shard's files as it loads)."""
+    for entry in top["shards"]:
+        _check_manifest(folder, entry)
+
+
+def _check_manifest(folder: str, entry: dict) -> None:
     path = shard_folder(folder, entry)
-    manifest_path = os.path.join(path, MANIFEST)
     try:
-        digest = files.sha256_file(manifest_path)
+        digest = files.sha256_file(os.path.join(path, MANIFEST))
     except FileNotFoundError:
         raise ShardSetError(f"{path}: shard missing (no {MANIFEST}): copy it from the shard set") from None
     if digest != entry["manifest"]:
         raise ShardSetError(f"{path}: not the shard {SHARDS} recorded (its manifest differs): "
                             "split the gallery again with `cvr gallery shard`")
+
+
+def load_shard(folder: str, entry: dict, checkpoint_id: str | None = None, verify: bool = True) -> Gallery:
+    """One shard of the set at `folder` (its entry from the top manifest), refused when its
+    manifest is not the one the split recorded."""
+    path = shard_folder(folder, entry)
+    _check_manifest(folder, entry)
     gallery = Gallery.load(path, checkpoint_id=checkpoint_id, verify=verify)
     if len(gallery) != entry["count"]:
         raise ShardSetError(f"{path}: {len(gallery)} videos, {SHARDS} says {entry['count']}")

@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from engine.errors import CVRError
+from engine.errors import CVRError, UnavailableError
 from engine.serve.batcher import MicroBatcher, QueueFull
 from engine.serve.metrics import Metrics
 from engine.serve.state import MAX_BODY_BYTES, MAX_K, MAX_QUERIES, MAX_QUERY_CHARS, GalleryHolder, Jobs, ServeConfig
@@ -158,6 +158,8 @@ def create_app(config: ServeConfig, retriever, make_batcher=None) -> FastAPI:
                                 headers={"Retry-After": str(random.choice((1, 2)))})
         except asyncio.TimeoutError:
             raise HTTPException(504, f"no answer within {config.timeout_s:g} s") from None
+        except UnavailableError as error:  # a shard down or too slow: not the request's fault
+            return JSONResponse({"detail": str(error).splitlines()[0]}, status_code=503, headers={"Retry-After": "5"})
         except CVRError as error:
             raise HTTPException(400, str(error).splitlines()[0]) from None
         results = [_as_json(result, timings) for result, timings in answers]
@@ -165,7 +167,7 @@ def create_app(config: ServeConfig, retriever, make_batcher=None) -> FastAPI:
 
     @app.get("/v1/videos/{video_id:path}/thumbnail")
     async def thumbnail(video_id: str):
-        gallery, row = _video(holder, video_id)
+        gallery, row = await _video_off_loop(holder, video_id)
         path = gallery.thumbnail(row)
         if not path or not os.path.isfile(path):
             raise HTTPException(404, f"video {video_id!r} has no thumbnail")
@@ -173,7 +175,7 @@ def create_app(config: ServeConfig, retriever, make_batcher=None) -> FastAPI:
 
     @app.get("/v1/videos/{video_id:path}/file")
     async def video_file(video_id: str):
-        gallery, _ = _video(holder, video_id)
+        gallery, _ = await _video_off_loop(holder, video_id)
         paths = [p for p in gallery.paths(video_id) if os.path.isfile(p) and _within(gallery.media_root, p)]
         if not paths:
             raise HTTPException(404, f"video {video_id!r} has no file on this server")
@@ -181,7 +183,7 @@ def create_app(config: ServeConfig, retriever, make_batcher=None) -> FastAPI:
 
     @app.get("/v1/videos/{video_id:path}")
     async def video(video_id: str):
-        gallery, row = _video(holder, video_id)
+        gallery, row = await _video_off_loop(holder, video_id)
         record = gallery.record(row) or {}
         return {"id": video_id, "paths": [os.path.relpath(p, gallery.media_root) for p in gallery.paths(video_id)]
                 if gallery.has_media else [], "record": record,
@@ -294,6 +296,12 @@ def _as_json(result, timings: dict) -> dict:
                      "file": f"/v1/videos/{video_id}/file" if detail["path"] else None})
     anchor = result.anchor and f"/v1/anchors/{os.path.basename(result.anchor)}"
     return {"query": result.query, "hits": hits, "anchor": anchor, "timings_ms": timings}
+
+
+async def _video_off_loop(holder: GalleryHolder, video_id: str) -> tuple:
+    """_video on a worker thread: over a shard set the lookup asks every shard, which must not
+    stall the event loop (and with it every other request)."""
+    return await asyncio.get_running_loop().run_in_executor(None, _video, holder, video_id)
 
 
 def _video(holder: GalleryHolder, video_id: str) -> tuple:

@@ -91,25 +91,37 @@ class MicroBatcher:
     async def _run_batch(self, batch: list) -> None:
         now = time.monotonic()
         live = [p for p in batch if not p.future.done() and p.deadline > now]  # the late are not served
-        answers = await answer_grouped([(p.texts, p.key) for p in live], self.run, self.executor, self.on_batch)
-        for pending, answer in zip(live, answers, strict=True):
-            if pending.future.done():
-                continue
-            if isinstance(answer, Exception):
-                pending.future.set_exception(answer)
+
+        def answer(i: int, result) -> None:
+            future = live[i].future
+            if future.done():
+                return
+            if isinstance(result, Exception):
+                future.set_exception(result)
             else:
-                pending.future.set_result(answer)
+                future.set_result(result)
+
+        await answer_grouped([(p.texts, p.key) for p in live], self.run, self.executor, self.on_batch,
+                             on_answer=answer, gone=lambda i: live[i].future.done())
 
 
-async def answer_grouped(requests: list, run, executor, on_batch=None) -> list:
+async def answer_grouped(requests: list, run, executor, on_batch=None, on_answer=None, gone=None) -> list:
     """Answer requests [(texts, key)] with one `run(texts, key)` call per distinct key on
     `executor`: per request, its list of results or the exception it raised. A call that fails
-    is run again request by request, so only the request that fails gets the error."""
+    is run again request by request, so only the request that fails gets the error.
+    `on_answer(i, answer)` hears each request's answer as soon as its group has run (not after
+    every group); `gone(i)` says a request nobody waits for any more (it is not run alone)."""
     groups: dict = {}
     for i, (_, key) in enumerate(requests):
         groups.setdefault(key, []).append(i)
     loop = asyncio.get_running_loop()
     answers: list = [None] * len(requests)
+
+    def settle(i: int, value) -> None:
+        answers[i] = value
+        if on_answer:
+            on_answer(i, value)
+
     for key, members in groups.items():
         texts = [t for i in members for t in requests[i][0]]
         if on_batch:
@@ -118,16 +130,18 @@ async def answer_grouped(requests: list, run, executor, on_batch=None) -> list:
             results = await loop.run_in_executor(executor, run, texts, key)
         except Exception as error:  # noqa: BLE001 - whose request failed is found below
             if len(members) == 1:
-                answers[members[0]] = error
+                settle(members[0], error)
                 continue
             for i in members:
+                if gone and gone(i):
+                    continue
                 try:
-                    answers[i] = await loop.run_in_executor(executor, run, requests[i][0], key)
+                    settle(i, await loop.run_in_executor(executor, run, requests[i][0], key))
                 except Exception as alone:  # noqa: BLE001 - this request's own error
-                    answers[i] = alone
+                    settle(i, alone)
             continue
         start = 0
         for i in members:
-            answers[i] = results[start : start + len(requests[i][0])]
+            settle(i, results[start : start + len(requests[i][0])])
             start += len(requests[i][0])
     return answers
