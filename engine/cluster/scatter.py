@@ -35,14 +35,14 @@ class ShardSearcher:
                  threads: int = 1, verify: bool = True):
         import torch
 
-        from engine.backends.pytorch import TorchScorer
+        from engine.backends.pytorch import scorer_for
         from engine.checkpoint import load_matcher
         from engine.search import keep_freed_memory
 
         torch.set_num_threads(max(1, int(threads)))
         matcher = load_matcher(checkpoint, device)
         self.gallery = load_shard(folder, entry, matcher.checkpoint_id, verify)
-        self.scorer = TorchScorer(matcher, device)
+        self.scorer = scorer_for(matcher, device)  # the checkpoint's head: cvr or glscl
         self.offset, self.name, self.fields = int(entry["offset"]), entry["name"], list(fields)
         self._table = None
         keep_freed_memory()
