@@ -62,6 +62,12 @@ def is_gallery(path: Path) -> bool:
     return json_format(path / MANIFEST) == FORMAT
 
 
+def is_reranker(path: Path) -> bool:
+    from engine.reranking import CONFIG, FORMAT
+
+    return json_format(path / CONFIG) == FORMAT
+
+
 def is_export(path: Path) -> bool:
     from engine.backends.onnxruntime import EXPORT_FORMAT, MANIFEST
 
@@ -139,6 +145,7 @@ KINDS = {
     "gallery": (is_gallery, "a gallery"),
     "shard set": (is_shardset, "a shard set written by `cvr gallery shard`"),
     "export": (is_export, "an export folder"),
+    "reranker": (is_reranker, "a reranker folder written by `cvr train-reranker`"),
     "anchor store": (is_anchor_store, "an anchor store"),
     "generator": (is_generator, "a built-in generator folder"),
     "students": (is_students, "a folder of distilled students"),

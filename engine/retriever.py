@@ -12,6 +12,11 @@ methods, engine/backends/):
   Both take the export folder (`export_dir`); the Retriever never exports anything itself.
 The stages' wall times of the last call are kept in `last_timings` (seconds), with whether it was
 the first (cold) search of this Retriever.
+
+An optional generative reranker (engine/reranking.py, `cvr train-reranker`; `reranker=` a folder or
+a loaded one) rescored each query's top M: the first stage then searches max(k, M) candidates (any
+mode, filters included), the reranker re-sorts the first M and the top k are returned; its time is
+the "rerank" stage.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt")
 EXPORTED = ("onnxruntime", "tensorrt")  # backends that run `cvr export`'s files, not the checkpoint's modules
 STAGES = ("text", "anchor", "vision", "tower", "search")
+RERANK = "rerank"  # the reranker's stage: in the timings only of a Retriever that has one
 
 
 class QueryError(CVRError):
@@ -55,20 +61,24 @@ class Timings:
     vision: float = 0.0
     tower: float = 0.0
     search: float = 0.0
+    rerank: float = 0.0  # the generative reranker, when there is one (0 otherwise)
     queries: int = 0
     cold: bool = False  # the first search of its Retriever: includes one-time start-up (lazy loads, caches)
     mode: str = ""  # the gallery search that ran: exhaustive or two-stage
+    reranked: int = 0  # M, the candidates a reranker rescored per query (0: none)
     extra: dict = field(default_factory=dict)
 
     def per_query_ms(self) -> dict:
         n = max(self.queries, 1)
-        return {stage: 1000.0 * getattr(self, stage) / n for stage in STAGES}
+        stages = (*STAGES, RERANK) if self.reranked else STAGES
+        return {stage: 1000.0 * getattr(self, stage) / n for stage in stages}
 
     def describe(self) -> str:
         """The per-stage latency line `cvr search` prints."""
         parts = ", ".join(f"{k} {v:.1f}" for k, v in self.per_query_ms().items())
         when = "cold: the first search of this process, with one-time start-up" if self.cold else "warm"
-        return f"latency per query (ms, {when}; {self.mode} search): {parts}"
+        search = f"{self.mode} search" + (f", top {self.reranked} reranked" if self.reranked else "")
+        return f"latency per query (ms, {when}; {search}): {parts}"
 
 
 def check_backend(backend: str, device: str = "cpu") -> None:
@@ -113,11 +123,19 @@ def open_pipeline(backend: str, checkpoint: str, device: str = "cpu", generator:
 
 
 class Retriever:
-    """`Retriever(checkpoint, gallery, backend=..., ...)`; `search(texts, k, options)`."""
+    """`Retriever(checkpoint, gallery, backend=..., ..., reranker=None)`; `search(texts, k, options)`."""
+
+    reranker = None  # an engine.reranking.Reranker, or None: the first stage's ranking as it is
+    _rerank_seconds = 0.0
 
     def __init__(self, checkpoint: str, gallery: str, backend: str = "torch", generator: str | None = None,
                  device: str = "cpu", steps: int | None = None, anchor_cache: str | None = None,
-                 vision_weights: str | None = None, export_dir: str | None = None, threads: int = 1):
+                 vision_weights: str | None = None, export_dir: str | None = None, threads: int = 1,
+                 reranker=None):
+        if isinstance(reranker, str):  # a folder: refuse a backend that cannot run it before any load
+            from engine.reranking import check_rerank_backend
+
+            check_rerank_backend(backend)
         self.backend = backend
         self.pipeline = open_pipeline(backend, checkpoint, device, generator, steps, anchor_cache, vision_weights,
                                       export_dir, threads)
@@ -126,18 +144,40 @@ class Retriever:
         self.last_timings = Timings()
         self._searched = False
         self._fields = None  # the gallery's filter fields, read at the first filtered search
+        if reranker is not None:
+            self.set_reranker(reranker, device, export_dir)
         keep_freed_memory()
 
+    def set_reranker(self, reranker, device: str = "cpu", export_dir: str | None = None) -> None:
+        """Rerank every later search with `reranker` (a folder, opened for this backend, or a loaded
+        engine.reranking.Reranker); None stops reranking. Refuses (one line) a reranker trained on
+        another checkpoint than this Retriever's."""
+        if isinstance(reranker, str):
+            from engine.reranking import open_reranker, read_reranker_config
+
+            base = read_reranker_config(reranker)["base"]["id"]  # refuse a foreign one before loading it
+            if base != self.pipeline.checkpoint_id:
+                raise QueryError(f"{reranker}: a reranker of checkpoint {base[:12]}, not of this Retriever's "
+                                 f"({self.pipeline.checkpoint_id[:12]}): train one with `cvr train-reranker --base`")
+            reranker = open_reranker(reranker, self.backend, device, export_dir)
+        if reranker is not None and reranker.base_id != self.pipeline.checkpoint_id:
+            raise QueryError(f"{reranker.folder}: a reranker of checkpoint {reranker.base_id[:12]}, not of this "
+                             f"Retriever's ({self.pipeline.checkpoint_id[:12]})")
+        self.reranker = reranker
+
     @classmethod
-    def from_parts(cls, pipeline, gallery: Gallery, backend: str, anchor_cache: str | None = None) -> Retriever:
+    def from_parts(cls, pipeline, gallery: Gallery, backend: str, anchor_cache: str | None = None,
+                   reranker=None) -> Retriever:
         """A Retriever over a pipeline and a gallery loaded separately (the benchmarks measure the
-        memory each one takes)."""
+        memory each one takes); `reranker` a loaded engine.reranking.Reranker or None."""
         retriever = cls.__new__(cls)
         retriever.backend, retriever.pipeline, retriever.gallery = backend, pipeline, gallery
         retriever.anchor_cache, retriever.last_timings, retriever._searched = anchor_cache, Timings(), False
         retriever._fields = None
         if gallery.checkpoint_id != pipeline.checkpoint_id:
             raise QueryError(f"{gallery.folder}: built with another checkpoint than the pipeline's")
+        if reranker is not None:
+            retriever.set_reranker(reranker)
         keep_freed_memory()
         return retriever
 
@@ -174,6 +214,7 @@ class Retriever:
         options = options or SearchOptions()
         allowed = self.allowed(where)
         timings = Timings(queries=len(texts), cold=not self._searched, mode=options.resolved_mode(self.gallery))
+        timings.reranked = self.reranker.candidates if self.reranker is not None else 0
         self._warn_long(texts)
         results = []
         for start in range(0, len(texts), batch_size):
@@ -195,9 +236,10 @@ class Retriever:
     def _search_batch(self, texts: list, k: int, options: SearchOptions, timings: Timings,
                       allowed=None) -> list:
         q_lat, q_con, anchor_paths = self._encode(texts, timings)
-        clock = time.perf_counter()
+        clock, self._rerank_seconds = time.perf_counter(), 0.0
         results = self._rank(texts, q_lat, q_con, k, options, allowed, anchor_paths)
-        timings.search += time.perf_counter() - clock
+        timings.search += time.perf_counter() - clock - self._rerank_seconds
+        timings.rerank += self._rerank_seconds
         return results
 
     def _encode(self, texts: list, timings: Timings) -> tuple:
@@ -222,9 +264,18 @@ class Retriever:
 
     def _rank(self, texts: list, q_lat: np.ndarray, q_con: np.ndarray, k: int, options: SearchOptions,
               allowed, anchor_paths: list) -> list:
-        """The gallery search of a batch of query embeddings, as SearchResults."""
-        values, rows = gallery_search(self.pipeline.scorer, self.gallery, q_lat, q_con, k, options, allowed)
+        """The gallery search of a batch of query embeddings, as SearchResults; with a reranker, the
+        first stage's max(k, M) candidates reranked, then the top k."""
+        reranker = self.reranker
+        wanted = k if reranker is None else min(max(k, reranker.candidates), len(self.gallery))
+        values, rows = gallery_search(self.pipeline.scorer, self.gallery, q_lat, q_con, wanted, options, allowed)
         check_scores(values[rows >= 0], self.gallery.folder)
+        if reranker is not None:
+            clock = time.perf_counter()
+            values, rows = reranker.rerank(texts, q_lat, values, rows, self.gallery)
+            values, rows = values[:, :k], rows[:, :k]
+            check_scores(values[rows >= 0], reranker.folder)
+            self._rerank_seconds += time.perf_counter() - clock
         return self._results(texts, values, rows, anchor_paths, q_lat)
 
     def _results(self, texts: list, values: np.ndarray, rows: np.ndarray, anchor_paths: list,

@@ -10,7 +10,7 @@ import argparse
 import errno
 import sys
 
-from engine.cli import data, demo, doctor, export, features, generator, index, search, serve, train, vision
+from engine.cli import data, demo, doctor, export, features, generator, index, rerank, search, serve, train, vision
 from engine.cli.common import CLIError
 from engine.errors import CVRError
 
@@ -19,7 +19,7 @@ __all__ = ["CLIError", "EXIT_OK", "EXIT_PARTIAL", "EXIT_REFUSED", "build_parser"
 # partly done (some inputs skipped, each reported on its own line). 1 is Python's own (a bug's
 # traceback) and 130 an interrupt.
 EXIT_OK, EXIT_REFUSED, EXIT_PARTIAL = 0, 2, 3
-GROUPS = (data, vision, features, train, index, search, serve, export, generator, demo, doctor)
+GROUPS = (data, vision, features, train, rerank, index, search, serve, export, generator, demo, doctor)
 
 
 class Parser(argparse.ArgumentParser):

@@ -32,6 +32,9 @@ def add(sub) -> None:
     search.add_argument("--where", action="append", default=[], metavar="FILTER",
                         help="only videos whose metadata passes FIELD OP VALUE (OP: = != < <= > >=), e.g. "
                              "'duration>=10' or 'tag=cooking'; repeat for several (all must hold)")
+    search.add_argument("--rerank", default=None, metavar="RERANKER",
+                        help="rerank each query's top M with a generative reranker (`cvr train-reranker` of this "
+                             "--checkpoint); backends torch and triton")
     search.add_argument("--backend", default="torch", choices=BACKENDS)
     search.add_argument("--export", default=None,
                         help="export folder for onnxruntime / tensorrt (default: made or reused in CHECKPOINT/onnx)")
@@ -69,6 +72,7 @@ def handler(args) -> int:
     texts = Retriever.clean_queries(read_queries(args))  # reject bad input before loading anything
     parse_all(args.where)
     check_backend(args.backend, args.device)
+    check_rerank(args)
     count = read_manifest(args.gallery)["count"]
     if args.k > count:
         raise CLIError(f"-k {args.k} is more than the gallery's {count} videos")
@@ -93,6 +97,22 @@ def handler(args) -> int:
     return 0
 
 
+def check_rerank(args) -> None:
+    """--rerank: a backend that can run it, and a reranker of this checkpoint (one line each), before
+    any model loads."""
+    folder = getattr(args, "rerank", None)
+    if folder is None:
+        return
+    from engine.checkpoint import checkpoint_id
+    from engine.reranking import check_rerank_backend, read_reranker_config
+
+    check_rerank_backend(args.backend)
+    base = read_reranker_config(folder)["base"]["id"]
+    if base != checkpoint_id(args.checkpoint):
+        raise CLIError(f"--rerank {folder}: trained on another checkpoint ({base[:12]}) than --checkpoint "
+                       f"{args.checkpoint}: train one with `cvr train-reranker --base {args.checkpoint}`")
+
+
 def open_retriever(args, gallery: str | None = None, anchor_cache: str | None = None):
     """The Retriever the flags describe (`cvr search`, `cvr serve`): an exported backend's export
     folder made or reused, torch's threads set, the models loaded once."""
@@ -104,9 +124,12 @@ def open_retriever(args, gallery: str | None = None, anchor_cache: str | None = 
         export_dir = _default_export(args)
     if args.backend not in EXPORTED:
         set_threads(args.threads)
+    reranker = getattr(args, "rerank", None)  # `cvr serve` has no --rerank
+    if reranker is not None and args.backend == "onnxruntime":
+        _default_rerank_export(reranker)
     return Retriever(args.checkpoint, gallery or args.gallery, backend=args.backend, generator=args.generator,
                      device=args.device, steps=args.steps, anchor_cache=anchor_cache or args.anchor_cache,
-                     export_dir=export_dir, threads=args.threads)
+                     export_dir=export_dir, threads=args.threads, reranker=reranker)
 
 
 def _as_json(result) -> dict:
@@ -158,3 +181,17 @@ def _default_export(args) -> str:
         return out
     return export_onnx(args.checkpoint, out, ExportOptions(modules=SEARCH_MODULES, generator=args.generator,
                                                            log=log)).folder
+
+
+def _default_rerank_export(reranker: str) -> str:
+    """The reranker's denoiser graph that `--backend onnxruntime` runs: made (once) or reused in
+    RERANKER/onnx, as the checkpoint's export is in CHECKPOINT/onnx."""
+    from engine.cli.common import require
+
+    require("export", "onnx", "onnxscript")
+    from export.graphs.rerank import export_reranker
+
+    def log(line: str) -> None:
+        if not line.startswith("reused"):
+            print(f"cvr search: {line}", file=sys.stderr)
+    return export_reranker(reranker, log=log).folder

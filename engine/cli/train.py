@@ -53,6 +53,8 @@ def add(sub) -> None:
     evaluate.add_argument("--candidates", type=int, default=None, help="--gallery: two-stage candidates per query")
     evaluate.add_argument("--where", action="append", default=[], help="--gallery: metadata filters")
     evaluate.add_argument("--backend", default="torch", help="--gallery: the query backend")
+    evaluate.add_argument("--rerank", default=None, metavar="RERANKER",
+                          help="--gallery: rerank each query's top M with this reranker (`cvr train-reranker`)")
     evaluate.add_argument("-k", type=int, default=None,
                           help="--gallery: hits per query (default: the whole gallery, so ranks are exact)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -164,6 +166,10 @@ def _evaluate_gallery(args) -> int:
     from engine.search_eval import search_metrics
 
     check_backend(args.backend)
+    if args.rerank:
+        from engine.cli.search import check_rerank
+
+        check_rerank(args)
     options = SearchOptions(mode=args.mode, candidates=args.candidates)
     options.validate()
     job = read_checkpoint_config(args.checkpoint).get("train", {}).get("job", {})
@@ -178,7 +184,12 @@ def _evaluate_gallery(args) -> int:
 
         args.export, args.generator = None, None
         export_dir = _default_export(args)
-    retriever = Retriever(args.checkpoint, args.gallery, backend=args.backend, export_dir=export_dir)
+    if args.rerank and args.backend == "onnxruntime":
+        from engine.cli.search import _default_rerank_export
+
+        _default_rerank_export(args.rerank)
+    retriever = Retriever(args.checkpoint, args.gallery, backend=args.backend, export_dir=export_dir,
+                          reranker=args.rerank)
     metrics = search_metrics(retriever, captions, k=args.k, options=options, where=args.where or None)
     out = args.out or os.path.join(args.gallery.rstrip("/") + f"_eval_{args.split}")
     claim_evaluation(out, args.overwrite)
@@ -188,13 +199,14 @@ def _evaluate_gallery(args) -> int:
     files.write_json(out + ".json", {"format": EVALUATION_FORMAT, "checkpoint": args.checkpoint,
                                       "gallery": args.gallery, "split": args.split, "collection": collection,
                                       "mode": args.mode, "where": args.where, "backend": args.backend,
-                                      "metrics": metrics})
+                                      "rerank": args.rerank, "metrics": metrics})
     lines = ["| t2v R@1 | R@5 | R@10 | MedR | mAP | found |", "|---|---|---|---|---|---|",
              f"| {metrics['t2v_r1']:.1f} | {metrics['t2v_r5']:.1f} | {metrics['t2v_r10']:.1f} | "
              f"{metrics['t2v_medr'] if metrics['t2v_medr'] is not None else 'inf'} | {metrics['t2v_map']:.3f} | "
              f"{100 * metrics['found']:.1f}% |"]
     files.atomic_write(out + ".md", "\n".join(lines) + "\n")
-    print(f"{collection} {args.split} through the search path ({args.mode}, {args.backend}): "
+    reranked = f", reranked by {args.rerank}" if args.rerank else ""
+    print(f"{collection} {args.split} through the search path ({args.mode}, {args.backend}{reranked}): "
           f"{metrics['queries']} queries, {metrics['videos']} videos")
     print("\n".join(lines))
     print(f"wrote {out}.json and {out}.md")
