@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo reproduce test bench bench-ingest lint clean install
+.PHONY: demo reproduce test bench bench-ingest bench-scale lint clean install
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(BIN)/python -m bench.ingest $(INGEST_ARGS)
+
+# Scatter-gather over Ray shard actors at 100k and 1M videos (~10 minutes on 2 cores); re-runs itself
+# inside `unshare -n` (root) so that Ray listens on loopback only.
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check engine kernels export training bench tests
