@@ -47,14 +47,32 @@ def require_ray():
 
 
 def in_private_network() -> bool:
-    """Whether this process sees no network interface but loopback (a private network namespace:
-    `unshare -n`), where everything Ray starts listens on 127.0.0.1 only."""
+    """Whether this process sees no network interface but loopback, and loopback is up (a private
+    network namespace: `unshare -n`, then `ip link set lo up`), where everything Ray starts
+    listens on 127.0.0.1 only."""
     try:  # /proc/self/net belongs to this process's network namespace (/sys/class/net may not)
         with open("/proc/self/net/dev", encoding="ascii") as handle:
             names = {line.split(":")[0].strip() for line in handle.readlines()[2:]}
     except OSError:
         return False
-    return names <= {"lo"}
+    return names <= {"lo"} and _loopback_up()
+
+
+def _loopback_up() -> bool:
+    """Whether this process can reach itself on 127.0.0.1: a new namespace's loopback is down
+    (and Ray then fails with a confusing error) until `ip link set lo up`. Binding succeeds
+    either way; connecting does not."""
+    import socket
+
+    try:
+        with socket.socket() as server, socket.socket() as client:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            client.settimeout(2.0)
+            client.connect(server.getsockname())
+        return True
+    except OSError:
+        return False
 
 
 def connect(address: str | None = None, num_cpus: int | None = None):
