@@ -36,7 +36,7 @@ LOG = "train_log.json"
 RETRAIN = "train it again with `cvr train-reranker`"
 COSINE_OFFSET = 0.008  # s of the cosine schedule (Nichol & Dhariwal), as DiffusionRet's
 MAX_BETA = 0.999
-RERANK_BACKENDS = ("torch", "triton")  # onnxruntime comes with the exported denoiser; tensorrt: no engine
+RERANK_BACKENDS = ("torch", "triton", "onnxruntime")  # tensorrt: no engine of the denoiser is built
 
 
 class RerankerError(CVRError):
@@ -252,9 +252,9 @@ def read_reranker_config(folder: str) -> dict:
     return dict(config, reranker=RerankConfig.from_dict(config.get("reranker"), path))
 
 
-def open_reranker(folder: str, backend: str, device: str = "cpu", export_dir: str | None = None) -> Reranker:
+def open_reranker(folder: str, backend: str, device: str = "cpu", threads: int = 1) -> Reranker:
     """The reranker runtime for a backend: PyTorch for torch and triton, the exported denoiser graph
-    through ONNX Runtime for onnxruntime (`cvr export --rerank`); TensorRT cannot run it."""
+    (RERANKER/onnx, `cvr export --rerank`) through ONNX Runtime for onnxruntime; TensorRT has none."""
     check_rerank_backend(backend)
     if backend in ("torch", "triton"):
         from engine.rerank import load_reranker
@@ -262,7 +262,7 @@ def open_reranker(folder: str, backend: str, device: str = "cpu", export_dir: st
         return load_reranker(folder, device)
     from engine.backends.onnx_rerank import OnnxReranker
 
-    return OnnxReranker(folder, export_dir)
+    return OnnxReranker(folder, device, threads)
 
 
 def check_rerank_backend(backend: str) -> None:

@@ -145,10 +145,10 @@ class Retriever:
         self._searched = False
         self._fields = None  # the gallery's filter fields, read at the first filtered search
         if reranker is not None:
-            self.set_reranker(reranker, device, export_dir)
+            self.set_reranker(reranker, device, threads)
         keep_freed_memory()
 
-    def set_reranker(self, reranker, device: str = "cpu", export_dir: str | None = None) -> None:
+    def set_reranker(self, reranker, device: str = "cpu", threads: int = 1) -> None:
         """Rerank every later search with `reranker` (a folder, opened for this backend, or a loaded
         engine.reranking.Reranker); None stops reranking. Refuses (one line) a reranker trained on
         another checkpoint than this Retriever's."""
@@ -159,7 +159,7 @@ class Retriever:
             if base != self.pipeline.checkpoint_id:
                 raise QueryError(f"{reranker}: a reranker of checkpoint {base[:12]}, not of this Retriever's "
                                  f"({self.pipeline.checkpoint_id[:12]}): train one with `cvr train-reranker --base`")
-            reranker = open_reranker(reranker, self.backend, device, export_dir)
+            reranker = open_reranker(reranker, self.backend, device, threads)
         if reranker is not None and reranker.base_id != self.pipeline.checkpoint_id:
             raise QueryError(f"{reranker.folder}: a reranker of checkpoint {reranker.base_id[:12]}, not of this "
                              f"Retriever's ({self.pipeline.checkpoint_id[:12]})")

@@ -298,3 +298,64 @@ def test_a_glscl_base_trains_and_reranks(msrvtt, tmp_path):
     plain, reranked = Retriever(base, gallery), Retriever(base, gallery, reranker=out)
     before, after = plain.search(["a dog"], k=5)[0], reranked.search(["a dog"], k=5)[0]
     assert sorted(_hits(after)[:3]) == sorted(_hits(before)[:3]) and _hits(after)[3:] == _hits(before)[3:]
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX: the denoiser step exported, parity, and the torch-free runtime
+
+TORCH_BLOCKED = """
+import sys, json
+import numpy as np
+sys.modules["torch"] = None  # any `import torch` now fails
+from engine.backends.onnx_rerank import OnnxReranker
+reranker = OnnxReranker(sys.argv[1])
+data = np.load(sys.argv[2])
+gallery = type("G", (), {"lat": data["lat"]})()
+values, rows = reranker.rerank(["a dog", "a red car"], data["q_lat"], data["values"], data["rows"], gallery)
+print(json.dumps({"rows": rows.tolist(), "values": values.tolist()}))
+"""
+
+
+def test_onnx_step_matches_pytorch_and_reranks_alike_without_torch(reranker_files, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from engine.backends.onnx_rerank import OnnxReranker
+
+    _, out, gallery = reranker_files
+    assert main(["export", "--rerank", out]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    with open(os.path.join(out, "onnx", "manifest.json")) as handle:
+        manifest = json.load(handle)
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4 and len(manifest["parity"]["cases"]) == 2
+    assert main(["export", "--rerank", out]) == 0 and "reused" in capsys.readouterr().out
+    torch_side, onnx_side = load_reranker(out), OnnxReranker(out)
+    # the step on odd sizes with padded candidates
+    x_t, t, query, cands, scores, mask = (v.numpy() for v in _inputs(3, 7, seed=4))
+    d = torch_side.config.latent_dim
+    query, cands = np.random.default_rng(0).normal(size=(3, d)), np.random.default_rng(1).normal(size=(3, 7, d))
+    query, cands, mask = query.astype(np.float32), cands.astype(np.float32), mask.copy()
+    mask[1, 3:] = False
+    np.testing.assert_allclose(onnx_side.denoise(x_t, t % 8, query, cands, scores, mask),
+                               torch_side.denoise(x_t, t % 8, query, cands, scores, mask), atol=1e-4)
+    # the whole rerank: same ranking, scores within float rounding, here and in a torch-free process
+    from engine.gallery import Gallery
+
+    lat = np.asarray(Gallery.load(gallery).lat, np.float32)
+    values, rows, _ = _first_stage(2, 6, len(lat), seed=3)
+    q_lat = np.random.default_rng(5).normal(size=(2, 2, d)).astype(np.float32)
+    texts = ["a dog", "a red car"]
+    expected = torch_side.rerank(texts, q_lat, values, rows, SimpleGallery(lat))
+    got = onnx_side.rerank(texts, q_lat, values, rows, SimpleGallery(lat))
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+    np.savez(tmp_path / "inputs.npz", lat=lat, q_lat=q_lat, values=values, rows=rows)
+    done = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, out, str(tmp_path / "inputs.npz")],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["rows"] == expected[1].tolist()
+
+
+class SimpleGallery:
+    def __init__(self, lat):
+        self.lat = lat

@@ -22,7 +22,9 @@ def _profile(text: str) -> tuple:
 
 def add(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="export a checkpoint to ONNX (ONNX Runtime) or to TensorRT engines")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None, help="the checkpoint to export (or --rerank)")
+    p.add_argument("--rerank", default=None, metavar="RERANKER",
+                   help="export a reranker's denoiser step instead (into RERANKER/onnx, checked in ONNX Runtime)")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
     p.add_argument("--out", default=None,
                    help="export folder (default: CHECKPOINT/onnx, the cache `cvr search --backend onnxruntime` uses)")
@@ -67,6 +69,10 @@ def _cmd_export(args) -> int:
     require("export", "onnx", "onnxscript")
     import torch
 
+    if args.rerank:
+        return _export_reranker(args)
+    if not args.checkpoint:
+        raise CLIError("give --checkpoint CKPT (or --rerank RERANKER)")
     from export.onnx import DEFAULT_OPSET, ExportOptions, export_onnx
 
     if args.threads < 1:
@@ -86,6 +92,22 @@ def _cmd_export(args) -> int:
     else:
         precisions = ("fp32", "fp16") if args.precision == "fp16" else ("fp32",)
         result = export_onnx(args.checkpoint, out, ExportOptions(precisions=precisions, **common))
+    if args.quiet:
+        print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
+    return 0
+
+
+def _export_reranker(args) -> int:
+    import torch
+
+    from export.graphs.rerank import export_reranker
+
+    if args.format != "onnx":
+        raise CLIError("--rerank exports to ONNX only (the onnxruntime backend runs it; TensorRT does not)")
+    if args.checkpoint or args.out:
+        raise CLIError("--rerank writes RERANKER/onnx: drop --checkpoint and --out")
+    torch.set_num_threads(max(1, args.threads))
+    result = export_reranker(args.rerank, opset=args.opset, force=args.force, log=None if args.quiet else print)
     if args.quiet:
         print(f"{'reused' if result.reused else 'wrote'} {result.folder}")
     return 0

@@ -34,7 +34,7 @@ def add(sub) -> None:
                              "'duration>=10' or 'tag=cooking'; repeat for several (all must hold)")
     search.add_argument("--rerank", default=None, metavar="RERANKER",
                         help="rerank each query's top M with a generative reranker (`cvr train-reranker` of this "
-                             "--checkpoint); backends torch and triton")
+                             "--checkpoint); backends torch, triton, onnxruntime")
     search.add_argument("--backend", default="torch", choices=BACKENDS)
     search.add_argument("--export", default=None,
                         help="export folder for onnxruntime / tensorrt (default: made or reused in CHECKPOINT/onnx)")
@@ -184,14 +184,20 @@ def _default_export(args) -> str:
 
 
 def _default_rerank_export(reranker: str) -> str:
-    """The reranker's denoiser graph that `--backend onnxruntime` runs: made (once) or reused in
-    RERANKER/onnx, as the checkpoint's export is in CHECKPOINT/onnx."""
+    """The reranker's denoiser graph that `--backend onnxruntime` runs: reused from RERANKER/onnx
+    when it is this reranker's (no torch imported), else exported there once, as the checkpoint's
+    export is in CHECKPOINT/onnx."""
+    from engine.backends.onnx_rerank import read_rerank_export, rerank_export_dir
+    from engine.backends.onnxruntime import ExportedModelError
     from engine.cli.common import require
+    from engine.reranking import read_reranker_config
 
+    try:
+        read_rerank_export(rerank_export_dir(reranker), read_reranker_config(reranker))
+        return rerank_export_dir(reranker)
+    except ExportedModelError:
+        pass
     require("export", "onnx", "onnxscript")
     from export.graphs.rerank import export_reranker
 
-    def log(line: str) -> None:
-        if not line.startswith("reused"):
-            print(f"cvr search: {line}", file=sys.stderr)
-    return export_reranker(reranker, log=log).folder
+    return export_reranker(reranker, log=lambda line: print(f"cvr search: {line}", file=sys.stderr)).folder
