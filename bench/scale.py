@@ -250,9 +250,9 @@ def run_size(n: int, settings: Settings, work: str) -> dict:
     from engine.gallery import Gallery
 
     folder = os.path.join(work, f"gallery-{n}")
-    build = {"gallery": write_random_gallery(folder, n, settings.seed + n)}
-    gallery = Gallery.load(folder)
     batches = query_batches(settings.repeats + 1, settings.queries, settings.seed + n + 1)
+    build = {"gallery": write_random_gallery(folder, n, settings.seed + n, batches)}
+    gallery = Gallery.load(folder)
     single = {"videos": n, "search": "single", "shards": 1}
     rows, reference = measure_all(single_runner(gallery), batches, settings, single)
     size = {"videos": n, "gallery_bytes": folder_bytes(folder), "faiss": build["gallery"]["factory"],

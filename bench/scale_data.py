@@ -30,16 +30,22 @@ def dims() -> tuple:
     return model["latent_dim"], model["concept_dim"]
 
 
-def write_random_gallery(folder: str, n: int, seed: int) -> dict:
-    """A gallery of n random videos with a FAISS `ivf` index, as `cvr index` writes one; returns
-    how long generating and writing (index included) took."""
+def write_random_gallery(folder: str, n: int, seed: int, batches: list) -> dict:
+    """A gallery of n videos with a FAISS `ivf` index, as `cvr index` writes one: the clustered
+    background of bench/gallery_sizes.py with, for each query of `batches`, videos aimed at it at
+    growing distances (so that a query's exact top-10 is a real neighbourhood and the FAISS first
+    stage, which reads the global latent vector alone, finds it only in part: recall@10 then
+    measures something; over independent random vectors it is near zero by construction);
+    returns how long generating and writing (index included) took."""
+    from bench.gallery_sizes import aimed_gallery
     from engine.checkpoint import checkpoint_id
     from engine.cli.demo import SHIPPED_RETRIEVAL
     from engine.indexing import write_gallery
 
-    dim, concepts = dims()
     clock = time.perf_counter()
-    lat, con = random_embeddings(n, dim, concepts, np.random.default_rng(seed))
+    q_lat = np.concatenate([lat for lat, _ in batches])
+    q_con = np.concatenate([con for _, con in batches])
+    lat, con = aimed_gallery(n, q_lat, q_con, seed=seed, aimed=min(300, max(1, n // (10 * len(q_lat)))))
     generated = time.perf_counter() - clock
     clock = time.perf_counter()
     checkpoint = {"id": checkpoint_id(SHIPPED_RETRIEVAL), "path": SHIPPED_RETRIEVAL, "norm": None}
