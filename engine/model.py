@@ -168,12 +168,19 @@ class HybridAttention(nn.Module):
         self.mode = config.attention
         self.core = HybridAttentionCore()
 
-    def forward(self, sentence, tokens, token_mask, regions) -> tuple:
-        """-> (a (B, d) gated anchor vector, A (B, L, d) each token's view of the anchor)."""
+    def forward(self, sentence, tokens, token_mask, regions, region_mask=None) -> tuple:
+        """-> (a (B, d) gated anchor vector, A (B, L, d) each token's view of the anchor).
+
+        `regions` (B, R, region_dim) may hold several anchors' grids concatenated along the region
+        axis (B, N*R, .); `region_mask` (B, R) marks the real ones (None: all). Everything that
+        pools over regions (the channel gate's mean included) reads only the masked-in ones, so
+        padding changes nothing and N copies of one anchor read as that anchor."""
         r = self.regions(regions)
         t = self.sentence(sentence)
-        beta = torch.sigmoid(self.channel(torch.cat([t, reference.masked_mean(r)], -1)))
-        out = self.core(self.tokens(tokens), token_mask, r, t, beta, torch.sigmoid(self.gamma_logit))
+        if region_mask is not None:
+            region_mask = region_mask.bool()
+        beta = torch.sigmoid(self.channel(torch.cat([t, reference.masked_mean(r, region_mask)], -1)))
+        out = self.core(self.tokens(tokens), token_mask, r, t, beta, torch.sigmoid(self.gamma_logit), region_mask)
         a = {"hybrid": out.a, "spatial": out.a_s, "channel": out.a_c, "meanpool": out.m}[self.mode]
         token_view = out.A
         if self.mode == "meanpool":
@@ -203,13 +210,15 @@ class QueryTower(nn.Module):
                  HybridHead(d, config.latent_dim, config.concept_dim, config.dropout)]
         self.heads = nn.ModuleList(heads)
 
-    def forward(self, sentence, tokens, token_mask, regions=None) -> Embeddings:
+    def forward(self, sentence, tokens, token_mask, regions=None, region_mask=None) -> Embeddings:
+        """`regions` (B, N*R, region_dim): the grids of N anchors per query, concatenated along the
+        region axis, with `region_mask` (B, N*R) (None: all real), as HybridAttention reads them."""
         token_mask = token_mask.bool()
         global_x, local_x = sentence, tokens
         if self.use_anchor:
             if regions is None:
                 raise InputError("this query tower was trained with anchors: pass anchor regions")
-            a, token_view = self.attention(sentence, tokens, token_mask, regions)
+            a, token_view = self.attention(sentence, tokens, token_mask, regions, region_mask)
             global_x = torch.cat([sentence, a], -1)
             local_x = torch.cat([tokens, token_view], -1)
         hidden = torch.tanh(self.local_proj(local_x))
@@ -323,11 +332,13 @@ class CVRModel(nn.Module):
             self.video = build_video_tower(config)
         self.matcher = build_matcher(config)
 
-    def encode_text(self, texts: list, regions: torch.Tensor | None = None) -> Embeddings:
-        return self.encode_text_features(self.text(texts), regions)
+    def encode_text(self, texts: list, regions: torch.Tensor | None = None, region_mask=None) -> Embeddings:
+        return self.encode_text_features(self.text(texts), regions, region_mask)
 
-    def encode_text_features(self, features, regions=None) -> Embeddings:
-        return self.query(features.sentence, features.tokens, features.mask, regions)
+    def encode_text_features(self, features, regions=None, region_mask=None) -> Embeddings:
+        if region_mask is None:  # the glscl query tower (text-only) takes no mask
+            return self.query(features.sentence, features.tokens, features.mask, regions)
+        return self.query(features.sentence, features.tokens, features.mask, regions, region_mask)
 
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> Embeddings:
         return self.video(frames, mask)

@@ -1,0 +1,142 @@
+"""Several anchors per query (issue 17 item 3): the query tower reads N anchors' region grids
+concatenated along the region axis, with a region mask; the store, training and the query path
+draw N anchors per query with seeds base..base+N-1."""
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from engine.config import ModelConfig
+from engine.model import QueryTower
+
+SMALL = dict(frame_dim=24, region_dim=20, attn_dim=16, latent_dim=12, concept_dim=10, video_gru_hidden=8,
+             video_local_dim=14, dropout=0.0)
+SENT, TOK = 18, 22
+MODES = ("hybrid", "spatial", "channel", "meanpool")
+
+
+def _tower(mode="hybrid", seed=0):
+    torch.manual_seed(seed)
+    tower = QueryTower(ModelConfig(**SMALL, use_anchor=True, attention=mode), SENT, TOK).eval()
+    # BatchNorm in eval mode with its initial statistics is the identity: give it some so that a
+    # difference anywhere would show.
+    for module in tower.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    return tower
+
+
+def _text(batch=3, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 1:] = False
+    return torch.randn(batch, SENT, generator=g), torch.randn(batch, length, TOK, generator=g), mask
+
+
+def _regions(batch=3, count=5, seed=1):
+    return torch.randn(batch, count, SMALL["region_dim"], generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a, b, tol=1e-5):
+    torch.testing.assert_close(a.lat, b.lat, atol=tol, rtol=0)
+    torch.testing.assert_close(a.con, b.con, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_anchor_with_a_full_mask_is_the_single_anchor_model(mode):
+    tower, text, regions = _tower(mode), _text(), _regions()
+    plain = tower(*text, regions)
+    masked = tower(*text, regions, torch.ones(regions.shape[:2], dtype=torch.bool))
+    assert torch.equal(plain.lat, masked.lat) and torch.equal(plain.con, masked.con)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("copies", [2, 4])
+def test_copies_of_one_anchor_read_as_that_anchor(mode, copies):
+    """Every pooling over regions is a softmax or a mean, and both give N copies of a set the
+    weights of the set itself (each copy gets 1/N of it): N copies are exactly one anchor."""
+    tower, text, regions = _tower(mode), _text(), _regions()
+    _close(tower(*text, regions.repeat(1, copies, 1)), tower(*text, regions))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_out_regions_change_nothing(mode):
+    tower, text = _tower(mode), _text()
+    real = _regions(count=8)  # two anchors of 4 regions
+    padded = torch.cat([real, 1e3 * _regions(count=4, seed=5)], 1)  # a third anchor slot, padding
+    mask = torch.ones(padded.shape[:2], dtype=torch.bool)
+    mask[:, 8:] = False
+    mask[1, 4:] = False  # query 1 has one real anchor only
+    out = tower(*text, padded, mask)
+    whole = tower(*text, real)
+    for q in (0, 2):
+        torch.testing.assert_close(out.lat[q], whole.lat[q], atol=1e-5, rtol=0)
+    one = tower(*[t[1:2] for t in text], real[1:2, :4])
+    torch.testing.assert_close(out.lat[1:2], one.lat, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.con[1:2], one.con, atol=1e-5, rtol=0)
+
+
+def _plain_attention(att, sentence, tokens, token_mask, regions, region_mask):
+    """The hybrid attention of ARCHITECTURE.md section 4 re-stated query by query, in loops, over
+    the valid regions only (no masked softmax: the invalid ones are dropped)."""
+    d = att.sentence.out_features
+    gamma = torch.sigmoid(att.gamma_logit)
+    a_out, view_out = [], []
+    for b in range(sentence.shape[0]):
+        r = att.regions(regions[b][region_mask[b]])  # (R_valid, d)
+        t = att.sentence(sentence[b])
+        m = r.mean(0)
+        beta = torch.sigmoid(att.channel(torch.cat([t, m])))
+        alpha = torch.softmax(r @ t / math.sqrt(d), 0)
+        a_s = (alpha[:, None] * r).sum(0)
+        a_c = beta * m
+        a = {"hybrid": gamma * a_s + (1 - gamma) * a_c, "spatial": a_s, "channel": a_c, "meanpool": m}[att.mode]
+        views = []
+        for ell in range(tokens.shape[1]):
+            if not token_mask[b, ell]:
+                views.append(torch.zeros(d))
+                continue
+            if att.mode == "meanpool":
+                views.append(m)
+                continue
+            w = torch.softmax(r @ att.tokens(tokens[b, ell]) / math.sqrt(d), 0)
+            views.append((w[:, None] * r).sum(0))
+        rel = torch.sigmoid(att.relevance(torch.cat([t, a])))
+        a_out.append(rel * a)
+        view_out.append(rel * torch.stack(views))
+    return torch.stack(a_out), torch.stack(view_out)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_matches_a_plain_restatement(mode):
+    """Odd sizes (5 queries, 3 anchors of 7 regions, 9 tokens) and ragged masks."""
+    tower = _tower(mode, seed=3)
+    g = torch.Generator().manual_seed(7)
+    sentence, tokens = torch.randn(5, SENT, generator=g), torch.randn(5, 9, TOK, generator=g)
+    token_mask = torch.arange(9)[None, :] < torch.tensor([9, 1, 5, 3, 8])[:, None]
+    regions = torch.randn(5, 21, SMALL["region_dim"], generator=g)
+    region_mask = torch.ones(5, 21, dtype=torch.bool)
+    region_mask[1, 7:] = False  # one anchor
+    region_mask[3, 14:] = False  # two anchors
+    region_mask[4, 3] = False  # a single masked region inside an anchor
+    with torch.no_grad():
+        a, view = tower.attention(sentence, tokens, token_mask, regions, region_mask)
+        a_ref, view_ref = _plain_attention(tower.attention, sentence, tokens, token_mask, regions, region_mask)
+    torch.testing.assert_close(a, a_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(view, view_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_skip_masked_regions():
+    tower = _tower()
+    tower.train()
+    regions = _regions(count=8).requires_grad_()
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[:, 4:] = False
+    out = tower(*_text(), regions, mask)
+    (out.lat.sum() + out.con.sum()).backward()
+    assert regions.grad[:, 4:].abs().max() == 0
+    assert regions.grad[:, :4].abs().max() > 0
+    assert not F.normalize(out.lat, dim=-1).isnan().any()
