@@ -6,6 +6,12 @@ format, regions, width, image sizes, generator and adapter ids, steps, seed, the
 anchors were drawn with, and the caller's fields (protocol, collection, split, generator, vision
 weights). Written atomically in one folder; read back with :func:`read_anchor_store`, which refuses
 a store drawn with another noise scheme.
+
+Several anchors per caption (``cvr anchors --anchors-per-query N``, issue 17 item 3): anchor j of a
+prompt is drawn with seed ``seed + j`` (``portable.prompt_seed(prompt, seed + j)``), so anchor 0 is
+the one-anchor store's; a row then holds the N grids one after another (N*R*2048 floats), which
+is the (N*R, 2048) region axis the query tower reads, and the metadata records
+``"anchors_per_query": N`` (absent: 1, so one-anchor stores are written as before).
 """
 from __future__ import annotations
 
@@ -25,12 +31,20 @@ STORE_FORMAT = "cvr-sdgm/anchors/1"
 DRAW_AGAIN = "draw the store again with `cvr anchors`"
 
 
+def anchors_per_query(meta: dict) -> int:
+    """How many anchors per id a store (or a checkpoint's anchors section) holds: 1 when unsaid."""
+    count = meta.get("anchors_per_query", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise AnchorError(f"anchors_per_query must be a positive integer, got {count!r}")
+    return count
+
+
 def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Sequence[str], prompts: Sequence[str],
                        meta: dict, steps: int | None = None, seed: int = 0, batch_size: int = 32,
-                       png_dir=None, progress: bool = True) -> Path:
-    """Generate an anchor per (id, prompt), run the ResNet-50 and write the flattened region grids
-    as a BigFile (one row of R*2048 floats per id) plus anchor_meta.json. Streams in batches."""
-    from PIL import Image
+                       png_dir=None, progress: bool = True, anchors: int = 1) -> Path:
+    """Generate `anchors` anchors per (id, prompt) (seeds seed..seed+anchors-1), run the ResNet-50
+    and write the flattened region grids as a BigFile (one row of anchors*R*2048 floats per id)
+    plus anchor_meta.json. Streams in batches."""
     from tqdm import tqdm
 
     from engine.datasets import BigFileWriter
@@ -39,6 +53,8 @@ def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Seque
         raise AnchorError(f"{len(ids)} ids but {len(prompts)} prompts")
     if not ids:
         raise AnchorError("nothing to generate: no ids")
+    if anchors < 1:
+        raise AnchorError(f"anchors per query must be at least 1, got {anchors}")
     r = extractor.grid_size() ** 2
     dim = extractor.feature_dim
     folder = Path(folder)
@@ -46,22 +62,34 @@ def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Seque
         from engine.outputs import mark_anchor_pngs
 
         mark_anchor_pngs(png_dir)  # so that a later `cvr anchors --png` may write into it again
-    with BigFileWriter(folder, r * dim) as writer:
+    with BigFileWriter(folder, anchors * r * dim) as writer:
         for start in tqdm(range(0, len(ids), batch_size), desc="anchor store", unit="batch", disable=not progress):
             batch_ids = list(ids[start:start + batch_size])
-            images = generator.generate(prompts[start:start + batch_size], steps=steps, seed=seed)
-            regions = extractor.regions(images)
-            writer.add(batch_ids, regions.reshape(len(batch_ids), -1).numpy())
-            if png_dir:
-                for i, img in zip(batch_ids, images, strict=True):
-                    with files.atomic_path(Path(png_dir) / f"{i.replace('#', '_')}.png") as temporary:
-                        Image.fromarray(img).save(temporary)
+            grids = []
+            for j in range(anchors):
+                images = generator.generate(prompts[start:start + batch_size], steps=steps, seed=seed + j)
+                grids.append(extractor.regions(images).reshape(len(batch_ids), -1).numpy())
+                if png_dir:
+                    _write_pngs(png_dir, batch_ids, images, j)
+            writer.add(batch_ids, np.concatenate(grids, axis=1))  # anchor j's grid at [j*R*dim, (j+1)*R*dim)
         full = {"format": STORE_FORMAT, "regions": r, "dim": dim, "image_size": extractor.config.image_size,
                 "anchor_size": generator.image_size, "generator_id": generator.generator_id,
                 "adapter_id": generator.adapter_id, "steps": steps or generator.default_steps, "seed": seed,
                 "noise": NOISE_SCHEME, **meta}
+        if anchors > 1:  # absent for one anchor: such a store's metadata stays what it always was
+            full["anchors_per_query"] = anchors
         writer.add_file(META_FILE, _sealed_meta(full))
     return folder
+
+
+def _write_pngs(png_dir, ids: list, images, anchor: int) -> None:
+    """Anchor 0 as <id>.png (the one-anchor store's names), anchor j > 0 as <id>_a<j>.png."""
+    from PIL import Image
+
+    suffix = f"_a{anchor}" if anchor else ""
+    for i, img in zip(ids, images, strict=True):
+        with files.atomic_path(Path(png_dir) / f"{i.replace('#', '_')}{suffix}.png") as temporary:
+            Image.fromarray(img).save(temporary)
 
 
 def _sealed_meta(meta: dict):
@@ -76,7 +104,7 @@ def merge_anchor_stores(parts: Sequence, folder) -> Path:
     from engine.datasets import BigFileWriter
 
     first = read_anchor_store(parts[0])
-    row_floats = int(first[2]["regions"]) * int(first[2]["dim"])
+    row_floats = anchors_per_query(first[2]) * int(first[2]["regions"]) * int(first[2]["dim"])
     with BigFileWriter(Path(folder), row_floats) as writer:
         for part in parts:
             ids, regions, meta = read_anchor_store(part)
@@ -102,7 +130,8 @@ def _rebased(meta: dict, part, folder) -> dict:
 
 
 def read_anchor_store(folder):
-    """(ids, regions (N, R, 2048) float32 memmap view, meta) of an anchor store."""
+    """(ids, regions (n, A*R, 2048) float32 memmap view, meta) of an anchor store of A anchors per
+    id (meta "anchors_per_query", 1 when absent): anchor j's grid is regions[:, j*R:(j+1)*R]."""
     from engine.datasets import FEATURE_DTYPE, FEATURE_FILE, BigFile
 
     folder = Path(folder)
@@ -125,8 +154,8 @@ def read_anchor_store(folder):
                           f"{NOISE_SCHEME!r}: {DRAW_AGAIN}")
     big = BigFile(folder)
     n, dim = big.shape
-    r, d = int(meta["regions"]), int(meta["dim"])
-    if r * d != dim:
-        raise AnchorError(f"{folder}: rows have {dim} floats, but the meta says {r} regions x {d}")
-    regions = np.memmap(folder / FEATURE_FILE, dtype=FEATURE_DTYPE, mode="r", shape=(n, r, d))
+    r, d, count = int(meta["regions"]), int(meta["dim"]), anchors_per_query(meta)
+    if count * r * d != dim:
+        raise AnchorError(f"{folder}: rows have {dim} floats, but the meta says {count} anchors x {r} regions x {d}")
+    regions = np.memmap(folder / FEATURE_FILE, dtype=FEATURE_DTYPE, mode="r", shape=(n, count * r, d))
     return list(big.ids), regions, meta

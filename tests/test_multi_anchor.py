@@ -3,6 +3,7 @@ concatenated along the region axis, with a region mask; the store, training and 
 draw N anchors per query with seeds base..base+N-1."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -140,3 +141,80 @@ def test_gradients_skip_masked_regions():
     assert regions.grad[:, 4:].abs().max() == 0
     assert regions.grad[:, :4].abs().max() > 0
     assert not F.normalize(out.lat, dim=-1).isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# The store and training
+
+
+def _tiny_generator(folder):
+    """A tiny built-in generator conditioned on MiniLM (so `cvr anchors` needs no stub)."""
+    from engine import anchors as A
+
+    torch.manual_seed(0)
+    config = A.BuiltinConfig(image_size=8, fold=2, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                             num_attention_heads=2, joint_attention_dim=384, pooled_projection_dim=384,
+                             axes_dims_rope=(2, 2, 4), default_steps=2)
+    return str(A.save_builtin(folder, A.build_transformer(config), config))
+
+
+@pytest.fixture(scope="module")
+def drawn(msrvtt, tmp_path_factory):
+    """A generator and two stores over every split of `msrvtt`: one anchor and two per caption."""
+    from engine.cli import main
+
+    work = tmp_path_factory.mktemp("multi_anchor")
+    generator = _tiny_generator(work / "generator")
+    common = ["anchors", "--generator", generator, "--root", msrvtt, "--collection", "msrvtt10k", "--split",
+              "train,val,test", "--image-size", "64", "--device", "cpu", "--quiet"]
+    assert main([*common, "--out", str(work / "one")]) == 0
+    assert main([*common, "--anchors-per-query", "2", "--out", str(work / "two")]) == 0
+    return {"work": work, "generator": generator, "root": msrvtt, "one": str(work / "one"),
+            "two": str(work / "two")}
+
+
+def test_a_store_of_two_anchors_holds_seed_0_then_seed_1(drawn):
+    from engine import anchor_store as S
+    from engine.anchors import AnchorGenerator, GeneratorOptions
+    from engine.datasets import Collection
+    from engine.vision import RegionExtractor, VisionConfig
+
+    ids_one, one, meta_one = S.read_anchor_store(drawn["one"])
+    ids_two, two, meta_two = S.read_anchor_store(drawn["two"])
+    assert ids_two == ids_one and "anchors_per_query" not in meta_one and meta_two["anchors_per_query"] == 2
+    r = meta_one["regions"]
+    assert one.shape == (len(ids_one), r, 2048) and two.shape == (len(ids_one), 2 * r, 2048)
+    np.testing.assert_allclose(two[:, :r], one, atol=1e-4)  # anchor 0 is the one-anchor store's
+    # Anchor 1 is the prompt drawn with seed 1 (engine.portable.prompt_seed(prompt, 1)).
+    captions = dict(Collection(drawn["root"], "msrvtt10k").captions("test"))
+    cap_id = next(i for i in ids_one if i in captions)
+    generator = AnchorGenerator.load(drawn["generator"], GeneratorOptions(), device="cpu")
+    extractor = RegionExtractor.from_config(VisionConfig(image_size=64))
+    second = extractor.regions(generator.generate([captions[cap_id]], seed=1))[0].numpy()
+    row = ids_one.index(cap_id)
+    np.testing.assert_allclose(two[row, r:], second, atol=1e-4)
+    assert np.abs(two[row, r:] - two[row, :r]).max() > 1e-3  # another seed, another anchor
+
+
+def test_training_records_the_anchors_it_read(drawn, tmp_path):
+    from test_retrieval import TINY
+
+    from engine.checkpoint import read_checkpoint_config
+    from engine.cli import main
+    from training.retrieval import AnchorStore, checkpoint_anchors
+
+    common = ["--root", drawn["root"], "--collection", "msrvtt10k", "--feature", "resnext101-resnet152"]
+    assert main(["train", *common, "--out", str(tmp_path / "two"), "--anchors", drawn["two"]] + TINY) == 0
+    assert checkpoint_anchors(read_checkpoint_config(str(tmp_path / "two"))) == 2
+    assert main(["train", *common, "--out", str(tmp_path / "first"), "--anchors", drawn["two"],
+                 "--anchors-per-query", "1"] + TINY) == 0
+    assert checkpoint_anchors(read_checkpoint_config(str(tmp_path / "first"))) == 1
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "two"), *common[:4], "--anchors", drawn["two"],
+                 "--out", str(tmp_path / "e")]) == 0
+    # A checkpoint of two anchors cannot be evaluated on a store of one; a store cannot give more than it holds.
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "two"), *common[:4], "--anchors", drawn["one"],
+                 "--out", str(tmp_path / "e1")]) == 2
+    with pytest.raises(Exception, match="holds 2 per id"):
+        AnchorStore(drawn["two"], 3)
+    store = AnchorStore(drawn["two"], 1)
+    assert store.lookup([next(iter(store.row))]).shape[1] == store.regions_per_anchor

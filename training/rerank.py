@@ -33,7 +33,7 @@ from engine.errors import InputError
 from engine.portable import topk_stable
 from engine.rerank import Diffusion, TorchReranker, build_denoiser, save_reranker
 from engine.reranking import RerankConfig
-from training.retrieval import AnchorStore, encode_split, load_split
+from training.retrieval import AnchorStore, checkpoint_anchors, encode_split, load_split
 
 LOSS_SCALE = 100.0  # DiffusionRet's d_temp: x0_hat lives in [-1, 1], the cross-entropy wants logits
 
@@ -157,7 +157,8 @@ def _load_base(job: RerankJob) -> tuple:
     recorded = config.get("train", {}).get("job", {})
     if model.config.use_anchor and not job.anchors:
         raise InputError(f"{job.base} was trained with anchors: pass --anchors STORE to encode the captions")
-    anchors = AnchorStore(job.anchors) if (job.anchors and model.config.use_anchor) else None
+    anchors = (AnchorStore(job.anchors, checkpoint_anchors(config)) if (job.anchors and model.config.use_anchor)
+               else None)
     collection = datasets.Collection(job.root, job.collection)
     feature = job.feature or recorded.get("feature", "resnet50")
     splits = []

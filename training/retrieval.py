@@ -74,28 +74,42 @@ def load_split(collection: datasets.Collection, split: str, feature: str, vocab:
 
 
 class AnchorStore:
-    """Anchor region grids keyed by caption id (query protocol) or video id (SSSS protocol)."""
+    """Anchor region grids keyed by caption id (query protocol) or video id (SSSS protocol).
 
-    def __init__(self, folder: str):
-        from engine.anchor_store import read_anchor_store
+    A store may hold several anchors per id (`cvr anchors --anchors-per-query`); `count` (None:
+    all of them) is how many of them each lookup returns, the first ones (seeds seed..seed+count-1),
+    concatenated along the region axis as the query tower reads them."""
+
+    def __init__(self, folder: str, count: int | None = None):
+        from engine.anchor_store import anchors_per_query, read_anchor_store
 
         self.folder = folder
         ids, self.regions, self.meta = read_anchor_store(folder)
         self.row = {key: i for i, key in enumerate(ids)}
+        stored = anchors_per_query(self.meta)
+        self.count = stored if count is None else int(count)
+        if not 1 <= self.count <= stored:
+            raise InputError(f"{folder}: {self.count} anchors per query asked for, the store holds {stored} per id "
+                             "(draw more with `cvr anchors --anchors-per-query`)")
 
     @property
     def region_dim(self) -> int:
         return self.regions.shape[2]
 
+    @property
+    def regions_per_anchor(self) -> int:
+        return int(self.meta["regions"])
+
     def lookup(self, cap_ids: list) -> torch.Tensor:
-        """Region grids (B, R, d) for these captions: by caption id, else by the caption's video."""
+        """Region grids (B, count*R, d) for these captions: by caption id, else by the caption's video."""
         rows = []
         for cap_id in cap_ids:
             row = self.row.get(cap_id, self.row.get(datasets.video_id_of(cap_id)))
             if row is None:
                 raise InputError(f"{self.folder}: no anchor for caption {cap_id} (nor for its video)")
             rows.append(row)
-        return torch.from_numpy(np.ascontiguousarray(self.regions[rows], dtype=np.float32))
+        width = self.count * self.regions_per_anchor
+        return torch.from_numpy(np.ascontiguousarray(self.regions[rows, :width], dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +186,7 @@ class RetrievalJob:
     feature: str = "resnet50"
     out: str = "runs/checkpoint"
     anchors: str | None = None  # None: text-only; else an anchor store folder
+    anchors_per_query: int | None = None  # how many of the store's anchors per caption (None: all)
     tag_vocab_size: int = 512
     max_frames: int = 64
     progress: bool = True
@@ -196,7 +211,7 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
             raise InputError("the glscl head is text-only: train it without --anchors")
     train = load_split(collection, "train", job.feature, vocab, job.max_frames)
     val = load_split(collection, "val", job.feature, vocab, job.max_frames)
-    anchors = AnchorStore(job.anchors) if job.anchors else None
+    anchors = AnchorStore(job.anchors, job.anchors_per_query) if job.anchors else None
     word2vec = model_config.text.get("word2vec")
     model_config = _fit_dimensions(model_config, train, vocab, anchors, train.captions)
     model = CVRModel(model_config)
@@ -265,12 +280,21 @@ def _recorded_job(job: RetrievalJob) -> dict:
 
 def _recorded_anchors(store: AnchorStore, checkpoint: str) -> dict:
     """The anchor store's metadata with its generator and the store itself recorded relative to
-    the checkpoint."""
+    the checkpoint, and how many anchors per query the model read (search draws as many)."""
     meta = dict(store.meta, store=paths.reference(store.folder, checkpoint))
+    if store.count > 1 or "anchors_per_query" in meta:  # absent for one anchor: config.json as before
+        meta["anchors_per_query"] = store.count
     for name in ("generator", "vision_weights"):
         if meta.get(name) and meta[name] not in ("builtin", "random"):
             meta[name] = paths.rebase(meta[name], store.folder, checkpoint)
     return meta
+
+
+def checkpoint_anchors(config: dict) -> int:
+    """Anchors per query a checkpoint was trained on (its config's anchors section; 1 when unsaid)."""
+    from engine.anchor_store import anchors_per_query
+
+    return anchors_per_query(config.get("anchors") or {})
 
 
 def plateau_step(since_halving: int, improved: bool, patience: int) -> tuple:
@@ -377,7 +401,7 @@ def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str 
                          f"{model.config.frame_dim}-d")
     if model.config.use_anchor and not anchors:
         raise InputError("this checkpoint uses anchors: pass --anchors STORE")
-    store = AnchorStore(anchors) if (anchors and model.config.use_anchor) else None
+    store = AnchorStore(anchors, checkpoint_anchors(config)) if (anchors and model.config.use_anchor) else None
     metrics = evaluate_split(model, data, store, transductive=transductive)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -175,9 +175,15 @@ def _cmd_anchors(args) -> int:
             "generator": reference(args.generator, args.out),
             "vision_weights": weights_reference(weights, args.out)}
     write_anchor_store(args.out, generator, extractor, ids, prompts, meta, steps=args.steps, seed=args.seed,
-                       batch_size=args.batch_size, png_dir=args.png, progress=not args.quiet)
-    print(f"wrote {len(ids)} anchors ({args.protocol} protocol) to {args.out}")
+                       batch_size=args.batch_size, png_dir=args.png, progress=not args.quiet,
+                       anchors=args.anchors_per_query)
+    print(f"wrote {len(ids)} anchors ({args.protocol} protocol) to {args.out}{_per_id(args)}")
     return 0
+
+
+def _per_id(args) -> str:
+    n = args.anchors_per_query
+    return f" ({n} per id, seeds {args.seed}..{args.seed + n - 1})" if n > 1 else ""
 
 
 def _shard(items: list, shard: tuple) -> list:
@@ -237,7 +243,8 @@ def _draw_in_parallel(args, n_ids: int, workers: int) -> int:
                 child.wait()
             log.close()
         files.remove(parts_dir)
-    print(f"wrote {n_ids} anchors ({args.protocol} protocol) to {args.out} ({workers} worker processes)")
+    print(f"wrote {n_ids} anchors ({args.protocol} protocol) to {args.out}{_per_id(args)} ({workers} worker "
+          "processes)")
     return 0
 
 
@@ -253,7 +260,7 @@ def _anchor_argv(args) -> list:
     """The command line of one worker: the same settings, one thread, no progress bars."""
     argv = ["--generator", args.generator, "--root", args.root, "--collection", args.collection, "--split",
             args.split, "--prompt", args.protocol, "--image-size", str(args.image_size), "--seed", str(args.seed),
-            "--batch-size", str(args.batch_size), "--threads", "1"]
+            "--batch-size", str(args.batch_size), "--threads", "1", "--anchors-per-query", str(args.anchors_per_query)]
     for flag, value in (("--steps", args.steps), ("--png", args.png), ("--cache", args.cache),
                         ("--vision-weights", args.vision_weights), ("--limit", args.limit or None),
                         ("--device", args.device)):
@@ -280,6 +287,9 @@ def add_anchors_command(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--image-size", type=positive("--image-size"), default=64, help="ResNet-50 input size")
     a.add_argument("--vision-weights", default=None, help="None: built-in extractor; 'random'; a path")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--anchors-per-query", type=positive("--anchors-per-query"), default=1, metavar="N",
+                   help="N anchors per id, drawn with seeds SEED..SEED+N-1 (the query tower reads them jointly; "
+                        "default 1)")
     a.add_argument("--batch-size", type=positive("--batch-size"), default=32)
     a.add_argument("--limit", type=int, default=0, help="only the first N ids (smoke tests)")
     a.add_argument("--device", default=None)

@@ -15,6 +15,9 @@ def add(sub) -> None:
     train.add_argument("--out", required=True, help="checkpoint folder to write")
     train.add_argument("--anchors", default="none",
                        help="'none' (text-only) or an anchor store folder written by `cvr anchors`")
+    train.add_argument("--anchors-per-query", type=int, default=None, metavar="N",
+                       help="read the first N of the store's anchors per caption jointly (default: all it holds); "
+                            "the checkpoint records N and search draws as many")
     train.add_argument("--text-encoder", default="minilm",
                        help="'minilm' (shipped), 'rivrl' (BoW+BiGRU+CNN, RIVRL parity) or a local HF folder")
     train.add_argument("--finetune-text", action="store_true", help="finetune the MiniLM/HF encoder")
@@ -122,6 +125,8 @@ def _cmd_train(args) -> int:
         raise CLIError("--head glscl is text-only: drop --anchors")
     if anchors is not None and not os.path.isdir(anchors):
         raise CLIError(f"--anchors: no anchor store at {anchors}")
+    if args.anchors_per_query is not None and (anchors is None or args.anchors_per_query < 1):
+        raise CLIError("--anchors-per-query wants a positive N and an anchor store (--anchors STORE)")
     claim(args.out, "bare checkpoint", "cvr train", args.overwrite)  # its onnx/ and evaluations are kept
     model_config = ModelConfig(
         text=_text_config(args), latent_dim=args.latent_dim, attn_dim=args.attn_dim,
@@ -131,7 +136,8 @@ def _cmd_train(args) -> int:
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                threads=args.threads)
     job = RetrievalJob(root=args.root, collection=args.collection, feature=args.feature, out=args.out,
-                       anchors=anchors, tag_vocab_size=args.tag_vocab_size, max_frames=args.max_frames,
+                       anchors=anchors, anchors_per_query=args.anchors_per_query,
+                       tag_vocab_size=args.tag_vocab_size, max_frames=args.max_frames,
                        progress=not args.quiet)
     result = train_retrieval(job, model_config, train_config, weights_dtype=args.weights_dtype)
     print(f"wrote {result['checkpoint']} (best validation criterion {result['best_criterion']:.1f})")
