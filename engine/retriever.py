@@ -251,11 +251,13 @@ class Retriever:
         regions, anchor_paths = None, [None] * len(texts)
         if pipeline.anchors:
             clock = time.perf_counter()
-            images = pipeline.generate(texts)
+            count = getattr(pipeline, "anchors_per_query", 1)
+            # N anchors per query, draw j with seed + j (as `cvr anchors --anchors-per-query` drew them)
+            draws = [pipeline.generate(texts, draw=j) if j else pipeline.generate(texts) for j in range(count)]
             timings.anchor += time.perf_counter() - clock
-            anchor_paths = self._save_anchor_pngs(texts, images)
+            anchor_paths = self._save_anchor_pngs(texts, draws[0])
             clock = time.perf_counter()
-            regions = pipeline.regions(images)
+            regions = joint_regions(pipeline.regions(np.concatenate(draws)), count)  # one ResNet batch
             timings.vision += time.perf_counter() - clock
         clock = time.perf_counter()
         q_lat, q_con = pipeline.encode_queries(text, regions)
@@ -313,6 +315,16 @@ class Retriever:
                     Image.fromarray(image).save(temporary)
             paths.append(path)
         return paths
+
+
+def joint_regions(regions, count: int):
+    """Region grids of `count` draws stacked draw-major ((count*B, R, d): draw j's batch at rows
+    [j*B, (j+1)*B)) -> (B, count*R, d), each query's draws side by side along the region axis, as
+    the query tower reads them and the anchor store keeps them. Numpy arrays or torch tensors."""
+    if count == 1:
+        return regions
+    rows, r, d = regions.shape
+    return regions.reshape(count, rows // count, r, d).swapaxes(0, 1).reshape(rows // count, count * r, d)
 
 
 def check_scores(values: np.ndarray, where: str) -> None:

@@ -187,7 +187,7 @@ def _plan_anchors(checkpoint: str, config: dict, options: ExportOptions) -> dict
     return {"generator": os.path.abspath(folder), "generator_id": generator_id(folder),
             "generator_config": gen_config.to_dict(), "vision_weights": options.vision_weights,
             "vision_id": vision_id(options.vision_weights), "image_size": image_size,
-            "regions": meta.get("regions")}
+            "regions": meta.get("regions"), "anchors_per_query": int(meta.get("anchors_per_query", 1))}
 
 
 def vision_id(weights: str | None) -> str:
@@ -255,7 +255,8 @@ def load_parts(plan: ExportPlan) -> ExportParts:
         anchor_specs, anchors, anchor_files = _anchor_parts(plan.anchors, model, text, plan.modules)
         specs += anchor_specs
         extra_files.update(anchor_files)
-        regions = anchors["vision"]["regions"]
+        # N anchors per query: the query tower reads their grids side by side (N*R regions)
+        regions = anchors["vision"]["regions"] * plan.anchors["anchors_per_query"]
     if model.config.head == "glscl":  # its own graphs (export/graphs/glscl.py); text-only, so no anchors
         specs += [glscl_query_tower_spec(model), glscl_video_tower_spec(model), glscl_scorer_spec(model)]
         scorer = glscl_scorer_section(model)
@@ -315,7 +316,10 @@ def _anchor_parts(plan_anchors: dict, model, text_section: dict, modules: tuple)
                  "latent_size": gen_config.latent_size, "module": "generator_step"}
     vision = {"module": "vision", "image_size": plan_anchors["image_size"], "regions": regions,
               "weights": plan_anchors["vision_weights"] or "builtin", "id": plan_anchors["vision_id"]}
-    return specs, {"generator": generator, "generator_text": gen_text, "vision": vision}, extra_files
+    section = {"generator": generator, "generator_text": gen_text, "vision": vision}
+    if plan_anchors["anchors_per_query"] > 1:  # absent for one: such a manifest is written as before
+        section["anchors_per_query"] = plan_anchors["anchors_per_query"]
+    return specs, section, extra_files
 
 
 # ---------------------------------------------------------------------------------------------

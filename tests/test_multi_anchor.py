@@ -218,3 +218,78 @@ def test_training_records_the_anchors_it_read(drawn, tmp_path):
         AnchorStore(drawn["two"], 3)
     store = AnchorStore(drawn["two"], 1)
     assert store.lookup([next(iter(store.row))]).shape[1] == store.regions_per_anchor
+
+
+# ---------------------------------------------------------------------------------------------
+# The query path
+
+
+@pytest.fixture(scope="module")
+def searchable(drawn):
+    """A checkpoint trained on the two-anchor store, and its gallery."""
+    from test_retrieval import TINY
+
+    from engine.cli import main
+
+    work, common = drawn["work"], ["--root", drawn["root"], "--collection", "msrvtt10k"]
+    checkpoint, gallery = str(work / "ckpt_two"), str(work / "gallery_two")
+    assert main(["train", *common, "--feature", "resnext101-resnet152", "--out", checkpoint, "--anchors",
+                 drawn["two"]] + TINY) == 0
+    assert main(["index", "--checkpoint", checkpoint, *common, "--out", gallery, "--dtype", "float32", "--quiet"]) == 0
+    return {**drawn, "checkpoint": checkpoint, "gallery": gallery}
+
+
+def _captured_regions(retriever, texts):
+    """The regions the Retriever's query path feeds the query tower for `texts`."""
+    from engine.retriever import Timings
+
+    seen = []
+    encode = retriever.pipeline.encode_queries
+    retriever.pipeline.encode_queries = lambda text, regions=None: seen.append(regions) or encode(text, regions)
+    try:
+        retriever._encode(texts, Timings())
+    finally:
+        retriever.pipeline.encode_queries = encode
+    return np.asarray(seen[0])
+
+
+def test_search_draws_the_anchors_the_model_was_trained_on(searchable):
+    """The torch query path draws N = 2 anchors per query (seeds 0 and 1) and feeds the very grids
+    the store holds for that caption, side by side."""
+    from engine import anchor_store as S
+    from engine.datasets import Collection
+    from engine.retriever import Retriever, joint_regions
+
+    retriever = Retriever(searchable["checkpoint"], searchable["gallery"])
+    assert retriever.pipeline.anchors_per_query == 2
+    ids, stored, _ = S.read_anchor_store(searchable["two"])
+    captions = Collection(searchable["root"], "msrvtt10k").captions("test")[:3]
+    got = _captured_regions(retriever, [t for _, t in captions])
+    want = np.stack([stored[ids.index(c)] for c, _ in captions])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert retriever.search([t for _, t in captions], k=3)[0].hits
+    # joint_regions lays out draw-major stacks as the store does, for numpy and torch alike.
+    stack = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2 * 3, 4, 5)
+    joined = joint_regions(stack, 2)
+    assert joined.shape == (3, 8, 5) and np.array_equal(joined[1, 4:], stack[3 + 1])
+    assert np.array_equal(joint_regions(torch.from_numpy(stack), 2).numpy(), joined)
+
+
+def test_onnxruntime_draws_as_many_anchors_and_ranks_as_torch(searchable):
+    """The export's query tower takes N*R regions (fixed at export, from the checkpoint's N); ONNX
+    Runtime draws the same two anchors and returns torch's top 10."""
+    pytest.importorskip("onnxruntime")
+    from engine.retriever import Retriever
+    from export.onnx import SEARCH_MODULES, ExportOptions, export_onnx
+
+    export = str(searchable["work"] / "export_two")
+    export_onnx(searchable["checkpoint"], export, ExportOptions(modules=SEARCH_MODULES))
+    ort = Retriever(searchable["checkpoint"], searchable["gallery"], backend="onnxruntime", export_dir=export)
+    torch_retriever = Retriever(searchable["checkpoint"], searchable["gallery"])
+    assert ort.pipeline.anchors_per_query == 2
+    assert ort.pipeline.manifest["modules"]["query_tower"]["inputs"]["regions"]["shape"][1] == 2 * 4
+    texts = ["a red car", "a man and a dog in video number 1", "running dog"]
+    np.testing.assert_allclose(_captured_regions(ort, texts), _captured_regions(torch_retriever, texts), atol=1e-3)
+    for ref, got in zip(torch_retriever.search(texts, k=10), ort.search(texts, k=10), strict=True):
+        assert [v for v, _ in got.hits] == [v for v, _ in ref.hits]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(ref.hits, got.hits, strict=True)) <= 1e-4

@@ -38,6 +38,10 @@ def open_exported(backend: str, checkpoint: str, export_dir: str | None, device:
     except ExportedModelError as error:
         raise QueryError(str(error)) from None
     _check_export(pipeline, checkpoint, checkpoint_id(checkpoint), generator, vision_weights)
+    wanted = int(meta.get("anchors_per_query", 1))
+    if pipeline.anchors and pipeline.anchors_per_query != wanted:
+        raise QueryError(f"{pipeline.folder}: exported for {pipeline.anchors_per_query} anchors per query, the "
+                         f"checkpoint reads {wanted}: run `cvr export --checkpoint {checkpoint}` again")
     pipeline.open_search_modules()
     return pipeline
 

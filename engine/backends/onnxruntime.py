@@ -168,6 +168,8 @@ class ExportedBackend:
         self._runners: dict = {}
         self.text = build_tokenizer(folder, self.manifest["text"])
         self.anchors = self.manifest.get("anchors")
+        # N anchors per query: the query tower graph's region axis is N*R (fixed at export).
+        self.anchors_per_query = int((self.anchors or {}).get("anchors_per_query", 1))
         self.generator = None
         self.anchor_cache = AnchorCache(anchor_cache) if anchor_cache else None
         self.scorer = ExportedScorer(self)
@@ -227,11 +229,12 @@ class ExportedBackend:
         out = self.run(module or self.manifest["text"]["module"], {"input_ids": ids, "attention_mask": mask})
         return out["tokens"], mask, out["sentence"]
 
-    def generate(self, texts: list) -> np.ndarray:
-        """uint8 anchors (B, S, S, 3) for the texts, as engine.anchors.AnchorGenerator.generate."""
+    def generate(self, texts: list, draw: int = 0) -> np.ndarray:
+        """uint8 anchors (B, S, S, 3) for the texts, as engine.anchors.AnchorGenerator.generate;
+        anchor `draw` of each (seed + draw)."""
         gen, info = self.anchors["generator"], self.generator
         steps = int(info.options.steps if info.options.steps is not None else info.default_steps)
-        seed = int(info.options.seed)
+        seed = int(info.options.seed) + int(draw)
         keys = [anchor_cache_key(t, info.generator_id, info.adapter_id, steps, info.image_size, seed) for t in texts]
         out = [self.anchor_cache.get(key) if self.anchor_cache is not None else None for key in keys]
         todo = [i for i, image in enumerate(out) if image is None]

@@ -96,6 +96,7 @@ class TorchPipeline:
             use_triton_kernels(self.model)
         self.checkpoint_id = self.model.checkpoint_id
         self.anchors = bool(self.model.config.use_anchor)
+        self.anchors_per_query = 1  # the checkpoint's (config "anchors"), read with the anchor path
         self.generator = self.extractor = None
         self.provider = None
         if self.anchors:
@@ -108,6 +109,9 @@ class TorchPipeline:
 
         config = read_checkpoint_config(checkpoint)
         meta = config.get("anchors") or {}
+        from engine.anchor_store import anchors_per_query
+
+        self.anchors_per_query = anchors_per_query(meta)
         warn_on_other_noise(checkpoint, config)
         folder = anchor_generator(checkpoint, config, generator)
         steps = steps if steps is not None else meta.get("steps")
@@ -130,8 +134,9 @@ class TorchPipeline:
     def encode_text(self, texts: list):
         return self.model.text(texts)
 
-    def generate(self, texts: list) -> np.ndarray:
-        return self.generator.generate(texts)
+    def generate(self, texts: list, draw: int = 0) -> np.ndarray:
+        """Anchor `draw` of each text (seed = the checkpoint's seed + draw, as the store drew it)."""
+        return self.generator.generate(texts, seed=self.generator.options.seed + draw)
 
     @torch.no_grad()
     def regions(self, images: np.ndarray) -> torch.Tensor:
