@@ -13,6 +13,12 @@ Three parts, written as one Markdown file, one JSON file and two PNG plots:
    exact rerank of M candidates per query) over galleries written as `cvr index` writes them, with
    the recall@10 of two stages against exhaustive, the index build time and the process's peak
    memory over its memory with the models loaded.
+4. **Heads and reranker** (issue 18): the per-query cost of each scoring head, `Retriever.search`
+   end to end at batch 1 with its stages, for the CVR-SDGM head (the full model: anchors drawn by
+   the 4-step student) and the GLSCL head (`--head glscl`, text-only: its gallery rows hold 1+F+K
+   vectors) over galleries of 1k, 10k and 100k videos, exhaustive and two-stage; then the
+   generative reranker (engine/reranking.py) over each head's first stage at 1, 5, 10 and 50 DDIM
+   steps (its cost does not depend on the gallery: it reads M candidates).
 
 Timings need no trained weights, so the models are the default architecture at random init, saved
 as checkpoints; the galleries are synthetic (bench/gallery_sizes.py, `aimed_gallery`). On a GPU
@@ -47,6 +53,11 @@ STAGES = ("text", "vision", "tower", "search")
 STAGE_LABELS = {"text": "text encoder (MiniLM)", "vision": "ResNet-50 regions of the anchors",
                 "tower": "query tower (hybrid attention + heads)", "search": "gallery search, top-10"}
 TINY_MODEL = {"latent_dim": 32, "concept_dim": 16, "attn_dim": 16, "video_gru_hidden": 16, "video_local_dim": 32}
+TINY_GLSCL = {"glscl_heads": 4, "glscl_frames": 5, "glscl_queries": 3, "glscl_decoder_layers": 1,
+              "glscl_temporal_layers": 1}
+HEADS = {"cvr": "CVR-SDGM (full model, 4-step student anchors)", "glscl": "GLSCL (text-only)"}
+HEAD_STAGES = ("text", "anchor", "vision", "tower", "search", "rerank")
+HEAD_TWO_STAGE = (16, 100)  # (nprobe, M) of the heads part's two-stage rows
 
 
 @dataclass
@@ -61,6 +72,8 @@ class Settings:
     device: str = "cpu"
     backends: str = "all"  # or comma-separated names
     tiny: bool = False
+    head_sizes: tuple = (1_000, 10_000, 100_000)  # galleries of the heads part
+    rerank_steps: tuple = (1, 5, 10, 50)  # DDIM steps of the reranker rows (T = 50, the default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +249,135 @@ def time_gallery_size(checkpoint: str, texts: list, n: int, s: Settings, work: s
 
 
 # ---------------------------------------------------------------------------------------------
+# Part 4: heads and reranker
+
+
+def make_glscl_checkpoint(folder: str, tiny: bool) -> str:
+    """The glscl head (`cvr train --head glscl` defaults, tiny widths with --tiny) at random init."""
+    from engine.checkpoint import save_checkpoint
+    from engine.config import ModelConfig
+    from engine.model import CVRModel
+
+    torch.manual_seed(0)
+    model = CVRModel(ModelConfig(head="glscl", **({**TINY_MODEL, **TINY_GLSCL} if tiny else {})))
+    save_checkpoint(model, folder, [], {"anchors": None})
+    return folder
+
+
+def glscl_rows(n: int, config: dict, seed: int = 0, chunk: int = 2048) -> tuple:
+    """(lat (n, 1+F+K, D), con (n, 1, F)) float16 of n synthetic glscl gallery rows, as the glscl
+    video tower lays them out (engine/glscl.py): the normalised mean of F frame vectors (clustered:
+    n/100 centres plus noise), the F frame vectors, K normalised decoded vectors; every frame
+    valid. Random values: the timings do not depend on them."""
+    rng = np.random.default_rng(seed)
+    d, frames, queries = config["latent_dim"], config["glscl_frames"], config["glscl_queries"]
+    centres = rng.standard_normal((max(1, n // 100), d), dtype=np.float32) / np.sqrt(d)
+    lat = np.empty((n, 1 + frames + queries, d), np.float16)
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        v = centres[rng.integers(len(centres), size=rows)][:, None] + \
+            0.6 * rng.standard_normal((rows, frames, d), dtype=np.float32) / np.sqrt(d)
+        z = rng.standard_normal((rows, queries, d), dtype=np.float32)
+        mean = v.mean(1)
+        lat[start : start + rows, 0] = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+        lat[start : start + rows, 1 : 1 + frames] = v
+        lat[start : start + rows, 1 + frames :] = z / np.linalg.norm(z, axis=2, keepdims=True)
+    return lat, np.ones((n, 1, frames), np.float16)
+
+
+def write_head_gallery(folder: str, checkpoint: str, n: int) -> float:
+    """A synthetic gallery of n videos for the checkpoint's head with a FAISS `IVF<sqrt N>,SQfp16`
+    index, written by `engine.indexing.write_gallery` as `cvr index` writes one; returns seconds."""
+    from bench.gallery_sizes import aimed_gallery
+    from engine.checkpoint import checkpoint_id, read_checkpoint_config
+    from engine.indexing import write_gallery
+
+    clock = time.perf_counter()
+    config = read_checkpoint_config(checkpoint)["model"]
+    if config.get("head", "cvr") == "glscl":
+        lat, con = glscl_rows(n, config, seed=n)
+    else:
+        d, k = config["latent_dim"], config["concept_dim"]
+        lat, con = aimed_gallery(n, np.zeros((0, 2, d), np.float32), np.zeros((0, 2, k), np.float32), seed=n)
+    write_gallery(folder, [f"video{i}" for i in range(n)], lat, con, {"id": checkpoint_id(checkpoint)},
+                  faiss=f"IVF{max(1, round(np.sqrt(n)))},SQfp16")
+    return round(time.perf_counter() - clock, 1)
+
+
+def make_reranker(folder: str, checkpoint: str, steps: int, tiny: bool) -> str:
+    """A reranker of the checkpoint (`cvr train-reranker` defaults: M = 32, T = 50; hidden 32 with
+    --tiny) at random init that samples with `steps` DDIM steps, as `--sample-steps` records it."""
+    from engine.checkpoint import checkpoint_id, read_checkpoint_config
+    from engine.rerank import build_denoiser, save_reranker
+    from engine.reranking import RerankConfig
+
+    model_config = read_checkpoint_config(checkpoint)["model"]
+    config = RerankConfig(latent_dim=model_config["latent_dim"], sample_steps=steps,
+                          **({"hidden": 32} if tiny else {})).validate()
+    torch.manual_seed(0)
+    base = {"id": checkpoint_id(checkpoint), "path": checkpoint, "head": model_config.get("head", "cvr")}
+    save_reranker(build_denoiser(config), config, folder, base)
+    return folder
+
+
+def _head_row(head: str, n: int, mode: str, reranker: str, runs: list, build_s: float) -> dict:
+    p50, p95 = common.p50_p95_ms([wall for wall, _ in runs])
+    stages = {k: common.p50_p95_ms([t[k] for _, t in runs])[0] for k in HEAD_STAGES}
+    return {"head": head, "gallery": n, "search": mode, "reranker": reranker, "batch": 1, "p50_ms": p50,
+            "p95_ms": p95, "stages_p50_ms": stages, "runs": len(runs), "build_s": build_s,
+            "threads": torch.get_num_threads()}
+
+
+def _timed_searches(retriever, texts: list, options, runs: int) -> list:
+    """(wall seconds, {stage: seconds}) of `runs` warm batch-1 searches (one untimed first), each
+    with another text (anchors are drawn per text)."""
+    out = []
+    for i in range(runs + 1):
+        start = time.perf_counter()
+        retriever.search([texts[i % len(texts)]], k=10, options=options)
+        wall = time.perf_counter() - start
+        out.append((wall, {k: getattr(retriever.last_timings, k) for k in HEAD_STAGES}))
+    return out[1:]
+
+
+def time_heads(checkpoints: dict, texts: list, s: Settings, work: str) -> list:
+    """Part 4 rows: each head at each gallery size, exhaustive and two-stage; then, over the first
+    size's exhaustive first stage, the reranker at each step count."""
+    from tqdm import tqdm
+
+    from engine.retriever import Retriever
+    from engine.search import SearchOptions
+
+    nprobe, m = HEAD_TWO_STAGE if not s.tiny else (4, 20)
+    modes = {"exhaustive": SearchOptions(mode="exhaustive"),
+             "two-stage": SearchOptions(mode="two-stage", nprobe=nprobe, candidates=m)}
+    rows = []
+    for head, checkpoint in checkpoints.items():
+        for n in tqdm(s.head_sizes, desc=f"{head} head sizes", unit="size", disable=s.tiny):
+            folder = os.path.join(work, f"{head}-gallery-{n}")
+            build_s = write_head_gallery(folder, checkpoint, n)
+            generator = str(STUDENT) if head == "cvr" else None
+            retriever = Retriever(checkpoint, folder, backend="torch", generator=generator, device=s.device)
+            for mode, options in modes.items():
+                runs = s.repeats if mode == "two-stage" or n <= 10_000 else 3
+                label = mode if mode == "exhaustive" else f"two-stage (FAISS IVF, nprobe={nprobe}, M={m})"
+                rows.append(_head_row(head, n, label, "", _timed_searches(retriever, texts, options, runs),
+                                      build_s))
+            if n == s.head_sizes[0]:
+                for steps in s.rerank_steps:
+                    reranker = make_reranker(os.path.join(work, f"{head}-reranker-{steps}"), checkpoint, steps,
+                                             s.tiny)
+                    retriever.set_reranker(reranker, s.device)
+                    runs = _timed_searches(retriever, texts, modes["exhaustive"], s.repeats)
+                    rows.append(_head_row(head, n, "exhaustive", f"{steps} DDIM step{'s' if steps > 1 else ''}, M = "
+                                          f"{retriever.reranker.candidates}", runs, build_s))
+                retriever.set_reranker(None)
+            del retriever
+            files.remove(folder)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 
 
@@ -269,8 +411,25 @@ def markdown(result: dict) -> str:
         "bytes)\n",
         _table(["videos", "search", "variant", "batch", "p50 ms", "p95 ms", "ms/query", "recall@10",
                 "write + index s", "gallery GB", "index GB", "peak GB", "peak / gallery", "runs"], size_rows),
+        *heads_markdown(result),
         notes(result),
     ])
+
+
+def heads_markdown(result: dict) -> list:
+    """Part 4's table (absent from results written before it existed)."""
+    if not result.get("heads"):
+        return []
+    rows = []
+    for r in result["heads"]:
+        stages = [r["stages_p50_ms"][k] or "–" for k in HEAD_STAGES]
+        rows.append([HEADS[r["head"]], r["reranker"] or "none", r["gallery"], r["search"], r["p50_ms"], r["p95_ms"],
+                     *stages, r["build_s"], r["runs"]])
+    return ["\n**Heads and reranker** (the per-query cost of each scoring head, then of the generative reranker "
+            "per DDIM step count: `Retriever.search` end to end at batch 1, warm, top-10, p50/p95 over runs, and "
+            "each stage's p50 from `last_timings`, all in ms per query)\n",
+            _table(["head", "reranker", "videos", "search", "p50 ms", "p95 ms", "text", "anchor", "ResNet-50",
+                    "tower", "search ms", "rerank", "write + index s", "runs"], rows)]
 
 
 def notes(result: dict) -> str:
@@ -288,8 +447,25 @@ def notes(result: dict) -> str:
         "(`engine.search.exhaustive`); two-stage search is a FAISS `IVF<sqrt N>,SQfp16` first stage (k-means "
         "on 40 x nlist points) and the exact fused score of each query's own M candidates "
         "(`engine.search.two_stage`). HNSW is not timed: building it over 1M vectors takes tens of minutes on "
-        f"2 cores (ARCHITECTURE.md section 14). Wall time {result['wall_seconds']:.0f} s ({parts}), "
-        f"{result['cpu_seconds']:.0f} CPU-seconds.\n")
+        f"2 cores (ARCHITECTURE.md section 14). {heads_notes(result)}Wall time {result['wall_seconds']:.0f} s "
+        f"({parts}), {result['cpu_seconds']:.0f} CPU-seconds.\n")
+
+
+def heads_notes(result: dict) -> str:
+    if not result.get("heads"):
+        return ""
+    s = result["settings"]
+    return ("Heads rows: each head at random init with the `cvr train` defaults (D = 1024; GLSCL: F = 12 frame "
+            "and K = 8 query slots, so a gallery row holds 21 vectors of D against CVR-SDGM's 2 and two concept "
+            "vectors), torch backend, over a synthetic gallery per size written by `engine.indexing.write_gallery` "
+            "(fp16, with a FAISS `IVF<sqrt N>,SQfp16` index; GLSCL's indexes the mean-pooled frame vector of slot "
+            "0) and searched in this process; the CVR-SDGM head's cost includes drawing the query's anchor "
+            "(4-step student) and its ResNet-50 regions, which GLSCL has not; exhaustive rows at 100k are 3 runs. "
+            f"Reranker rows: a reranker at random init (M = 32 candidates, T = 50, hidden 256: `cvr "
+            f"train-reranker`'s defaults) of each head's checkpoint, saved with each DDIM step count "
+            f"({', '.join(str(x) for x in s['rerank_steps'])}) as `--sample-steps` records it and set on the "
+            f"Retriever over the {s['head_sizes'][0]}-video gallery (exhaustive first stage of max(k, M) "
+            "candidates); its cost reads M candidates whatever the gallery's size. ")
 
 
 def plot_stages(result: dict, path) -> None:
@@ -337,13 +513,44 @@ def plot_sizes(result: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_heads(result: dict, path) -> None:
+    """Left: ms per query against gallery size per head and search (exhaustive solid, two-stage
+    dashed); right: the reranker's stage against its DDIM steps, per head."""
+    plt = common.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    rows = result["heads"]
+    for i, head in enumerate(HEADS):
+        for search in dict.fromkeys(r["search"] for r in rows if not r["reranker"]):
+            line = sorted((r["gallery"], r["p50_ms"]) for r in rows
+                          if r["head"] == head and r["search"] == search and not r["reranker"])
+            if line:
+                left.plot(*zip(*line, strict=True), color=f"C{i}", marker="o",
+                          linestyle="-" if search == "exhaustive" else "--", label=f"{HEADS[head]}, {search}")
+        steps = sorted((int(r["reranker"].split()[0]), r["stages_p50_ms"]["rerank"]) for r in rows
+                       if r["head"] == head and r["reranker"])
+        if steps:
+            right.plot(*zip(*steps, strict=True), color=f"C{i}", marker="s", label=HEADS[head])
+    for axis, x, title in ((left, "gallery size (videos)", "Retriever.search end to end, batch 1"),
+                           (right, "DDIM steps", "rerank stage, batch 1 (M candidates)")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel(x)
+        axis.set_ylabel("ms per query (p50)")
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=7)
+        axis.set_title(f"{title} (CPU, {result['threads']} thread)", fontsize=9)
+    common.save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
 def write_outputs(result: dict, out: Path) -> dict:
     paths = {"md": out / "latency.md", "json": out / "latency.json", "stages_png": out / "latency_stages.png",
-             "sizes_png": out / "latency_sizes.png"}
+             "sizes_png": out / "latency_sizes.png", "heads_png": out / "latency_heads.png"}
     files.write_json(paths["json"], result)
     files.atomic_write(paths["md"], markdown(result))
     plot_stages(result, paths["stages_png"])
     plot_sizes(result, paths["sizes_png"])
+    plot_heads(result, paths["heads_png"])
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -384,9 +591,13 @@ def run(s: Settings, work: str) -> dict:
     for n in tqdm(s.sizes, desc="gallery sizes", unit="size", disable=s.tiny):
         sizes += time_gallery_size(text_only, size_texts, n, s, work)
     part_seconds["gallery sizes"] = lap()
+    glscl = make_glscl_checkpoint(os.path.join(work, "glscl"), s.tiny)
+    heads = time_heads({"cvr": checkpoint, "glscl": glscl}, texts, s, work)
+    part_seconds["heads and reranker"] = lap()
     model_desc = "tiny widths" if s.tiny else "D=1024, K=512, cvr train defaults"
     return {"format": "cvr-sdgm/bench-latency/1", "stages": stages + backend_stages, "end_to_end": e2e,
-            "gallery_size": sizes, "backends": available, "model": model_desc, "part_seconds": part_seconds}
+            "gallery_size": sizes, "heads": heads, "backends": available, "model": model_desc,
+            "part_seconds": part_seconds}
 
 
 def parse_args(argv) -> tuple:
@@ -413,7 +624,7 @@ def parse_args(argv) -> tuple:
     if args.tiny:
         s = Settings(batch=4, repeats=2, batch_repeats=1, gallery=64, sizes=(500, 2000), queries=4,
                      two_stage=((4, 20),), device=args.device, backends=args.backends or "torch",
-                     tiny=True)
+                     tiny=True, head_sizes=(300,), rerank_steps=(1, 5))
     return s, args.out
 
 
@@ -427,7 +638,7 @@ def main(argv=None) -> int:
     info = common.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as work:
         result = run(settings, work)
-    for part in ("stages", "end_to_end", "gallery_size"):
+    for part in ("stages", "end_to_end", "gallery_size", "heads"):
         result[part] = common.stamp(result[part], info)
     result.update(machine=info, machine_slug=common.machine_slug(info), settings=settings.__dict__,
                   threads=torch.get_num_threads(), wall_seconds=round(time.perf_counter() - start, 1),

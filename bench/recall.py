@@ -14,7 +14,14 @@ JSON keeps every seed's metrics. Rows:
   attention only, channel attention only, no local branch, no concept space;
 - anchor sources: the fair-protocol model evaluated with test anchors from the teacher at 28 steps
   and from the student at 4, 2 and 1 steps (a test-time swap: the model is trained once, on the
-  student's 4-step anchors, which is what a deployment that changes its step count does).
+  student's 4-step anchors, which is what a deployment that changes its step count does);
+- peer methods (issue 18): the GLSCL head (`cvr train --head glscl`, text-only, the same flags,
+  seeds and epochs), evaluated by the same metric code; and the generative reranker (`cvr
+  train-reranker --base`, DiffusionRet's idea) trained on each seed's checkpoint of the full model
+  and of GLSCL, evaluated through the search path users run (`cvr index` of the test videos, then
+  what `cvr evaluate --gallery --rerank` runs: `search_metrics` over `Retriever.search`), with the
+  same path without the reranker recorded beside it as the check that it reproduces the metric
+  code's first stage.
 
 Anchor stores are drawn once per (generator, steps, protocol) and shared by every seed and ablation;
 the built-in collection is written once per size; both are reused by later runs when unchanged.
@@ -48,6 +55,12 @@ HEADERS = ["model", "t2v R@1", "R@5", "R@10", "MedR", "MnR", "mAP",
 # Model widths and batch of the smoke run (--tiny), as tests/test_retrieval.py's TINY flags.
 TINY_DIMS = ["--latent-dim", "32", "--attn-dim", "16", "--video-gru-hidden", "16", "--video-local-dim", "32",
              "--batch-size", "16"]
+# ... and of the glscl head (tests/test_glscl.py's) and the reranker (a narrow denoiser, T = 8).
+TINY_GLSCL = ["--glscl-heads", "4", "--glscl-frames", "5", "--glscl-queries", "3", "--glscl-decoder-layers", "1",
+              "--glscl-temporal-layers", "1"]
+TINY_RERANK = ["--hidden", "32", "--diffusion-steps", "8", "--batch-size", "16"]
+PEERS = "peer methods and the generative reranker (same data, seeds, widths and epochs)"
+RERANK_COST = 1.5  # a reranker's training and two search-path evaluations, relative to a full-model training
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +90,7 @@ class Row:
     trained_by: str | None = None  # an evaluation-only row: the row whose checkpoints it evaluates
     test_anchors: str | None = None  # ... with this store's test anchors
     cost: float = 1.0  # training time relative to the others, to start the longest runs first
+    rerank_of: str | None = None  # a reranker row: trained on this row's checkpoints, scored by the search path
 
 
 def student_store(name: str, steps: int, splits: str, protocol: str = "query") -> Store:
@@ -110,7 +124,14 @@ def rows(store: dict) -> list:
         Row("no-local", "no local branch", ablation, ["--no-local-branch"], anchors="student4"),
         Row("no-concept", "no concept space", ablation, ["--no-concept-space"], anchors="student4"),
     ] + [Row(f"anchors-{name}", f"test anchors: {store[name].label}", source, trained_by="full",
-             test_anchors=name) for name in ("teacher28", "student4", "student2", "student1")]
+             test_anchors=name) for name in ("teacher28", "student4", "student2", "student1")] + [
+        # GLSCL's temporal transformer and query decoder at D = 1024 train ~6x slower than the full model.
+        Row("glscl", "GLSCL head (`--head glscl`: global + local interaction, text-only)", PEERS,
+            ["--head", "glscl"], cost=6.5),
+        Row("full-rerank", "CVR-SDGM (full model, fair protocol) + generative reranker", PEERS,
+            anchors="student4", rerank_of="full"),
+        Row("glscl-rerank", "GLSCL + generative reranker", PEERS, rerank_of="glscl"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,14 +220,36 @@ def anchor_task(plan: Plan, store: Store) -> dict | None:
     return {"kind": "anchors", "name": store.name, "argv": argv, "log": log_path(plan, f"anchors_{store.name}")}
 
 
-def train_task(plan: Plan, row: Row, seed: int, evaluations: dict, store_dir) -> dict:
-    """Train one row at one seed, then evaluate it with each {row name: anchor store or None}."""
+def train_task(plan: Plan, row: Row, seed: int, evaluations: dict, store_dir, rerankers: tuple = ()) -> dict:
+    """Train one row at one seed, then evaluate it with each {row name: anchor store or None}, then
+    train and evaluate each reranker row of `rerankers` on that checkpoint."""
     checkpoint = os.path.join(plan.work, "checkpoints", f"{row.name}_s{seed}")
     anchors = ["--anchors", store_dir(row.anchors) if row.anchors else "none"]
-    argv = ["train", *plan.train_flags(), "--seed", str(seed), "--out", checkpoint, *anchors, *row.train_flags]
+    tiny_head = TINY_GLSCL if plan.tiny and "glscl" in row.train_flags else []
+    argv = ["train", *plan.train_flags(), "--seed", str(seed), "--out", checkpoint, *anchors, *row.train_flags,
+            *tiny_head]
+    reranks = [rerank_task(plan, r, seed, checkpoint, store_dir) for r in rerankers]
     return {"kind": "train", "name": row.name, "seed": seed, "argv": argv, "checkpoint": checkpoint,
             "reuse": plan.reuse, "evaluations": evaluations, "root": plan.root, "collection": plan.collection,
-            "log": log_path(plan, f"{row.name}_s{seed}"), "cost": row.cost + 0.05 * len(evaluations)}
+            "rerankers": reranks, "log": log_path(plan, f"{row.name}_s{seed}"),
+            "cost": row.cost + 0.05 * len(evaluations) + RERANK_COST * len(reranks)}
+
+
+def rerank_task(plan: Plan, row: Row, seed: int, checkpoint: str, store_dir) -> dict:
+    """One reranker row at one seed, on the base row's checkpoint: the `cvr train-reranker` and
+    `cvr index` commands (the test videos, float32, so that the search path scores what the metric
+    code scores), and the gallery the evaluation searches."""
+    name = f"{row.name}_s{seed}"
+    reranker = os.path.join(plan.work, "rerankers", name)
+    gallery = os.path.join(plan.work, "galleries", f"{row.rerank_of}_s{seed}_test")
+    data = ["--root", plan.root, "--collection", plan.collection]
+    anchors = ["--anchors", store_dir(row.anchors)] if row.anchors else []
+    train = ["train-reranker", "--base", checkpoint, *data, "--epochs", str(plan.epochs), "--seed", str(seed),
+             "--out", reranker, "--quiet", "--overwrite", *anchors, *(TINY_RERANK if plan.tiny else [])]
+    index = ["index", "--checkpoint", checkpoint, *data, "--split", "test", "--dtype", "float32", "--out", gallery,
+             "--quiet", "--overwrite"]
+    return {"name": row.name, "reranker": reranker, "train": train, "index": index, "gallery": gallery,
+            "anchor_cache": os.path.join(plan.work, "anchor_cache", name)}
 
 
 def log_path(plan: Plan, name: str) -> str:
@@ -227,11 +270,12 @@ def run_task(task: dict) -> dict:
         return _train_and_evaluate(task)
 
 
-def _cli(task: dict) -> None:
+def _cli(task: dict, argv: list | None = None) -> None:
     from engine.cli import main
 
-    if main(task["argv"]) != 0:
-        raise RuntimeError(f"`cvr {' '.join(task['argv'])}` failed: see {task['log']}")
+    argv = argv or task["argv"]
+    if main(argv) != 0:
+        raise RuntimeError(f"`cvr {' '.join(argv)}` failed: see {task['log']}")
 
 
 def _train_and_evaluate(task: dict) -> dict:
@@ -243,11 +287,74 @@ def _train_and_evaluate(task: dict) -> dict:
         _cli(task)
         files.write_json(marker, task["argv"])
         print(f"trained in {time.perf_counter() - start:.1f} s", flush=True)
-    metrics = {}
+    metrics, first_stage, rerankers = {}, {}, {}
     for name, store in task["evaluations"].items():
         result = evaluate_checkpoint(task["checkpoint"], task["root"], task["collection"], "test", anchors=store)
         metrics[name] = result["metrics"]
-    return {"kind": "train", "name": task["name"], "seed": task["seed"], "metrics": metrics}
+    for spec in task["rerankers"]:
+        metrics[spec["name"]], first_stage[spec["name"]], rerankers[spec["name"]] = _rerank_and_evaluate(task, spec)
+    return {"kind": "train", "name": task["name"], "seed": task["seed"], "metrics": metrics,
+            "first_stage": first_stage, "rerankers": rerankers}
+
+
+def _rerank_and_evaluate(task: dict, spec: dict) -> tuple:
+    """(reranked metrics, first-stage metrics through the same search path, the reranker's
+    config and best epoch): the commands of `rerank_task`, run as `cvr` runs them, then `search_path`."""
+    from engine.reranking import read_reranker_config
+
+    marker = Path(spec["reranker"] + ".bench_task.json")  # beside the folder: a reranker folder is sealed
+    wanted = {"argv": spec["train"], "base": _checkpoint_digest(task["checkpoint"])}
+    if not (task["reuse"] and marker.is_file() and json.loads(marker.read_text()) == wanted):
+        start = time.perf_counter()
+        _cli(task, spec["train"])
+        files.write_json(marker, wanted)
+        print(f"reranker trained in {time.perf_counter() - start:.1f} s", flush=True)
+    _cli(task, spec["index"])
+    found = search_path(task, spec)
+    config = read_reranker_config(spec["reranker"])
+    about = {"config": config["reranker"].to_dict(), "best_epoch": config["train"]["best_epoch"]}
+    return found[1], found[0], about
+
+
+def search_path(task: dict, spec: dict) -> list:
+    """[first-stage metrics, reranked metrics] of the test captions searched through one Retriever
+    (the path `cvr evaluate --gallery [--rerank]` runs: engine.search_eval.search_metrics, exhaustive,
+    k = the whole gallery), without and then with the reranker; the query anchors drawn for the
+    first pass are cached on disk for the second (`--anchor-cache`), as `cvr search` caches them."""
+    from engine.datasets import Collection
+    from engine.retriever import Retriever
+    from engine.search import SearchOptions
+    from engine.search_eval import search_metrics
+
+    captions = Collection(task["root"], task["collection"]).captions("test")
+    retriever = Retriever(task["checkpoint"], spec["gallery"], anchor_cache=spec["anchor_cache"])
+    found = []
+    for reranker in (None, spec["reranker"]):
+        start = time.perf_counter()
+        retriever.set_reranker(reranker)
+        found.append(search_path_metrics(search_metrics(retriever, captions, options=SearchOptions("exhaustive"))))
+        print(f"evaluated through the search path ({'reranked' if reranker else 'first stage'}) in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    return found
+
+
+def _checkpoint_digest(checkpoint: str) -> str:
+    from engine.checkpoint import checkpoint_id
+
+    return checkpoint_id(checkpoint)
+
+
+def search_path_metrics(found: dict) -> dict:
+    """`cvr evaluate --gallery` metrics (engine/search_eval.py) in this table's columns: t2v only
+    (the reranker reorders a query's videos; it has no video-to-text side), MnR over the found,
+    which is every caption (k = the whole gallery, exhaustive), SumR of t2v."""
+    if found["found"] != 1.0 or found["videos_not_in_gallery"]:
+        raise RuntimeError(f"the search path missed captions: found {found['found']}")
+    out = {m: None for m in METRICS}
+    out.update({m: found[m] for m in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "t2v_map")})
+    out["t2v_mnr"] = found["t2v_mnr_found"]
+    out["sumr"] = found["t2v_r1"] + found["t2v_r5"] + found["t2v_r10"]
+    return out
 
 
 def run_tasks(tasks: list, jobs: int, desc: str) -> list:
@@ -273,11 +380,18 @@ def run_tasks(tasks: list, jobs: int, desc: str) -> list:
 
 
 def aggregate(all_rows: list, results: list, seeds: list) -> list:
-    """One dict per row: per-seed metrics and their mean and sample standard deviation."""
-    per_seed = {}
+    """One dict per row: per-seed metrics and their mean and sample standard deviation (None for a
+    metric a row does not have: a reranker row's v2t columns). A reranker row also keeps, per
+    seed, its first stage through the same search path and the reranker's config."""
+    per_seed, first_stage, rerankers = {}, {}, {}
     for result in results:
+        seed = str(result["seed"])
         for name, metrics in result.get("metrics", {}).items():
-            per_seed.setdefault(name, {})[str(result["seed"])] = metrics
+            per_seed.setdefault(name, {})[seed] = metrics
+        for name, metrics in result.get("first_stage", {}).items():
+            first_stage.setdefault(name, {})[seed] = metrics
+        for name, about in result.get("rerankers", {}).items():
+            rerankers.setdefault(name, {})[seed] = about
     out = []
     for row in all_rows:
         found = per_seed.get(row.name, {})
@@ -285,15 +399,31 @@ def aggregate(all_rows: list, results: list, seeds: list) -> list:
         if missing:
             raise RuntimeError(f"row {row.name}: no result for seeds {missing}")
         values = {m: [found[str(s)][m] for s in seeds] for m in METRICS}
-        stats = {m: common.mean_std(v) for m, v in values.items()}
-        out.append({**asdict(row), "per_seed": found,
+        stats = {m: (None, None) if None in v else common.mean_std(v) for m, v in values.items()}
+        extra = {"first_stage_per_seed": first_stage[row.name], "reranker": rerankers[row.name]} \
+            if row.rerank_of else {}
+        out.append({**asdict(row), "per_seed": found, **extra,
                     "mean": {m: s[0] for m, s in stats.items()}, "std": {m: s[1] for m, s in stats.items()}})
+    return out
+
+
+def first_stage_agreement(rows: list) -> dict:
+    """Per reranker row: the largest difference, over seeds and t2v metrics, between its first stage
+    through the search path and the metric code's numbers of the row it reranks (0: the same)."""
+    by_name = {r["name"]: r for r in rows}
+    out = {}
+    for row in (r for r in rows if r.get("rerank_of")):
+        base = by_name[row["rerank_of"]]["per_seed"]
+        out[row["name"]] = max(abs(metrics[m] - base[seed][m]) for seed, metrics in row["first_stage_per_seed"].items()
+                               for m in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "t2v_mnr", "t2v_map"))
     return out
 
 
 def _cell(row: dict, metric: str) -> str:
     digits = 3 if metric.endswith("map") else 1
     mean, std = row["mean"][metric], row["std"][metric]
+    if mean is None:
+        return "–"
     text = f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
     return f"**{text}**" if row["leaks_answer"] else text
 
@@ -323,9 +453,38 @@ def notes(result: dict) -> str:
             f"small sizes; seeds {seeds}: mean ± sample standard deviation. R@K in %, mAP in [0, 1], SumR = "
             f"t2v R@1 + R@5 + R@10. The SSSS row (bold) draws each test anchor from all captions of the "
             f"answer video: it leaks the answer and is not comparable with the others. Anchor-source rows "
-            f"evaluate the fair-protocol checkpoints with other test anchors (no retraining). "
+            f"evaluate the fair-protocol checkpoints with other test anchors (no retraining). {peer_notes(result)}"
             f"Machine: {common.describe_machine(result['machine'])}. Wall time {result['wall_seconds']:.0f} s "
             f"with {result['jobs']} worker process(es) of one thread, {result['cpu_seconds']:.0f} CPU-seconds.\n")
+
+
+def peer_notes(result: dict) -> str:
+    """What the peer rows are and which path scored them."""
+    rows = [r for r in result["rows"] if r.get("rerank_of")]
+    if not rows:
+        return ""
+    about = next(iter(rows[0]["reranker"].values()))["config"]
+    epochs = sorted({a["best_epoch"] for r in rows for a in r["reranker"].values()})
+    test_videos = result["sizes"]["splits"]["test"]["videos"]
+    whole = (f" (M >= the {test_videos} test videos: each query's whole test gallery is reranked)"
+             if about["candidates"] >= test_videos else "")
+    worst = max(first_stage_agreement(result["rows"]).values())
+    agree = ("reproduces the metric code's t2v numbers of the row it reranks exactly, for every seed" if worst == 0
+             else f"differs from the metric code's t2v numbers of the row it reranks by at most {worst:.3g}")
+    return (f"GLSCL (`cvr train --head glscl`, text-only: no anchors) is trained with the same flags, seeds and "
+            f"epochs as the rows above and scored by the same metric code (`training.retrieval.evaluate_checkpoint`). "
+            f"The reranker rows train `cvr train-reranker --base` on each seed's checkpoint of the full model "
+            f"(fair protocol) and of GLSCL (that seed, {result['sizes']['epochs']} epochs at most, otherwise "
+            f"`cvr train-reranker`'s defaults: M = {about['candidates']} candidates{whole}, T = "
+            f"{about['diffusion_steps']} diffusion steps, {about['sample_steps'] or about['diffusion_steps']} DDIM "
+            f"steps at search, hidden {about['hidden']}, fused score = first-stage score + {about['weight']:g} x "
+            f"softmax({about['temp']:g} x0); "
+            f"best validation epoch {', '.join(str(e) for e in epochs)}) and are scored through the search path "
+            f"(`cvr index --split test --dtype float32`, then what `cvr evaluate --gallery --mode exhaustive "
+            f"--rerank` runs: `engine.search_eval.search_metrics` over `Retriever.search` with k = the whole gallery, "
+            f"anchors drawn at query time by the checkpoint's generator, one Retriever for both passes), so they "
+            f"have t2v columns only (the reranker reorders a query's videos) and SumR is t2v's; "
+            f"that path without `--rerank` {agree}. ")
 
 
 def plot(result: dict, path) -> None:
@@ -372,10 +531,11 @@ def run(plan: Plan) -> dict:
     anchor_tasks = [t for s in store.values() if (t := anchor_task(plan, s)) is not None]
     run_tasks(anchor_tasks, plan.jobs, "anchor stores")
     tasks = []
-    for row in (r for r in all_rows if r.trained_by is None):
+    for row in (r for r in all_rows if r.trained_by is None and r.rerank_of is None):
         evaluations = {row.name: store_dir(row.anchors) if row.anchors else None}
         evaluations.update({r.name: store_dir(r.test_anchors) for r in all_rows if r.trained_by == row.name})
-        tasks += [train_task(plan, row, seed, evaluations, store_dir) for seed in plan.seeds]
+        rerankers = [r for r in all_rows if r.rerank_of == row.name]
+        tasks += [train_task(plan, row, seed, evaluations, store_dir, rerankers) for seed in plan.seeds]
     tasks.sort(key=lambda t: -t["cost"])  # the longest first, so that the workers finish together
     results = run_tasks(tasks, plan.jobs, "trainings")
     return {"format": "cvr-sdgm/bench-recall/1", "rows": aggregate(all_rows, results, plan.seeds),

@@ -39,21 +39,38 @@ def test_recall_tiny_writes_every_row_with_mean_and_std_over_seeds(recall_out):
     result = json.loads((recall_out / "recall.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert names == ["text-minilm", "text-rivrl", "full", "full-ssss", "meanpool", "spatial", "channel", "no-local",
-                     "no-concept", "anchors-teacher28", "anchors-student4", "anchors-student2", "anchors-student1"]
+                     "no-concept", "anchors-teacher28", "anchors-student4", "anchors-student2", "anchors-student1",
+                     "glscl", "full-rerank", "glscl-rerank"]
     assert [r["name"] for r in result["rows"] if r["leaks_answer"]] == ["full-ssss"]
     assert result["sizes"]["seeds"] == [0, 1] and result["machine"]["cores"] >= 1
+    t2v = [m for m in recall_bench.METRICS if m.startswith("t2v")] + ["sumr"]
     for row in result["rows"]:
         assert sorted(row["per_seed"]) == ["0", "1"]
+        # The reranker rows come from the search path, which ranks videos for a query: t2v only.
         for metric in recall_bench.METRICS:
             values = [row["per_seed"][s][metric] for s in ("0", "1")]
+            if row["rerank_of"] and metric not in t2v:
+                assert values == [None, None] and row["mean"][metric] is None
+                continue
             assert row["mean"][metric] == pytest.approx(statistics.fmean(values))
             assert row["std"][metric] == pytest.approx(statistics.stdev(values))
-    # The student-4 anchor row is the fair-protocol model on its own anchors: the same numbers.
     by_name = {r["name"]: r for r in result["rows"]}
+    # The student-4 anchor row is the fair-protocol model on its own anchors: the same numbers.
     assert by_name["anchors-student4"]["per_seed"] == by_name["full"]["per_seed"]
+    # Each reranker row trained one reranker per seed on its base row's checkpoint, and the search
+    # path without it gives the base row's t2v numbers (the same scores, the same tie rule).
+    for name, base in (("full-rerank", "full"), ("glscl-rerank", "glscl")):
+        row = by_name[name]
+        assert row["rerank_of"] == base and sorted(row["reranker"]) == ["0", "1"]
+        for seed, first in row["first_stage_per_seed"].items():
+            assert first["t2v_r1"] == pytest.approx(by_name[base]["per_seed"][seed]["t2v_r1"])
+            assert first["t2v_mnr"] == pytest.approx(by_name[base]["per_seed"][seed]["t2v_mnr"])
+    agreement = recall_bench.first_stage_agreement(result["rows"])
+    assert sorted(agreement) == ["full-rerank", "glscl-rerank"] and all(v == 0 for v in agreement.values())
     table = (recall_out / "recall.md").read_text()
     assert table.splitlines()[0] == "| " + " | ".join(recall_bench.HEADERS) + " |"
     assert "LEAKS THE ANSWER" in table and "±" in table and "Machine:" in table
+    assert "| GLSCL + generative reranker |" in table and "`cvr evaluate --gallery" in table
     assert _is_png(recall_out / "recall.png")
 
 
@@ -74,16 +91,30 @@ def test_latency_tiny_writes_stages_end_to_end_and_gallery_sizes(latency_out):
     assert {r["stage"] for r in result["gallery_size"]} == {"exhaustive", "two-stage"}
     # Memory of the process that searched, over its memory with the models loaded.
     assert all(r["peak_over_models_gb"] >= 0 and r["peak_over_gallery"] >= 0 for r in result["gallery_size"])
+    # Heads: each head at each size, exhaustive and two-stage; the reranker per step count over each head.
+    heads = result["heads"]
+    plain = {(r["head"], r["gallery"], r["search"].split()[0]) for r in heads if not r["reranker"]}
+    sizes = result["settings"]["head_sizes"]
+    assert plain == {(h, n, m) for h in ("cvr", "glscl") for n in sizes for m in ("exhaustive", "two-stage")}
+    reranked = {(r["head"], r["reranker"].split()[0]) for r in heads if r["reranker"]}
+    assert reranked == {(h, str(n)) for h in ("cvr", "glscl") for n in result["settings"]["rerank_steps"]}
+    for row in heads:
+        assert 0 < row["p50_ms"] <= row["p95_ms"] and row["threads"] == 1 and row["stages_p50_ms"]["search"] > 0
+        assert (row["stages_p50_ms"]["rerank"] > 0) == bool(row["reranker"])
+        assert (row["stages_p50_ms"]["anchor"] > 0) == (row["head"] == "cvr")  # GLSCL is text-only
     table = (latency_out / "latency.md").read_text()
     assert "| stage | variant | backend | batch | p50 ms | p95 ms |" in table and "queries/s" in table
+    assert "**Heads and reranker**" in table and "| GLSCL (text-only) | 5 DDIM steps, M = 32 |" in table
     assert _is_png(latency_out / "latency_stages.png") and _is_png(latency_out / "latency_sizes.png")
+    assert _is_png(latency_out / "latency_heads.png")
 
 
 def test_report_embeds_tables_and_plots_between_the_markers(recall_out, latency_out, tmp_path):
     machine = tmp_path / "results" / "some-cpu-2c"
     machine.mkdir(parents=True)
     for source, names in ((recall_out, ("recall.md", "recall.png")),
-                          (latency_out, ("latency.md", "latency_stages.png", "latency_sizes.png"))):
+                          (latency_out, ("latency.md", "latency_stages.png", "latency_sizes.png",
+                                         "latency_heads.png"))):
         for name in names:
             shutil.copy(source / name, machine / name)
         stem = names[0].split(".")[0]
@@ -97,6 +128,7 @@ def test_report_embeds_tables_and_plots_between_the_markers(recall_out, latency_
     assert "STALE SECTION" not in text and text.startswith("# x\n\nintro\n") and text.endswith("## Layout\n")
     assert "### some-cpu-2c:" in text and "| t2v R@1 |" in text and "queries/s" in text
     assert "](results/some-cpu-2c/recall.png)" in text and "](results/some-cpu-2c/latency_sizes.png)" in text
+    assert "](results/some-cpu-2c/latency_heads.png)" in text and "Time budget: about" in text
     once = text
     assert report_bench.main(["--readme", str(readme), "--results", str(tmp_path / "results")]) == 0
     assert readme.read_text() == once  # idempotent
