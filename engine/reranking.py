@@ -77,6 +77,10 @@ class RerankConfig:
         for name in ("temp", "weight"):
             if not math.isfinite(getattr(self, name)):
                 raise RerankerError(f"reranker {name} must be finite")
+        # fuse() adds weight * softmax(temp * x0) >= 0 to the top M only: with a negative weight the
+        # reranked candidates could fall below the unreranked ones yet stay ranked above them.
+        if self.weight < 0 or self.temp <= 0:
+            raise RerankerError(f"reranker weight must be >= 0 and temp > 0, got {self.weight!r} and {self.temp!r}")
         return self
 
     @property
@@ -115,6 +119,8 @@ def ddim_timesteps(diffusion_steps: int, steps: int) -> np.ndarray:
     """The timesteps a DDIM run of `steps` visits, descending from T-1 to 0 (all T when steps = T)."""
     if not 1 <= steps <= diffusion_steps:
         raise RerankerError(f"DDIM steps must be between 1 and {diffusion_steps}, got {steps}")
+    if steps == 1:  # one step starts from pure noise too: at T-1, not at t = 0 (almost clean)
+        return np.array([diffusion_steps - 1], dtype=np.int64)
     return np.unique(np.round(np.linspace(0, diffusion_steps - 1, steps)).astype(np.int64))[::-1].copy()
 
 

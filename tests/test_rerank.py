@@ -99,6 +99,7 @@ def test_cosine_schedule_is_the_formula():
     np.testing.assert_allclose(cosine_alphas_cumprod(steps), expected, rtol=1e-12)
     assert list(ddim_timesteps(steps, steps)) == list(range(steps - 1, -1, -1))
     assert list(ddim_timesteps(10, 4)) == [9, 6, 3, 0]
+    assert list(ddim_timesteps(50, 1)) == [49]  # one step starts from the noise level of pure noise
 
 
 def test_one_ddim_step_and_q_sample_are_the_formulas():
@@ -359,3 +360,20 @@ def test_onnx_step_matches_pytorch_and_reranks_alike_without_torch(reranker_file
 class SimpleGallery:
     def __init__(self, lat):
         self.lat = lat
+
+
+def test_a_negative_weight_or_a_non_positive_temperature_is_refused():
+    from engine.reranking import RerankConfig, RerankerError
+
+    for change in ({"weight": -1.0}, {"temp": 0.0}):
+        with pytest.raises(RerankerError, match="weight must be >= 0 and temp > 0"):
+            RerankConfig(latent_dim=8, **change).validate()
+
+
+def test_the_fused_kernels_refuse_a_glscl_checkpoint_in_one_line():
+    from types import SimpleNamespace
+
+    from engine.backends.triton import KernelError, use_triton_kernels
+
+    with pytest.raises(KernelError, match="fused kernels score the cvr head"):
+        use_triton_kernels(SimpleNamespace(config=SimpleNamespace(head="glscl"), matcher=object()))

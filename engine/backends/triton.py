@@ -18,6 +18,9 @@ def use_triton_kernels(model) -> None:
     from kernels.modules import TritonFusedScore, TritonHybridAttention
 
     matcher = model.matcher
+    if getattr(model.config, "head", "cvr") != "cvr":
+        raise KernelError(f"the fused kernels score the cvr head; this checkpoint's head is {model.config.head}: "
+                          "use --backend torch or onnxruntime")
     if not matcher.local_branch:
         raise KernelError("the fused scoring kernel scores both branches: use the torch backend for the "
                           "no-local-branch ablation")
