@@ -12,6 +12,13 @@ prompt is drawn with seed ``seed + j`` (``portable.prompt_seed(prompt, seed + j)
 the one-anchor store's; a row then holds the N grids one after another (N*R*2048 floats), which
 is the (N*R, 2048) region axis the query tower reads, and the metadata records
 ``"anchors_per_query": N`` (absent: 1, so one-anchor stores are written as before).
+
+Anchor features without the pixels (``cvr anchors --features latent``, issue 17 item 4, "anchor
+from generator features"): a row then holds the generator's final packed latent tokens, (L, C)
+per anchor (the built-in student's 64 tokens of 48 channels), instead of the ResNet-50's (R, 2048)
+grid; no image is decoded and no ResNet runs. The metadata records ``"features": "latent"`` with
+regions = L and dim = C (absent: "pixels", so pixel stores are written as before), and a
+checkpoint trained on such a store reads latents at search time too.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ from engine.portable import NOISE_SCHEME
 META_FILE = "anchor_meta.json"
 STORE_FORMAT = "cvr-sdgm/anchors/1"
 DRAW_AGAIN = "draw the store again with `cvr anchors`"
+PIXELS, LATENT = "pixels", "latent"  # what a store's regions are (meta "features"; absent: pixels)
+FEATURES = (PIXELS, LATENT)
 
 
 def anchors_per_query(meta: dict) -> int:
@@ -39,12 +48,38 @@ def anchors_per_query(meta: dict) -> int:
     return count
 
 
+def anchor_features(meta: dict) -> str:
+    """What a store's (or a checkpoint's anchors section's) regions are: "pixels" (ResNet-50
+    grids of decoded anchors, the default when unsaid) or "latent" (the generator's final latent)."""
+    kind = meta.get("features", PIXELS)
+    if kind not in FEATURES:
+        raise AnchorError(f"unknown anchor features {kind!r}: {' or '.join(FEATURES)}")
+    return kind
+
+
+def check_same_features(store_meta: dict, checkpoint_meta: dict, store: str) -> None:
+    """Refuse (one line) a store whose regions are not the kind a checkpoint was trained on."""
+    have, want = anchor_features(store_meta), anchor_features(checkpoint_meta)
+    if have != want:
+        raise AnchorError(f"{store}: holds {have} anchor features, the checkpoint was trained on {want} ones: draw a "
+                          f"store with `cvr anchors --features {want}`")
+
+
+def latent_shape(generator: AnchorGenerator) -> tuple:
+    """(L, C) of a built-in generator's packed latent: its tokens and their channels."""
+    if generator.kind != "builtin":
+        raise AnchorError("--features latent needs a built-in generator")
+    config = generator.backend.config
+    return config.image_tokens, config.in_channels
+
+
 def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Sequence[str], prompts: Sequence[str],
                        meta: dict, steps: int | None = None, seed: int = 0, batch_size: int = 32,
-                       png_dir=None, progress: bool = True, anchors: int = 1) -> Path:
+                       png_dir=None, progress: bool = True, anchors: int = 1, features: str = PIXELS) -> Path:
     """Generate `anchors` anchors per (id, prompt) (seeds seed..seed+anchors-1), run the ResNet-50
     and write the flattened region grids as a BigFile (one row of anchors*R*2048 floats per id)
-    plus anchor_meta.json. Streams in batches."""
+    plus anchor_meta.json. Streams in batches. With features="latent" the rows are the
+    generator's final latent tokens instead (anchors*L*C floats; `extractor` unused, may be None)."""
     from tqdm import tqdm
 
     from engine.datasets import BigFileWriter
@@ -55,6 +90,12 @@ def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Seque
         raise AnchorError("nothing to generate: no ids")
     if anchors < 1:
         raise AnchorError(f"anchors per query must be at least 1, got {anchors}")
+    anchor_features({"features": features})
+    if features == LATENT:
+        if png_dir:
+            raise AnchorError("--png draws decoded anchors: a latent store decodes none")
+        return _write_latent_store(Path(folder), generator, ids, prompts, meta, steps, seed, batch_size, progress,
+                                   anchors)
     r = extractor.grid_size() ** 2
     dim = extractor.feature_dim
     folder = Path(folder)
@@ -77,6 +118,31 @@ def write_anchor_store(folder, generator: AnchorGenerator, extractor, ids: Seque
                 "adapter_id": generator.adapter_id, "steps": steps or generator.default_steps, "seed": seed,
                 "noise": NOISE_SCHEME, **meta}
         if anchors > 1:  # absent for one anchor: such a store's metadata stays what it always was
+            full["anchors_per_query"] = anchors
+        writer.add_file(META_FILE, _sealed_meta(full))
+    return folder
+
+
+def _write_latent_store(folder: Path, generator: AnchorGenerator, ids, prompts, meta: dict, steps, seed: int,
+                        batch_size: int, progress: bool, anchors: int) -> Path:
+    """write_anchor_store's features="latent" branch: the same layout (anchor j of a row at
+    [j*L*C, (j+1)*L*C)), the generator's latent tokens in place of ResNet grids."""
+    from tqdm import tqdm
+
+    from engine.datasets import BigFileWriter
+
+    tokens, channels = latent_shape(generator)
+    with BigFileWriter(folder, anchors * tokens * channels) as writer:
+        for start in tqdm(range(0, len(ids), batch_size), desc="anchor store", unit="batch", disable=not progress):
+            batch = list(prompts[start:start + batch_size])
+            grids = [generator.generate_latents(batch, steps=steps, seed=seed + j).reshape(len(batch), -1)
+                     for j in range(anchors)]
+            writer.add(list(ids[start:start + batch_size]), np.concatenate(grids, axis=1))
+        full = {"format": STORE_FORMAT, "features": LATENT, "regions": tokens, "dim": channels,
+                "anchor_size": generator.image_size, "generator_id": generator.generator_id,
+                "adapter_id": generator.adapter_id, "steps": steps or generator.default_steps, "seed": seed,
+                "noise": NOISE_SCHEME, **meta}
+        if anchors > 1:
             full["anchors_per_query"] = anchors
         writer.add_file(META_FILE, _sealed_meta(full))
     return folder
@@ -154,6 +220,7 @@ def read_anchor_store(folder):
                           f"{NOISE_SCHEME!r}: {DRAW_AGAIN}")
     big = BigFile(folder)
     n, dim = big.shape
+    anchor_features(meta)  # a kind this engine does not know is refused here, not at training
     r, d, count = int(meta["regions"]), int(meta["dim"]), anchors_per_query(meta)
     if count * r * d != dim:
         raise AnchorError(f"{folder}: rows have {dim} floats, but the meta says {count} anchors x {r} regions x {d}")

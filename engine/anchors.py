@@ -290,9 +290,9 @@ class BuiltinFluxPipeline:
         return torch.from_numpy(pack_latents(initial_noise(seeds, (c, s, s)))).to(self.device, dtype)
 
     @torch.no_grad()
-    def __call__(self, prompts=None, steps: int | None = None, seeds: Sequence[int] | None = None,
-                 cond: Conditioning | None = None) -> np.ndarray:
-        """uint8 anchors (B, S, S, 3) for prompts (or precomputed conditioning) and per-image seeds."""
+    def latents(self, prompts=None, steps: int | None = None, seeds: Sequence[int] | None = None,
+                cond: Conditioning | None = None) -> torch.Tensor:
+        """The sampler's final packed latent tokens (B, image_tokens, in_channels), before decoding."""
         if cond is None:
             cond = self.encode_prompt(prompts)
         steps = self.config.default_steps if steps is None else steps
@@ -300,7 +300,14 @@ class BuiltinFluxPipeline:
         seeds = list(range(n)) if seeds is None else list(seeds)
         s = self.config.latent_size
         ids = image_ids(s, s, self.device, cond.tokens.dtype)
-        x = euler_sample(self.transformer, self.noise(seeds), cond, steps, ids)
+        return euler_sample(self.transformer, self.noise(seeds), cond, steps, ids)
+
+    @torch.no_grad()
+    def __call__(self, prompts=None, steps: int | None = None, seeds: Sequence[int] | None = None,
+                 cond: Conditioning | None = None) -> np.ndarray:
+        """uint8 anchors (B, S, S, 3) for prompts (or precomputed conditioning) and per-image seeds."""
+        x = self.latents(prompts, steps, seeds, cond)
+        s = self.config.latent_size
         return latents_to_images(unpack_latents(x, s, s).float().cpu().numpy(), self.config.fold)
 
 
@@ -410,9 +417,8 @@ class AnchorGenerator:
         return self.backend(prompts, steps=steps, seeds=seeds, size=self.image_size, guidance_scale=guidance,
                             max_sequence_length=self.options.max_sequence_length)
 
-    def generate(self, prompts: Sequence[str], steps: int | None = None, seed: int | None = None,
-                 progress: bool = False) -> np.ndarray:
-        """One anchor per prompt, in order; cached anchors are read, the rest generated in batches."""
+    def _checked(self, prompts, steps, seed) -> tuple:
+        """(prompts, steps, seed) with the options' defaults filled in; AnchorError for bad ones."""
         if isinstance(prompts, str):
             raise AnchorError("prompts must be a list of strings, not one string")
         prompts = list(prompts)
@@ -425,7 +431,28 @@ class AnchorGenerator:
         steps = self.default_steps if steps is None else int(steps)
         if steps < 1:
             raise AnchorError(f"steps must be >= 1, got {steps}")
-        seed = self.options.seed if seed is None else int(seed)
+        return prompts, steps, self.options.seed if seed is None else int(seed)
+
+    def generate_latents(self, prompts: Sequence[str], steps: int | None = None,
+                         seed: int | None = None) -> np.ndarray:
+        """The final packed latent of each prompt's anchor, float32 (B, L, C): the tokens the
+        transformer denoised, before any decoding to pixels ("anchor from generator features").
+        Drawn from the same noise as `generate` (same prompt seeds), so decoding them gives the
+        same image. Not cached: the anchor cache keeps pixels. Built-in generators only."""
+        if self.kind != "builtin":
+            raise AnchorError("anchor features from the generator's latent need a built-in generator (a FLUX.1 "
+                              "latent is the VAE's, not what the built-in models are trained on)")
+        prompts, steps, seed = self._checked(prompts, steps, seed)
+        seeds = self._seeds(prompts, seed)
+        bs = max(1, int(self.options.batch_size))
+        parts = [self.backend.latents(prompts[i:i + bs], steps=steps, seeds=seeds[i:i + bs]).float().cpu().numpy()
+                 for i in range(0, len(prompts), bs)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def generate(self, prompts: Sequence[str], steps: int | None = None, seed: int | None = None,
+                 progress: bool = False) -> np.ndarray:
+        """One anchor per prompt, in order; cached anchors are read, the rest generated in batches."""
+        prompts, steps, seed = self._checked(prompts, steps, seed)
         seeds = self._seeds(prompts, seed)
         out: list[np.ndarray | None] = [None] * len(prompts)
         keys = [AnchorCache.key(p, self.generator_id, self.adapter_id, steps, self.image_size, seed) for p in prompts]

@@ -249,7 +249,9 @@ class Retriever:
         text = pipeline.encode_text(texts)
         timings.text += time.perf_counter() - clock
         regions, anchor_paths = None, [None] * len(texts)
-        if pipeline.anchors:
+        if pipeline.anchors and getattr(pipeline, "anchor_features", "pixels") == "latent":
+            regions = self._latent_regions(texts, timings)
+        elif pipeline.anchors:
             clock = time.perf_counter()
             count = getattr(pipeline, "anchors_per_query", 1)
             # N anchors per query, draw j with seed + j (as `cvr anchors --anchors-per-query` drew them)
@@ -263,6 +265,16 @@ class Retriever:
         q_lat, q_con = pipeline.encode_queries(text, regions)
         timings.tower += time.perf_counter() - clock
         return q_lat, q_con, anchor_paths
+
+    def _latent_regions(self, texts: list, timings: Timings) -> np.ndarray:
+        """A latent checkpoint's regions: each draw's final latent tokens side by side, as the
+        store keeps them. Nothing is decoded and no ResNet runs, so the vision stage stays 0 (and
+        no anchor PNG is written: there is no image)."""
+        pipeline, clock = self.pipeline, time.perf_counter()
+        count = getattr(pipeline, "anchors_per_query", 1)
+        draws = [pipeline.latents(texts, draw=j) for j in range(count)]
+        timings.anchor += time.perf_counter() - clock
+        return joint_regions(np.concatenate(draws), count)
 
     def _rank(self, texts: list, q_lat: np.ndarray, q_con: np.ndarray, k: int, options: SearchOptions,
               allowed, anchor_paths: list) -> list:

@@ -147,8 +147,10 @@ def plan_export(checkpoint: str, options: ExportOptions) -> ExportPlan:
     if not 17 <= int(options.opset) <= 23:
         raise ExportError(f"opset must be between 17 and 23, got {options.opset}")
     use_anchor = bool(config.get("model", {}).get("use_anchor"))
-    modules = _plan_modules(options.modules, use_anchor)
     anchors = _plan_anchors(checkpoint, config, options) if use_anchor else None
+    modules = _plan_modules(options.modules, use_anchor)
+    if anchors and anchors["features"] == "latent":  # the query tower reads the latent: no ResNet graph
+        modules = tuple(m for m in modules if m != "vision")
     max_tokens = int(config.get("text_encoder", {}).get("max_length", 32))
     if anchors:
         max_tokens = max(max_tokens, int(anchors["generator_config"]["text_max_length"]))
@@ -157,6 +159,8 @@ def plan_export(checkpoint: str, options: ExportOptions) -> ExportPlan:
     base = {"code_version": EXPORT_VERSION, "checkpoint": plan.checkpoint_id, "opset": plan.opset,
             "shapes": plan.shapes,
             "anchors": {k: anchors[k] for k in ("generator_id", "vision_id", "image_size")} if anchors else None}
+    if anchors and anchors["features"] == "latent":  # pixel exports keep the key they always had
+        base["anchors"]["features"] = "latent"
     plan.base_key = cache_key(base)
     plan.key = cache_key({"base": plan.base_key, "precisions": list(precisions), "modules": list(modules)})
     return plan
@@ -175,6 +179,7 @@ def _plan_modules(requested, use_anchor: bool) -> tuple:
 
 
 def _plan_anchors(checkpoint: str, config: dict, options: ExportOptions) -> dict:
+    from engine.anchor_store import anchor_features
     from engine.anchors import generator_id, generator_kind, read_builtin_config
 
     meta = config.get("anchors") or {}
@@ -187,7 +192,8 @@ def _plan_anchors(checkpoint: str, config: dict, options: ExportOptions) -> dict
     return {"generator": os.path.abspath(folder), "generator_id": generator_id(folder),
             "generator_config": gen_config.to_dict(), "vision_weights": options.vision_weights,
             "vision_id": vision_id(options.vision_weights), "image_size": image_size,
-            "regions": meta.get("regions"), "anchors_per_query": int(meta.get("anchors_per_query", 1))}
+            "regions": meta.get("regions"), "anchors_per_query": int(meta.get("anchors_per_query", 1)),
+            "features": anchor_features(meta)}
 
 
 def vision_id(weights: str | None) -> str:
@@ -256,7 +262,7 @@ def load_parts(plan: ExportPlan) -> ExportParts:
         specs += anchor_specs
         extra_files.update(anchor_files)
         # N anchors per query: the query tower reads their grids side by side (N*R regions)
-        regions = anchors["vision"]["regions"] * plan.anchors["anchors_per_query"]
+        regions = _regions_per_anchor(anchors) * plan.anchors["anchors_per_query"]
     if model.config.head == "glscl":  # its own graphs (export/graphs/glscl.py); text-only, so no anchors
         specs += [glscl_query_tower_spec(model), glscl_video_tower_spec(model), glscl_scorer_spec(model)]
         scorer = glscl_scorer_section(model)
@@ -282,6 +288,14 @@ def tokenizer_section(encoder, stem: str, module: str) -> tuple:
              "padding_side": tokenizer.padding_side, "module": module}, {name: backend.to_str()})
 
 
+def _regions_per_anchor(section: dict) -> int:
+    """Regions of one anchor in an export's anchors section: the ResNet grid's, or (latent
+    features) the generator's latent tokens."""
+    if section.get("features") == "latent":
+        return int(section["latent"]["regions"])
+    return int(section["vision"]["regions"])
+
+
 def _anchor_parts(plan_anchors: dict, model, text_section: dict, modules: tuple) -> tuple:
     from engine.anchors import BuiltinConfig, load_builtin_transformer
     from engine.text import MiniLMEncoder
@@ -289,7 +303,11 @@ def _anchor_parts(plan_anchors: dict, model, text_section: dict, modules: tuple)
 
     gen_config = BuiltinConfig.from_dict(plan_anchors["generator_config"])
     vision_config = VisionConfig(image_size=plan_anchors["image_size"], weights=plan_anchors["vision_weights"])
-    regions = (-(-vision_config.image_size // 32)) ** 2  # RegionExtractor.grid_size() squared
+    latent = plan_anchors["features"] == "latent"
+    regions = gen_config.image_tokens if latent else (-(-vision_config.image_size // 32)) ** 2  # grid_size()^2
+    if latent and plan_anchors.get("regions") not in (None, regions):
+        raise ExportError(f"the checkpoint's anchors have {plan_anchors['regions']} latent tokens, but the "
+                          f"generator gives {regions}")
     if plan_anchors.get("regions") not in (None, regions):
         raise ExportError(f"the checkpoint's anchors have {plan_anchors['regions']} regions, but the ResNet at "
                           f"{plan_anchors['image_size']} px gives {regions}")
@@ -317,6 +335,9 @@ def _anchor_parts(plan_anchors: dict, model, text_section: dict, modules: tuple)
     vision = {"module": "vision", "image_size": plan_anchors["image_size"], "regions": regions,
               "weights": plan_anchors["vision_weights"] or "builtin", "id": plan_anchors["vision_id"]}
     section = {"generator": generator, "generator_text": gen_text, "vision": vision}
+    if latent:  # no vision graph: the regions are the sampler's final latent tokens (L, C)
+        section = {"generator": generator, "generator_text": gen_text, "features": "latent",
+                   "latent": {"regions": regions, "dim": gen_config.in_channels}}
     if plan_anchors["anchors_per_query"] > 1:  # absent for one: such a manifest is written as before
         section["anchors_per_query"] = plan_anchors["anchors_per_query"]
     return specs, section, extra_files
@@ -483,9 +504,10 @@ def _manifest(plan: ExportPlan, parts: ExportParts, modules: dict, out: str, wri
     anchors = parts.anchors
     if anchors:
         anchors = dict(anchors, generator=dict(anchors["generator"],
-                                               path=paths.reference(anchors["generator"]["path"], out)),
-                       vision=dict(anchors["vision"], weights=paths.weights_reference(anchors["vision"]["weights"],
-                                                                                        out)))
+                                               path=paths.reference(anchors["generator"]["path"], out)))
+        if "vision" in anchors:
+            anchors["vision"] = dict(anchors["vision"], weights=paths.weights_reference(anchors["vision"]["weights"],
+                                                                                         out))
     return seal({
         "format": EXPORT_FORMAT, "code_version": EXPORT_VERSION, "key": plan.key, "base_key": plan.base_key,
         "precisions": list(plan.precisions), "opset": plan.opset, "shapes": plan.shapes,

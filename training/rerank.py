@@ -159,6 +159,8 @@ def _load_base(job: RerankJob) -> tuple:
         raise InputError(f"{job.base} was trained with anchors: pass --anchors STORE to encode the captions")
     anchors = (AnchorStore(job.anchors, checkpoint_anchors(config)) if (job.anchors and model.config.use_anchor)
                else None)
+    if anchors is not None:
+        anchors.check_kind(config)
     collection = datasets.Collection(job.root, job.collection)
     feature = job.feature or recorded.get("feature", "resnet50")
     splits = []

@@ -100,6 +100,12 @@ class AnchorStore:
     def regions_per_anchor(self) -> int:
         return int(self.meta["regions"])
 
+    def check_kind(self, checkpoint_config: dict) -> None:
+        """Refuse (one line) a store of other features (pixels / latent) than the checkpoint's."""
+        from engine.anchor_store import check_same_features
+
+        check_same_features(self.meta, checkpoint_config.get("anchors") or {}, self.folder)
+
     def lookup(self, cap_ids: list) -> torch.Tensor:
         """Region grids (B, count*R, d) for these captions: by caption id, else by the caption's video."""
         rows = []
@@ -402,6 +408,8 @@ def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str 
     if model.config.use_anchor and not anchors:
         raise InputError("this checkpoint uses anchors: pass --anchors STORE")
     store = AnchorStore(anchors, checkpoint_anchors(config)) if (anchors and model.config.use_anchor) else None
+    if store is not None:
+        store.check_kind(config)
     metrics = evaluate_split(model, data, store, transductive=transductive)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -42,6 +42,10 @@ def open_exported(backend: str, checkpoint: str, export_dir: str | None, device:
     if pipeline.anchors and pipeline.anchors_per_query != wanted:
         raise QueryError(f"{pipeline.folder}: exported for {pipeline.anchors_per_query} anchors per query, the "
                          f"checkpoint reads {wanted}: run `cvr export --checkpoint {checkpoint}` again")
+    kind = meta.get("features", "pixels")
+    if pipeline.anchors and pipeline.anchor_features != kind:
+        raise QueryError(f"{pipeline.folder}: exported for {pipeline.anchor_features} anchor features, the "
+                         f"checkpoint reads {kind}: run `cvr export --checkpoint {checkpoint}` again")
     pipeline.open_search_modules()
     return pipeline
 
@@ -58,5 +62,5 @@ def _check_export(pipeline, checkpoint: str, ckpt_id: str, generator: str | None
     anchors = manifest.get("anchors")
     if anchors and generator and generator_id(generator) != anchors["generator"]["id"]:
         raise QueryError(f"{pipeline.folder}: exported with generator {anchors['generator']['id']}, not {generator}")
-    if anchors and vision and vision_id(vision) != anchors["vision"]["id"]:
+    if anchors and vision and anchors.get("vision") and vision_id(vision) != anchors["vision"]["id"]:
         raise QueryError(f"{pipeline.folder}: exported with other vision weights than {vision}")

@@ -170,6 +170,8 @@ class ExportedBackend:
         self.anchors = self.manifest.get("anchors")
         # N anchors per query: the query tower graph's region axis is N*R (fixed at export).
         self.anchors_per_query = int((self.anchors or {}).get("anchors_per_query", 1))
+        # "latent": the query tower reads the generator's final latent tokens (no vision graph).
+        self.anchor_features = (self.anchors or {}).get("features", "pixels")
         self.generator = None
         self.anchor_cache = AnchorCache(anchor_cache) if anchor_cache else None
         self.scorer = ExportedScorer(self)
@@ -200,8 +202,9 @@ class ExportedBackend:
         """The modules a search runs (the video tower only indexes)."""
         names = [self.manifest["text"]["module"], "query_tower", "scorer"]
         if self.anchors:
-            names += [self.anchors["generator_text"]["module"], self.anchors["generator"]["module"],
-                      self.anchors["vision"]["module"]]
+            names += [self.anchors["generator_text"]["module"], self.anchors["generator"]["module"]]
+            if self.anchors.get("vision"):  # a latent export has none
+                names.append(self.anchors["vision"]["module"])
         return list(dict.fromkeys(names))
 
     def open_search_modules(self) -> None:
@@ -246,7 +249,19 @@ class ExportedBackend:
                     self.anchor_cache.put(keys[i], image)
         return np.stack(out)
 
+    def latents(self, texts: list, draw: int = 0) -> np.ndarray:
+        """Anchor `draw`'s final packed latent tokens (B, L, C), float32, as
+        engine.anchors.AnchorGenerator.generate_latents: a latent export's regions (not cached)."""
+        info = self.generator
+        steps = int(info.options.steps if info.options.steps is not None else info.default_steps)
+        return self._sample(texts, steps, int(info.options.seed) + int(draw), self.anchors["generator"])
+
     def _render(self, texts: list, steps: int, seed: int, gen: dict) -> np.ndarray:
+        s = int(gen["latent_size"])
+        return latents_to_images(unpack_latents(self._sample(texts, steps, seed, gen), s, s), int(gen["fold"]))
+
+    def _sample(self, texts: list, steps: int, seed: int, gen: dict) -> np.ndarray:
+        """The Euler loop over the exported generator step: packed latent tokens (B, L, C)."""
         spec = self.anchors["generator_text"]
         tokens, mask, pooled = self.encode_text(texts, spec["module"], self.generator_text)
         c, s = int(gen["latent_channels"]), int(gen["latent_size"])
@@ -257,7 +272,7 @@ class ExportedBackend:
                      "text_tokens": tokens, "text_mask": mask, "pooled": pooled}
             velocity = self.run(gen["module"], feeds)["velocity"]
             x = (x + np.float32(float(sigma_next) - float(sigma)) * velocity).astype(np.float32)
-        return latents_to_images(unpack_latents(x, s, s), int(gen["fold"]))
+        return x
 
     def regions(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) anchors -> ResNet-50 region grids (B, R, 2048)."""

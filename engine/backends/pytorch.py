@@ -97,6 +97,7 @@ class TorchPipeline:
         self.checkpoint_id = self.model.checkpoint_id
         self.anchors = bool(self.model.config.use_anchor)
         self.anchors_per_query = 1  # the checkpoint's (config "anchors"), read with the anchor path
+        self.anchor_features = "pixels"  # or "latent": the generator's final latent, no ResNet
         self.generator = self.extractor = None
         self.provider = None
         if self.anchors:
@@ -109,9 +110,10 @@ class TorchPipeline:
 
         config = read_checkpoint_config(checkpoint)
         meta = config.get("anchors") or {}
-        from engine.anchor_store import anchors_per_query
+        from engine.anchor_store import LATENT, anchor_features, anchors_per_query
 
         self.anchors_per_query = anchors_per_query(meta)
+        self.anchor_features = anchor_features(meta)
         warn_on_other_noise(checkpoint, config)
         folder = anchor_generator(checkpoint, config, generator)
         steps = steps if steps is not None else meta.get("steps")
@@ -119,6 +121,8 @@ class TorchPipeline:
         # The generator loads its own copy of the text encoder it was trained with: the retrieval
         # model's may be finetuned or truncated differently, and anchors must match the store's.
         self.generator = AnchorGenerator.load(folder, options, device=self.device, cache_dir=anchor_cache)
+        if self.anchor_features == LATENT:  # regions straight from the sampler: no ResNet to load
+            return
         image_size = int(meta.get("image_size", self.generator.image_size))
         self.extractor = RegionExtractor.from_config(VisionConfig(image_size=image_size, weights=vision_weights),
                                                      device=self.device)
@@ -138,11 +142,17 @@ class TorchPipeline:
         """Anchor `draw` of each text (seed = the checkpoint's seed + draw, as the store drew it)."""
         return self.generator.generate(texts, seed=self.generator.options.seed + draw)
 
+    def latents(self, texts: list, draw: int = 0) -> np.ndarray:
+        """Anchor `draw`'s final latent tokens (B, L, C) of each text: a latent checkpoint's regions."""
+        return self.generator.generate_latents(texts, seed=self.generator.options.seed + draw)
+
     @torch.no_grad()
     def regions(self, images: np.ndarray) -> torch.Tensor:
         return self.extractor.regions(images).to(self.device)
 
     @torch.no_grad()
     def encode_queries(self, text, regions=None) -> tuple:
+        if isinstance(regions, np.ndarray):  # latent regions come from the sampler as numpy
+            regions = torch.from_numpy(regions).to(self.device)
         emb = self.model.encode_text_features(text, regions)
         return emb.lat.float().cpu().numpy(), emb.con.float().cpu().numpy()

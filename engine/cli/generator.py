@@ -134,6 +134,8 @@ def _cmd_anchors(args) -> int:
     claim(args.out, "anchor store", "cvr anchors", args.overwrite)
     if args.png:
         claim(args.png, "anchor pngs", "cvr anchors --png", args.overwrite)
+    if args.png and args.features == "latent":
+        raise CLIError("--png writes decoded anchors: a --features latent store decodes none")
     if args.protocol not in ("query", "ssss"):
         raise CLIError(f"--prompt must be 'query' or 'ssss', got {args.protocol!r}")
     set_threads(args.threads)
@@ -168,15 +170,17 @@ def _cmd_anchors(args) -> int:
         return _anchors_in_parallel(args, len(ids))
     if args.shard:
         ids, prompts = _shard(ids, args.shard), _shard(prompts, args.shard)
-    weights = args.vision_weights
-    vision = VisionConfig(image_size=args.image_size, weights=weights)
-    extractor = RegionExtractor.from_config(vision, device=args.device or "cpu")
     meta = {"protocol": args.protocol, "collection": args.collection, "split": args.split,
-            "generator": reference(args.generator, args.out),
-            "vision_weights": weights_reference(weights, args.out)}
+            "generator": reference(args.generator, args.out)}
+    extractor = None
+    if args.features == "pixels":  # a latent store decodes no image and runs no ResNet
+        weights = args.vision_weights
+        vision = VisionConfig(image_size=args.image_size, weights=weights)
+        extractor = RegionExtractor.from_config(vision, device=args.device or "cpu")
+        meta["vision_weights"] = weights_reference(weights, args.out)
     write_anchor_store(args.out, generator, extractor, ids, prompts, meta, steps=args.steps, seed=args.seed,
                        batch_size=args.batch_size, png_dir=args.png, progress=not args.quiet,
-                       anchors=args.anchors_per_query)
+                       anchors=args.anchors_per_query, features=args.features)
     print(f"wrote {len(ids)} anchors ({args.protocol} protocol) to {args.out}{_per_id(args)}")
     return 0
 
@@ -260,7 +264,8 @@ def _anchor_argv(args) -> list:
     """The command line of one worker: the same settings, one thread, no progress bars."""
     argv = ["--generator", args.generator, "--root", args.root, "--collection", args.collection, "--split",
             args.split, "--prompt", args.protocol, "--image-size", str(args.image_size), "--seed", str(args.seed),
-            "--batch-size", str(args.batch_size), "--threads", "1", "--anchors-per-query", str(args.anchors_per_query)]
+            "--batch-size", str(args.batch_size), "--threads", "1", "--anchors-per-query", str(args.anchors_per_query),
+            "--features", args.features]
     for flag, value in (("--steps", args.steps), ("--png", args.png), ("--cache", args.cache),
                         ("--vision-weights", args.vision_weights), ("--limit", args.limit or None),
                         ("--device", args.device)):
@@ -290,6 +295,9 @@ def add_anchors_command(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--anchors-per-query", type=positive("--anchors-per-query"), default=1, metavar="N",
                    help="N anchors per id, drawn with seeds SEED..SEED+N-1 (the query tower reads them jointly; "
                         "default 1)")
+    a.add_argument("--features", choices=("pixels", "latent"), default="pixels",
+                   help="pixels: ResNet-50 regions of the decoded anchor (default); latent: the generator's final "
+                        "latent tokens as regions, no decoding and no ResNet (\"anchor from generator features\")")
     a.add_argument("--batch-size", type=positive("--batch-size"), default=32)
     a.add_argument("--limit", type=int, default=0, help="only the first N ids (smoke tests)")
     a.add_argument("--device", default=None)
