@@ -226,8 +226,9 @@ def train_task(plan: Plan, row: Row, seed: int, evaluations: dict, store_dir, re
     checkpoint = os.path.join(plan.work, "checkpoints", f"{row.name}_s{seed}")
     anchors = ["--anchors", store_dir(row.anchors) if row.anchors else "none"]
     tiny_head = TINY_GLSCL if plan.tiny and "glscl" in row.train_flags else []
-    argv = ["train", *plan.train_flags(), "--seed", str(seed), "--out", checkpoint, *anchors, *row.train_flags,
-            *tiny_head]
+    # --overwrite: a run retrains into the folders of an earlier run (unless --reuse keeps them).
+    argv = ["train", *plan.train_flags(), "--seed", str(seed), "--out", checkpoint, "--overwrite", *anchors,
+            *row.train_flags, *tiny_head]
     reranks = [rerank_task(plan, r, seed, checkpoint, store_dir) for r in rerankers]
     return {"kind": "train", "name": row.name, "seed": seed, "argv": argv, "checkpoint": checkpoint,
             "reuse": plan.reuse, "evaluations": evaluations, "root": plan.root, "collection": plan.collection,
@@ -281,7 +282,8 @@ def _cli(task: dict, argv: list | None = None) -> None:
 def _train_and_evaluate(task: dict) -> dict:
     from training.retrieval import evaluate_checkpoint
 
-    marker = Path(task["checkpoint"], "bench_task.json")
+    # Beside the folder, not in it: `cvr train` refuses to replace a checkpoint that holds files it did not write.
+    marker = Path(task["checkpoint"] + ".bench_task.json")
     if not (task["reuse"] and marker.is_file() and json.loads(marker.read_text()) == task["argv"]):
         start = time.perf_counter()
         _cli(task)
