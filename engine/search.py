@@ -193,6 +193,9 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
-def block_rows(queries: int, latent_dim: int, concept_dim: int, budget: int = BLOCK_ELEMENTS) -> int:
-    """Gallery rows per block so that the block's largest temporary holds about `budget` numbers."""
-    return max(64, budget // max(queries * concept_dim, 2 * latent_dim + 2 * concept_dim))
+def block_rows(queries: int, latent_dim: int, concept_dim: int, budget: int = BLOCK_ELEMENTS,
+               lat_slots: int = 2, con_slots: int = 2) -> int:
+    """Gallery rows per block so that the block's largest temporary holds about `budget` numbers:
+    the pairwise (queries x rows x concept_dim) pass or the float32 copy of the rows (lat_slots x
+    latent_dim + con_slots x concept_dim each; 2 and 2 for the cvr head, wider for glscl's)."""
+    return max(64, budget // max(queries * concept_dim, lat_slots * latent_dim + con_slots * concept_dim))

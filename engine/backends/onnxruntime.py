@@ -338,7 +338,10 @@ class ExportedScorer:
 
     def block_rows(self, queries: int) -> int:
         dims = self.backend.manifest["modules"]["scorer"]["inputs"]
-        rows = block_rows(queries, dims["video_lat"]["shape"][2], dims["video_con"]["shape"][2])
+        lat, con = dims["video_lat"]["shape"], dims["video_con"]["shape"]
+        # A glscl row is 1+F+K slots wide, not 2: size its blocks by what a row really holds.
+        slots = [n if isinstance(n, int) else 2 for n in (lat[1], con[1])]
+        rows = block_rows(queries, lat[2], con[2], lat_slots=slots[0], con_slots=slots[1])
         return min(rows, self.backend.max_videos or rows)
 
 
