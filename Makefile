@@ -39,7 +39,7 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# Recall over seeds and ablations, then latency, at sizes that fit 30 minutes on 2 cores; results in
+# Recall over seeds and ablations, then latency, at sizes that fit about 50 minutes on 2 cores; results in
 # bench/results/<machine>/, then the README's benchmark section regenerated from them.
 # RECALL_ARGS=--full runs recall at the demo's size (hours on 2 cores).
 bench: $(STAMP)
