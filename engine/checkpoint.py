@@ -215,12 +215,7 @@ def load_video_tower(folder: str, device: str = "cpu"):
     load_checkpoint on the tensors it loads; `.checkpoint_id` set, `encode_video` as the model's."""
     from engine.model import build_video_tower
 
-    config = read_checkpoint_config(folder)
-    model_config = ModelConfig.from_dict(config["model"], where=os.path.join(folder, CONFIG))
-    tower = build_video_tower(model_config)
-    expected = {f"video.{k}": v for k, v in tower.state_dict().items()}
-    tensors = _checked_weights(folder, config, expected, only="video.")
-    tower.load_state_dict({k.removeprefix("video."): v for k, v in tensors.items()})
+    tower, model_config = _load_part(folder, "video", build_video_tower)
     tower.encode_video = tower.forward
     tower.config, tower.checkpoint_id = model_config, checkpoint_id(folder)
     return tower.to(device).eval()
@@ -235,13 +230,20 @@ def load_matcher(folder: str, device: str = "cpu"):
 
     from engine.model import build_matcher
 
+    matcher, model_config = _load_part(folder, "matcher", build_matcher)
+    return SimpleNamespace(matcher=matcher.to(device).eval(), config=model_config, checkpoint_id=checkpoint_id(folder))
+
+
+def _load_part(folder: str, prefix: str, build) -> tuple:
+    """(module, ModelConfig): the one module `build(model_config)` makes, loaded from the
+    checkpoint's tensors under `prefix.` alone, with load_checkpoint's checks on them."""
     config = read_checkpoint_config(folder)
     model_config = ModelConfig.from_dict(config["model"], where=os.path.join(folder, CONFIG))
-    matcher = build_matcher(model_config)
-    expected = {f"matcher.{k}": v for k, v in matcher.state_dict().items()}
-    tensors = _checked_weights(folder, config, expected, only="matcher.")
-    matcher.load_state_dict({k.removeprefix("matcher."): v for k, v in tensors.items()})
-    return SimpleNamespace(matcher=matcher.to(device).eval(), config=model_config, checkpoint_id=checkpoint_id(folder))
+    module = build(model_config)
+    expected = {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+    tensors = _checked_weights(folder, config, expected, only=f"{prefix}.")
+    module.load_state_dict({k.removeprefix(f"{prefix}."): v for k, v in tensors.items()})
+    return module, model_config
 
 
 def _checked_weights(folder: str, config: dict, expected: dict, only: str | None = None) -> dict:
