@@ -19,6 +19,14 @@ at its own step count -- on the prompts of a split (fair query protocol: one anc
 
 Writes a Markdown table, a JSON file and a PNG (anchors per step count, side by side).
 ``python -m bench.generator --tiny`` runs in seconds on random tiny models (for tests).
+
+``--fidelity`` measures prompt fidelity instead (``bench/fidelity.py``: a classifier trained on real
+built-in frames reads each anchor of a fixed prompt set; per attribute, the fraction of named
+attributes found) and writes ``generator_fidelity.{md,json,png}`` plus the classifier's weights under
+``bench/results/<machine>/`` (``--out`` overrides): unlike the latency table, which describes the
+shipped weights (``engine/weights/generator/bench``), the scores come from a classifier trained and
+sampled on a given machine and torch build, so they live with the other per-machine results.
+``--fidelity --tiny`` is its seconds-long smoke run on random tiny models.
 """
 from __future__ import annotations
 
@@ -327,7 +335,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--onnx", action="store_true", help="also time the transformer in ONNX Runtime")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", help="output folder (default: bench/results; with --fidelity bench/results/<machine>/)")
+    p.add_argument("--fidelity", action="store_true",
+                   help="prompt fidelity (bench/fidelity.py) of --teacher and --student 4=... "
+                        "(default: the shipped ones)")
+    p.add_argument("--seeds", type=int, default=2, help="--fidelity: anchors per prompt")
+    p.add_argument("--classifier", metavar="FILE", help="--fidelity: reuse a trained classifier (.safetensors)")
     p.add_argument("--downstream", action="append", default=[], metavar="MODEL@STEPS=EVAL_JSON",
                    help="fill the R@1 column of a row from `cvr evaluate --out` JSON of a full model trained "
                         "on that row's anchors (e.g. teacher@28=runs/eval_teacher28.json)")
@@ -336,6 +349,9 @@ def main(argv=None) -> int:
                    help="no timing: re-render DIR/generator_bench.{json,md} with the --downstream R@1 values")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.fidelity:
+        return _fidelity(args)
+    args.out = args.out or "bench/results"
     if args.refill:
         refill(args.refill, read_r1(args.downstream))
     elif args.tiny:
@@ -364,6 +380,32 @@ def main(argv=None) -> int:
         run(args.teacher, students, prompts, args.out, repeats=args.repeats, n_distance=args.prompts,
             batch=args.batch, onnx=args.onnx, frames=frames, measured_r1=read_r1(args.downstream))
     print((Path(args.refill or args.out) / "generator_bench.md").read_text())
+    return 0
+
+
+def _fidelity(args) -> int:
+    from bench import common
+    from bench.fidelity import Classifier, ClassifierConfig, FidelityConfig, run_fidelity
+
+    info = common.machine_info()
+    info["description"] = common.describe_machine(info)
+    out = common.results_dir(args.out, info)
+    students = dict(spec.partition("=")[::2] for spec in args.student)
+    if args.tiny:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-fid-"))
+        teacher, tiny_students, _, encoder = _tiny(tmp)
+        cfg = FidelityConfig(teacher=teacher, student=tiny_students[4], seeds=1, subsample=8, batch_size=8,
+                             rows=(("teacher", "teacher", 2, "canonical"), ("student-4step", "student", 1, "canonical"),
+                                   ("student-4step", "student", 1, "synonyms")),
+                             grid_prompts=(0, 5, 12, 14),
+                             classifier=ClassifierConfig(train_frames=200, val_frames=50, epochs=1, width=8))
+    else:
+        encoder = None
+        cfg = FidelityConfig(teacher=args.teacher or str(common.TEACHER),
+                             student=students.get("4", str(common.STUDENTS / "4step")), seeds=args.seeds)
+    classifier = Classifier.load(args.classifier) if args.classifier else None
+    run_fidelity(cfg, out, encoder=encoder, classifier=classifier, info=info)
+    print((out / "generator_fidelity.md").read_text())
     return 0
 
 
