@@ -551,8 +551,9 @@ def run_fidelity(cfg: FidelityConfig, out_dir, encoder=None, classifier: Classif
     # Real frames: held-out renders of the same prompts (other positions, jitter and noise per seed).
     real = [np.concatenate([render_prompts(specs, 1000 + s, frame_cfg) for s in range(cfg.seeds)]) for specs in canon]
     scored("real frames", None, "canonical", real, canon)
-    # Floor: the same real frames read against the prompts shifted by one (another scene's attributes).
-    shifted = tuple(specs[1:] + specs[:1] for specs in canon)
+    # Floor: the same real frames read against a seeded shuffle of the prompts (chance level).
+    shuffle = np.random.default_rng(PROMPT_SEED)
+    shifted = tuple([specs[j] for j in shuffle.permutation(len(specs))] for specs in canon)
     scored("floor: real frames vs another prompt", None, "canonical", real, shifted)
     generators = {}
     folders = {"teacher": cfg.teacher, "student": cfg.student}
@@ -637,7 +638,7 @@ def markdown(result: dict) -> str:
         "present and its object has the named shape (binding). All: every named attribute of the prompt "
         "found. Extra colours: colours read that the prompt does not name. Real frames: held-out renders of "
         "the same prompts by `training.synthetic.render_clip` (the ceiling); floor: those frames read "
-        "against the next prompt's attributes (chance level). Synonyms: the same scenes worded with the "
+        "against a seeded shuffle of the prompts (chance level). Synonyms: the same scenes worded with the "
         "captions' other synonyms (\"a tiny crimson disc ...\").", "",
         f"Classifier: {result['classifier'].get('parameters')} parameters, trained on "
         f"{result['classifier']['config']['train_frames']} real key frames in "
