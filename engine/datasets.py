@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -59,6 +60,7 @@ __all__ = [
     "write_captions",
     "write_tag_vocab",
     "write_tags",
+    "common_tags",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -267,6 +269,24 @@ def tag_targets(
         for j, count in in_vocab:
             out[i, j] = count / top
     return out
+
+
+def common_tags(video_tags: Mapping[str, Mapping[str, int]], video_ids: Sequence[str], max_df: float) -> set:
+    """The tags that more than a fraction ``max_df`` of ``video_ids`` carry (document frequency).
+
+    A tag (nearly) every video carries ("background", "moves" in the built-in captions) tells no
+    video from another, yet as a soft target it holds most of each video's concept mass, so every
+    pair's concept Jaccard is high and the concept space's range is squeezed; a concept
+    vocabulary drops such tags. ``max_df >= 1`` drops nothing (RIVRL's recipe).
+    """
+    if not 0 < max_df <= 1:
+        raise InputError(f"max_df must be in (0, 1], got {max_df}")
+    counts: Counter = Counter()
+    for video_id in video_ids:
+        if video_id not in video_tags:
+            raise MissingEntryError(f"video {show(video_id)} has no tag entry")
+        counts.update(t for t, c in video_tags[video_id].items() if c > 0)
+    return {tag for tag, n in counts.items() if n > max_df * len(video_ids)}
 
 
 # --------------------------------------------------------------------------------------------

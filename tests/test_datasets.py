@@ -13,6 +13,7 @@ from engine.datasets import (
     BigFileWriter,
     Collection,
     DataFormatError,
+    common_tags,
     read_captions,
     read_tag_vocab,
     read_tags,
@@ -23,6 +24,7 @@ from engine.datasets import (
     write_tag_vocab,
     write_tags,
 )
+from engine.errors import InputError
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -665,6 +667,24 @@ def test_tag_targets_hand_worked():
     assert np.array_equal(tag_targets(video_tags, vocab, ["v3", "v1"]), expected[[2, 0]])
     with pytest.raises(KeyError, match="v9"):
         tag_targets(video_tags, vocab, ["v9"])
+
+
+def test_common_tags_by_document_frequency():
+    video_tags = {
+        "v1": {"background": 3, "red": 2, "moves": 1},
+        "v2": {"background": 1, "blue": 2, "moves": 0},  # a zero count is not carrying the tag
+        "v3": {"background": 2, "red": 1},
+        "v4": {"background": 1, "green": 1, "moves": 2},
+        "v5": {"green": 9},  # not among the videos counted
+    }
+    ids = ["v1", "v2", "v3", "v4"]
+    assert common_tags(video_tags, ids, 0.5) == {"background"}  # 4/4 > 0.5; moves and red: 2/4, not more
+    assert common_tags(video_tags, ids, 0.49) == {"background", "moves", "red"}
+    assert common_tags(video_tags, ids, 1.0) == set()  # RIVRL's recipe: nothing dropped
+    with pytest.raises(InputError, match="max_df"):
+        common_tags(video_tags, ids, 0.0)
+    with pytest.raises(KeyError, match="v9"):
+        common_tags(video_tags, ["v9"], 0.5)
 
 
 # ----------------------------------------------------------------------------------------------

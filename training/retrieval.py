@@ -194,6 +194,9 @@ class RetrievalJob:
     anchors: str | None = None  # None: text-only; else an anchor store folder
     anchors_per_query: int | None = None  # how many of the store's anchors per caption (None: all)
     tag_vocab_size: int = 512
+    # Drop vocabulary tags carried by more than this fraction of the training videos (1: keep
+    # every tag, RIVRL's recipe): see datasets.common_tags.
+    tag_max_df: float = 1.0
     max_frames: int = 64
     progress: bool = True
 
@@ -206,9 +209,7 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
     torch.manual_seed(train_config.seed)
     torch.set_num_threads(train_config.threads)
     collection = datasets.Collection(job.root, job.collection)
-    vocab = collection.tag_vocab(job.tag_vocab_size)
-    if not vocab:
-        raise InputError(f"{collection.tag_vocab_path(job.tag_vocab_size)}: empty tag vocabulary")
+    vocab = concept_vocab(collection, job)
     if model_config.head == "glscl":
         # The glscl towers take F frames (more are subsampled evenly, the loader's rule): load F,
         # and record it, so that indexing reads videos as training did.
@@ -269,6 +270,19 @@ def train_retrieval(job: RetrievalJob, model_config: ModelConfig, train_config: 
              "anchors": _recorded_anchors(anchors, job.out) if anchors is not None else None}
     save_checkpoint(model, job.out, history, extra, weights_dtype=weights_dtype)
     return {"history": history, "best_criterion": best, "checkpoint": job.out}
+
+
+def concept_vocab(collection: datasets.Collection, job: RetrievalJob) -> list:
+    """The concept vocabulary a model trains on: the collection's tag vocabulary without the tags
+    that more than `job.tag_max_df` of the training videos carry (the checkpoint records it)."""
+    vocab = collection.tag_vocab(job.tag_vocab_size)
+    common = datasets.common_tags(collection.tags(), collection.split_video_ids("train"), job.tag_max_df)
+    kept = [tag for tag in vocab if tag not in common]
+    if not kept:
+        raise InputError(f"{collection.tag_vocab_path(job.tag_vocab_size)}: empty tag vocabulary"
+                         + (f" after dropping the tags of more than {job.tag_max_df:g} of the training videos"
+                            if vocab else ""))
+    return kept
 
 
 def _recorded_job(job: RetrievalJob) -> dict:

@@ -29,6 +29,9 @@ def add(sub) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=1)
     train.add_argument("--tag-vocab-size", type=int, default=512)
+    train.add_argument("--tag-max-df", type=float, default=1.0, metavar="F",
+                       help="drop concept tags that more than this fraction of the training videos carry "
+                            "(1: keep all, RIVRL's recipe)")
     train.add_argument("--max-frames", type=int, default=64)
     for name, default in (("latent-dim", 1024), ("attn-dim", 512), ("video-gru-hidden", 512),
                           ("video-local-dim", 1024)):
@@ -137,7 +140,7 @@ def _cmd_train(args) -> int:
                                threads=args.threads)
     job = RetrievalJob(root=args.root, collection=args.collection, feature=args.feature, out=args.out,
                        anchors=anchors, anchors_per_query=args.anchors_per_query,
-                       tag_vocab_size=args.tag_vocab_size, max_frames=args.max_frames,
+                       tag_vocab_size=args.tag_vocab_size, tag_max_df=args.tag_max_df, max_frames=args.max_frames,
                        progress=not args.quiet)
     result = train_retrieval(job, model_config, train_config, weights_dtype=args.weights_dtype)
     print(f"wrote {result['checkpoint']} (best validation criterion {result['best_criterion']:.1f})")
