@@ -88,14 +88,15 @@ class Scene:
 # Sampling scenes
 
 
-def sample_scene(rng: np.random.Generator, video_id: str) -> Scene:
-    """One clip's description: 1-3 objects with distinct (colour, shape), a background, specks."""
+def sample_scene(rng: np.random.Generator, video_id: str, forbidden: frozenset = frozenset()) -> Scene:
+    """One clip's description: 1-3 objects with distinct (colour, shape), a background, specks;
+    no object is a (colour, shape) pair of `forbidden` (the transfer split's held-out pairs)."""
     n_objects = int(rng.choice([1, 1, 2, 2, 3]))
     objects, seen = [], set()
     while len(objects) < n_objects:
         shape = str(rng.choice(list(SHAPES)))
         colour = str(rng.choice(list(COLOURS)))
-        if (shape, colour) in seen:
+        if (shape, colour) in seen or (colour, shape) in forbidden:
             continue
         seen.add((shape, colour))
         motion = str(rng.choice(list(MOTIONS)))
@@ -232,31 +233,73 @@ def render_clip(scene: Scene, frames: int, size: int) -> np.ndarray:
 # Captions
 
 
-def _describe_object(obj: SceneObject, rng: np.random.Generator, with_size: bool, with_motion: bool) -> str:
+@dataclass(frozen=True)
+class Vocabulary:
+    """The words captions choose from: per attribute value, its synonyms (a phrase each)."""
+
+    shapes: dict
+    colours: dict
+    sizes: dict
+    motions: dict
+    backgrounds: dict
+
+    FIELDS = ("shapes", "colours", "sizes", "motions", "backgrounds")
+
+    def plus(self, extra: dict) -> Vocabulary:
+        """This vocabulary with more synonyms: ``extra`` maps a field to {value: [synonyms]}."""
+        tables = {}
+        for name in self.FIELDS:
+            table = {value: list(words) for value, words in getattr(self, name).items()}
+            for value, words in extra.get(name, {}).items():
+                if value not in table:
+                    raise InputError(f"{name}: unknown value {value!r}")
+                table[value] += [w for w in words if w not in table[value]]
+            tables[name] = table
+        return Vocabulary(**tables)
+
+
+# The built-in captions' words (the tables above, without the RGB values and scales).
+BASE_VOCABULARY = Vocabulary(
+    shapes=SHAPES, colours={name: words for name, (_, words) in COLOURS.items()},
+    sizes={name: words for name, (_, words) in SIZES.items()}, motions=MOTIONS, backgrounds=BACKGROUNDS,
+)
+
+
+def _describe_object(obj: SceneObject, rng: np.random.Generator, with_size: bool, with_motion: bool,
+                     vocab: Vocabulary = BASE_VOCABULARY) -> str:
     words = []
     if with_size:
-        words.append(str(rng.choice(SIZES[obj.size][1])))
-    words.append(str(rng.choice(COLOURS[obj.colour][1])))
-    words.append(str(rng.choice(SHAPES[obj.shape])))
+        words.append(str(rng.choice(vocab.sizes[obj.size])))
+    words.append(str(rng.choice(vocab.colours[obj.colour])))
+    words.append(str(rng.choice(vocab.shapes[obj.shape])))
     noun = " ".join(words)
     article = "an" if noun[0] in "aeiou" else "a"
     phrase = f"{article} {noun}"
     if with_motion:
-        phrase += " " + str(rng.choice(MOTIONS[obj.motion]))
+        phrase += " " + str(rng.choice(vocab.motions[obj.motion]))
     return phrase
 
 
-def make_caption(scene: Scene, rng: np.random.Generator) -> str:
+def make_caption(scene: Scene, rng: np.random.Generator, vocab: Vocabulary = BASE_VOCABULARY) -> str:
     """One caption: a random subset of the objects, optional size and background, varied order."""
+    return describe_scene(scene, rng, vocab)[0]
+
+
+def describe_scene(scene: Scene, rng: np.random.Generator, vocab: Vocabulary = BASE_VOCABULARY,
+                   every_object: bool = False) -> tuple:
+    """(caption, the objects it names): `make_caption`'s draw, telling which objects it chose;
+    `every_object` names them all (the same draws, so the rest of the caption is the same)."""
     n_named = int(rng.integers(1, len(scene.objects) + 1))
     named = [scene.objects[i] for i in sorted(rng.permutation(len(scene.objects))[:n_named])]
+    if every_object:
+        named = list(scene.objects)
     with_size = bool(rng.random() < 0.6)
     with_motion = bool(rng.random() < 0.85)
-    parts = [_describe_object(o, rng, with_size, with_motion) for o in named]
+    parts = [_describe_object(o, rng, with_size, with_motion, vocab) for o in named]
     body = parts[0]
     for part in parts[1:]:
         body += str(rng.choice(JOINERS)) + part
-    background = str(rng.choice(BACKGROUNDS[scene.background]))
+    background = str(rng.choice(vocab.backgrounds[scene.background]))
     style = rng.random()
     if style < 0.35:
         caption = f"{rng.choice(OPENERS)}{body} on {background}"
@@ -266,7 +309,7 @@ def make_caption(scene: Scene, rng: np.random.Generator) -> str:
         caption = f"{background} with {body}"
     else:  # part of the scene only: no background
         caption = f"{rng.choice(OPENERS)}{body}"
-    return " ".join(caption.split())
+    return " ".join(caption.split()), named
 
 
 def make_captions(scene: Scene, count: int, rng: np.random.Generator) -> list:
@@ -340,11 +383,13 @@ def frame_id(video_id: str, frame_no: int) -> str:
 
 
 def write_collection(root: str, config: SynthConfig, vision=None, progress: bool = True,
-                     mp4_fps: float | None = None) -> dict:
+                     mp4_fps: float | None = None, draw=None, after=None) -> dict:
     """Draw the clips, write frames, captions, tags, splits and ResNet-50 features under
     ``root/config.collection``; returns the collection's summary. Atomic: built in a staging
     folder beside the target and swapped into place. `mp4_fps`: also write the clips as mp4
-    files at that frame rate (`write_videos`), inside the same swap."""
+    files at that frame rate (`write_videos`), inside the same swap. `draw(config, rng, indexes)`
+    replaces `drawn_clips` (another split, training/transfer_data.py) and `after(folder)` writes
+    its own files into the staging folder before the swap."""
     from engine import datasets, files
 
     config.validate()
@@ -352,7 +397,9 @@ def write_collection(root: str, config: SynthConfig, vision=None, progress: bool
         check_mp4_fps(mp4_fps)
     target = os.path.join(root, config.collection)
     with files.staged_folder(target) as work:
-        _write_collection(str(work), config, vision, progress)
+        _write_collection(str(work), config, vision, progress, draw or drawn_clips)
+        if after is not None:
+            after(str(work))
         if mp4_fps is not None:
             _write_videos(str(work), os.path.join(str(work), VIDEO_DIR), mp4_fps, progress)
     return datasets.Collection(root, config.collection).summary(config.feature)
@@ -368,7 +415,7 @@ def drawn_clips(config: SynthConfig, rng: np.random.Generator, indexes=None):
         yield index, video_id, scene, captions, split_of(index, config.videos, config.split_fractions)
 
 
-def _write_collection(work: str, config: SynthConfig, vision, progress: bool) -> None:
+def _write_collection(work: str, config: SynthConfig, vision, progress: bool, draw=drawn_clips) -> None:
     """Everything of the collection into the (staging) folder `work`."""
     from PIL import Image
     from tqdm import tqdm
@@ -388,7 +435,7 @@ def _write_collection(work: str, config: SynthConfig, vision, progress: bool) ->
     feature_dir = os.path.join(work, "FeatureData", config.feature)
     with datasets.BigFileWriter(feature_dir, extractor.feature_dim) as features:
         bar = tqdm(range(config.videos), desc="synth clips", unit="clip", disable=not progress)
-        for _, video_id, scene, captions, split in drawn_clips(config, rng, bar):
+        for _, video_id, scene, captions, split in draw(config, rng, bar):
             split_captions[split] += [(f"{video_id}#enc#{i}", c) for i, c in enumerate(captions)]
             video_tags[video_id] = dict(sorted(caption_tags(captions).items()))
             clip = render_clip(scene, config.frames, config.size)

@@ -31,6 +31,14 @@ def add(sub) -> None:
                             "metadata.jsonl")
     synth.add_argument("--mp4-fps", type=float, default=1.0,
                        help="frame rate of the mp4 files (default 1.0: a clip's 8 frames play for 8 s)")
+    kind = synth.add_mutually_exclusive_group()
+    kind.add_argument("--transfer", action="store_true",
+                      help="the transfer protocol's collection: no training or validation caption uses a held-out "
+                           "word and no such clip shows a held-out (colour, shape) pair; the test split's captions "
+                           "are read in two parts (TextData/transfer_split.json; training/transfer_data.py)")
+    kind.add_argument("--corpus", action="store_true",
+                      help="a still-image corpus instead of clips (--videos images, --captions each) whose captions "
+                           "use every word, held-out ones included, for `cvr generator train`; no frame features")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     add_overwrite(synth, "ROOT/COLLECTION")
     synth.set_defaults(func=_cmd_data_synth)
@@ -55,10 +63,24 @@ def _cmd_data_synth(args) -> int:
     mp4_fps = args.mp4_fps if args.mp4 else None
     if mp4_fps is not None:
         check_mp4_fps(mp4_fps)
+    if args.corpus and (mp4_fps is not None or args.vision_weights):
+        raise CLIError("--corpus writes still images without features: drop --mp4 and --vision-weights")
     claim(os.path.join(args.root, args.collection), "collection", "cvr data synth", args.overwrite)
+    if args.corpus:
+        from training.transfer_data import write_corpus
+
+        written = write_corpus(args.root, config, progress=not args.quiet)
+        print(f"corpus: {written['images']} images, {written['captions']} captions in {written['folder']}")
+        return 0
     torch.set_num_threads(args.threads)
     vision = RegionExtractor.from_config(VisionConfig(image_size=args.size, weights=args.vision_weights))
-    summary = write_collection(args.root, config, vision=vision, progress=not args.quiet, mp4_fps=mp4_fps)
+    if args.transfer:
+        from training.transfer_data import write_transfer_collection
+
+        summary = write_transfer_collection(args.root, config, vision=vision, progress=not args.quiet,
+                                            mp4_fps=mp4_fps)
+    else:
+        summary = write_collection(args.root, config, vision=vision, progress=not args.quiet, mp4_fps=mp4_fps)
     print(format_summary(summary, os.path.join(args.root, args.collection)))
     if mp4_fps is not None:
         print(f"mp4: {config.videos} clips at {mp4_fps:g} fps in "
