@@ -60,6 +60,7 @@ TINY_GLSCL = ["--glscl-heads", "4", "--glscl-frames", "5", "--glscl-queries", "3
               "--glscl-temporal-layers", "1"]
 TINY_RERANK = ["--hidden", "32", "--diffusion-steps", "8", "--batch-size", "16"]
 PEERS = "peer methods and the generative reranker (same data, seeds, widths and epochs)"
+ANCHORS_PER_QUERY = (2, 4)  # the "anchors per query" rows (N = 1 is the full model's row)
 RERANK_COST = 1.5  # a reranker's training and two search-path evaluations, relative to a full-model training
 
 
@@ -77,6 +78,8 @@ class Store:
     protocol: str  # query | ssss
     splits: str
     label: str
+    per_query: int = 1  # anchors drawn per caption (`cvr anchors --anchors-per-query`)
+    features: str = "pixels"  # what its regions are: ResNet-50 over pixels, or the generator's latent
 
 
 @dataclass
@@ -93,22 +96,25 @@ class Row:
     rerank_of: str | None = None  # a reranker row: trained on this row's checkpoints, scored by the search path
 
 
-def student_store(name: str, steps: int, splits: str, protocol: str = "query") -> Store:
+def student_store(name: str, steps: int, splits: str, protocol: str = "query", **kind) -> Store:
     folder, label = common.student_source(steps)
-    return Store(name, str(folder), steps, protocol, splits, label)
+    return Store(name, str(folder), steps, protocol, splits, label, **kind)
 
 
 def stores() -> dict:
     every = "train,val,test"
     found = [student_store("student4", 4, every), student_store("ssss", 4, every, "ssss"),
              Store("teacher28", str(common.TEACHER), 28, "query", "test", "teacher at 28 steps"),
-             student_store("student2", 2, "test"), student_store("student1", 1, "test")]
+             student_store("student2", 2, "test"), student_store("student1", 1, "test"),
+             *(student_store(f"student4x{n}", 4, every, per_query=n) for n in ANCHORS_PER_QUERY),
+             student_store("latent4", 4, every, features="latent")]
     return {s.name: s for s in found}
 
 
 def rows(store: dict) -> list:
     s4 = store["student4"].label
     ablation = "ablation of the full model (fair protocol)"
+    variants = f"anchor variants (fair protocol, {s4})"
     source = "anchor source at test time (full model trained on the 4-step student's anchors)"
     return [
         Row("text-minilm", "text-only twin (MiniLM encoder)", "baselines"),
@@ -125,6 +131,12 @@ def rows(store: dict) -> list:
         Row("no-concept", "no concept space", ablation, ["--no-concept-space"], anchors="student4"),
     ] + [Row(f"anchors-{name}", f"test anchors: {store[name].label}", source, trained_by="full",
              test_anchors=name) for name in ("teacher28", "student4", "student2", "student1")] + [
+        # The regions of N anchors (seeds s..s+N-1) read jointly: N times the anchor work per query.
+        *(Row(f"per-query-{n}", f"anchors per query: N = {n}", variants, ["--anchors-per-query", str(n)],
+              anchors=f"student4x{n}", cost=1.0 + 0.3 * n) for n in ANCHORS_PER_QUERY),
+        Row("latent", "anchor from generator features (final latent tokens: no decode, no ResNet-50)", variants,
+            anchors="latent4"),
+    ] + [
         # GLSCL's temporal transformer and query decoder at D = 1024 train ~6x slower than the full model.
         Row("glscl", "GLSCL head (`--head glscl`: global + local interaction, text-only)", PEERS,
             ["--head", "glscl"], cost=6.5),
@@ -209,14 +221,16 @@ def anchor_task(plan: Plan, store: Store) -> dict | None:
     folder = os.path.join(plan.work, "anchors", store.name)
     meta_path = Path(folder, "anchor_meta.json")
     wanted = {"generator_id": generator_id(store.generator), "steps": store.steps, "protocol": store.protocol,
-              "split": store.splits, "collection": plan.collection}
+              "split": store.splits, "collection": plan.collection, "anchors_per_query": store.per_query,
+              "features": store.features}
+    defaults = {"anchors_per_query": 1, "features": "pixels"}  # what a store's meta leaves out
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = {**defaults, **json.loads(meta_path.read_text())}
         if {k: meta.get(k) for k in wanted} == wanted:
             return None
     argv = ["anchors", "--generator", store.generator, "--root", plan.root, "--collection", plan.collection,
             "--split", store.splits, "--prompt", store.protocol, "--steps", str(store.steps), "--out", folder,
-            "--quiet"]
+            "--anchors-per-query", str(store.per_query), "--features", store.features, "--quiet"]
     return {"kind": "anchors", "name": store.name, "argv": argv, "log": log_path(plan, f"anchors_{store.name}")}
 
 
@@ -359,20 +373,22 @@ def search_path_metrics(found: dict) -> dict:
     return out
 
 
-def run_tasks(tasks: list, jobs: int, desc: str) -> list:
-    """Every task, in `jobs` spawned worker processes (in this process when jobs is 1)."""
+def run_tasks(tasks: list, jobs: int, desc: str, worker=None) -> list:
+    """Every task through `worker` (default `run_task`), in `jobs` spawned worker processes (in
+    this process when jobs is 1)."""
     from tqdm import tqdm
 
+    worker = worker or run_task
     if not tasks:
         return []
     if jobs <= 1:
-        return [run_task(t) for t in tqdm(tasks, desc=desc, unit="run")]
+        return [worker(t) for t in tqdm(tasks, desc=desc, unit="run")]
     import concurrent.futures
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = [pool.submit(run_task, t) for t in tasks]
+        futures = [pool.submit(worker, t) for t in tasks]
         done = concurrent.futures.as_completed(futures)
         return [f.result() for f in tqdm(done, total=len(futures), desc=desc, unit="run")]
 
@@ -455,9 +471,25 @@ def notes(result: dict) -> str:
             f"small sizes; seeds {seeds}: mean ± sample standard deviation. R@K in %, mAP in [0, 1], SumR = "
             f"t2v R@1 + R@5 + R@10. The SSSS row (bold) draws each test anchor from all captions of the "
             f"answer video: it leaks the answer and is not comparable with the others. Anchor-source rows "
-            f"evaluate the fair-protocol checkpoints with other test anchors (no retraining). {peer_notes(result)}"
+            f"evaluate the fair-protocol checkpoints with other test anchors (no retraining). {variant_notes(result)}"
+            f"{peer_notes(result)}"
             f"Machine: {common.describe_machine(result['machine'])}. Wall time {result['wall_seconds']:.0f} s "
             f"with {result['jobs']} worker process(es) of one thread, {result['cpu_seconds']:.0f} CPU-seconds.\n")
+
+
+def variant_notes(result: dict) -> str:
+    """What the anchor-variant rows are (issue 17's "anchors per query" and latent rows)."""
+    names = {r["name"] for r in result["rows"]}
+    counts = [n for n in ANCHORS_PER_QUERY if f"per-query-{n}" in names]
+    text = ""
+    if counts:
+        text += (f"The anchors-per-query rows train and evaluate on N = {', '.join(map(str, counts))} anchors per "
+                 f"caption (seeds 0..N-1, the first the full model's anchor), whose regions the hybrid attention "
+                 f"reads jointly (`cvr anchors/train --anchors-per-query N`). ")
+    if "latent" in names:
+        text += ("The generator-features row stores the 4-step student's final packed latent tokens as the "
+                 "anchor's regions (`cvr anchors --features latent`): no decoding, no ResNet-50 at search. ")
+    return text
 
 
 def peer_notes(result: dict) -> str:

@@ -40,7 +40,7 @@ def test_recall_tiny_writes_every_row_with_mean_and_std_over_seeds(recall_out):
     names = [r["name"] for r in result["rows"]]
     assert names == ["text-minilm", "text-rivrl", "full", "full-ssss", "meanpool", "spatial", "channel", "no-local",
                      "no-concept", "anchors-teacher28", "anchors-student4", "anchors-student2", "anchors-student1",
-                     "glscl", "full-rerank", "glscl-rerank"]
+                     "per-query-2", "per-query-4", "latent", "glscl", "full-rerank", "glscl-rerank"]
     assert [r["name"] for r in result["rows"] if r["leaks_answer"]] == ["full-ssss"]
     assert result["sizes"]["seeds"] == [0, 1] and result["machine"]["cores"] >= 1
     t2v = [m for m in recall_bench.METRICS if m.startswith("t2v")] + ["sumr"]
