@@ -40,7 +40,7 @@ setup(
     install_requires=CORE,
     extras_require={
         # Training, the built-in extractor's probe and the benchmarks' plots.
-        "train": ["scikit-learn>=1.4", "matplotlib>=3.8"],
+        "train": ["scikit-learn>=1.4", "matplotlib>=3.8", "scipy>=1.11"],  # scipy: the benches' t-intervals
         # `cvr export` (the dynamo ONNX exporter needs onnxscript); ONNX Runtime itself is core.
         "export": ["onnx>=1.20.0", "onnxscript>=0.7.0"],
         # The HTTP service.

@@ -176,9 +176,29 @@ def _cat(parts: list) -> Embeddings:
 
 def evaluate_split(model: CVRModel, data: SplitData, anchors: AnchorStore | None, transductive: bool = False,
                    cache: TextCache | None = None) -> dict:
+    return retrieval_metrics(split_scores(model, data, anchors, transductive, cache), data.caption_video)
+
+
+def split_scores(model: CVRModel, data: SplitData, anchors: AnchorStore | None, transductive: bool = False,
+                 cache: TextCache | None = None) -> np.ndarray:
+    """(captions, videos) float32 scores of a split: every caption against every video."""
     queries, videos = encode_split(model, data, anchors, cache)
-    scores = model.score(queries, videos, transductive=transductive)
-    return retrieval_metrics(scores.float().cpu().numpy(), data.caption_video)
+    return model.score(queries, videos, transductive=transductive).float().cpu().numpy()
+
+
+def part_metrics(scores: np.ndarray, data: SplitData, parts: dict) -> dict:
+    """Metrics of each part ({name: caption ids}) of a split: its captions as queries against every
+    video of the split (t2v), and each video that has captions in the part against them (v2t)."""
+    row = {cap_id: i for i, cap_id in enumerate(data.cap_ids)}
+    out = {}
+    for name, cap_ids in parts.items():
+        missing = [c for c in cap_ids if c not in row]
+        if missing or not cap_ids:
+            raise InputError(f"part {name!r}: " + (f"{len(missing)} caption id(s) not in the split, e.g. "
+                                                   f"{missing[0]!r}" if missing else "no captions"))
+        rows = np.array([row[c] for c in cap_ids])
+        out[name] = retrieval_metrics(scores[rows], data.caption_video[rows])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,9 +423,10 @@ def _as_branches(emb: Embeddings) -> dict:
 
 def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str = "test",
                         anchors: str | None = None, feature: str | None = None, transductive: bool = False,
-                        out: str | None = None, backend: str = "torch") -> dict:
+                        out: str | None = None, backend: str = "torch", parts: dict | None = None) -> dict:
     """Metrics of a checkpoint on one split; writes `<out>.json` and `<out>.md` when `out` is given.
-    `backend="triton"` scores with the fused kernels swapped in."""
+    `backend="triton"` scores with the fused kernels swapped in. `parts` ({name: caption ids}):
+    also each part's metrics, under "parts" (see part_metrics)."""
     model = load_checkpoint(checkpoint)
     if backend == "triton":
         from engine.backends.triton import use_triton_kernels
@@ -424,7 +445,9 @@ def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str 
     store = AnchorStore(anchors, checkpoint_anchors(config)) if (anchors and model.config.use_anchor) else None
     if store is not None:
         store.check_kind(config)
-    metrics = evaluate_split(model, data, store, transductive=transductive)
+    scores = split_scores(model, data, store, transductive=transductive)
+    metrics = retrieval_metrics(scores, data.caption_video)
+    by_part = part_metrics(scores, data, parts) if parts else None
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         files.write_json(out + ".json", {"format": EVALUATION_FORMAT, "checkpoint": checkpoint, "split": split,
@@ -432,4 +455,5 @@ def evaluate_checkpoint(checkpoint: str, root: str, collection: str, split: str 
                                           "metrics": metrics, "queries": len(data.cap_ids),
                                           "videos": len(data.video_ids)})
         files.atomic_write(out + ".md", format_metrics_table(metrics) + "\n")
-    return {"metrics": metrics, "queries": len(data.cap_ids), "videos": len(data.video_ids)}
+    found = {"metrics": metrics, "queries": len(data.cap_ids), "videos": len(data.video_ids)}
+    return {**found, "parts": by_part} if parts else found
