@@ -108,6 +108,12 @@ class BuiltinConfig:
     text_encoder: str | None = None  # None: the packaged MiniLM; else a local HF encoder folder
     text_max_length: int = 32
     default_steps: int = TEACHER_STEPS
+    # Classifier-free guidance scale the folder samples at: v_u + g (v_c - v_u), with v_u the
+    # velocity under the null conditioning (:func:`null_conditioning`). 1 = plain conditional
+    # sampling, one transformer pass per step (every folder written before guidance existed, and
+    # every distilled student, which has the guidance baked into its weights). Not written to
+    # config.json when it is 1, so such folders' configs (and export cache keys) stay as they were.
+    guidance_scale: float = 1.0
 
     def __post_init__(self):
         self.axes_dims_rope = tuple(int(a) for a in self.axes_dims_rope)
@@ -120,6 +126,9 @@ class BuiltinConfig:
             raise AnchorError(f"image_size {self.image_size} must be divisible by 2*fold ({2 * self.fold})")
         if self.default_steps < 1:
             raise AnchorError(f"default_steps must be >= 1, got {self.default_steps}")
+        self.guidance_scale = float(self.guidance_scale)
+        if not self.guidance_scale >= 0:
+            raise AnchorError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 
     @property
     def latent_channels(self) -> int:
@@ -149,12 +158,16 @@ class BuiltinConfig:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["axes_dims_rope"] = list(self.axes_dims_rope)
+        if out["guidance_scale"] == 1.0:
+            del out["guidance_scale"]  # absent = 1: the configs of unguided folders read as before
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> BuiltinConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("guidance_scale"), int) and not isinstance(values["guidance_scale"], bool):
+            values["guidance_scale"] = float(values["guidance_scale"])  # "guidance_scale": 4 in a hand-edited file
         check_types(cls, values, "generator config", AnchorError)
         return cls(**values)
 
@@ -234,13 +247,55 @@ def flux_velocity(transformer, x: torch.Tensor, sigma: torch.Tensor, cond: Condi
     )[0]
 
 
+def null_conditioning(cond: Conditioning) -> Conditioning:
+    """The unconditional input of classifier-free guidance, shaped like ``cond``: zero token states,
+    every text token masked out, zero pooled vector.
+
+    Why zeros and not the text encoder's encoding of the empty prompt: with every text key masked,
+    the image tokens attend to image tokens only, so no text state reaches them and the null input
+    carries no information by construction; it needs no encoder call at sampling time (nor in an
+    exported graph), is the same for every text encoder and every padded length, and is exactly what
+    training's caption dropout (:func:`drop_conditioning`) feeds. MiniLM's "" is not empty: its
+    [CLS]/[SEP] states and normalised pooled vector are a point among the real prompts'."""
+    return Conditioning(torch.zeros_like(cond.tokens), torch.zeros_like(cond.mask), torch.zeros_like(cond.pooled))
+
+
+def drop_conditioning(cond: Conditioning, p: float, generator: torch.Generator) -> Conditioning:
+    """Caption dropout for classifier-free guidance (Ho & Salimans 2022): each row is replaced by the
+    null conditioning with probability p. At p = 0 the batch is returned as it is and no random
+    number is drawn, so a run without dropout is the run of before (same draws, same weights)."""
+    if p <= 0:
+        return cond
+    drop = torch.rand(cond.tokens.shape[0], generator=generator) < p
+    keep = (~drop).to(cond.tokens.device)
+    return Conditioning(cond.tokens * keep[:, None, None].to(cond.tokens.dtype), cond.mask & keep[:, None],
+                        cond.pooled * keep[:, None].to(cond.pooled.dtype))
+
+
+def guided_velocity(transformer, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, img_ids,
+                    guidance: float = 1.0) -> torch.Tensor:
+    """Classifier-free guided velocity v_u + g (v_c - v_u). At g = 1 this is :func:`flux_velocity`
+    itself (one pass, the same call); otherwise the conditional and null rows go through the
+    transformer as one batch of 2B (one call per step, twice the work)."""
+    if guidance == 1.0:
+        return flux_velocity(transformer, x, sigma, cond, img_ids)
+    null = null_conditioning(cond)
+    both = Conditioning(torch.cat([cond.tokens, null.tokens]), torch.cat([cond.mask, null.mask]),
+                        torch.cat([cond.pooled, null.pooled]))
+    v = flux_velocity(transformer, torch.cat([x, x]), torch.cat([sigma, sigma]), both, img_ids)
+    v_c, v_u = v.chunk(2)
+    return v_u + guidance * (v_c - v_u)
+
+
 @torch.no_grad()
-def euler_sample(transformer, noise: torch.Tensor, cond: Conditioning, steps: int, img_ids) -> torch.Tensor:
-    """The flow-matching Euler sampler over :func:`flow_sigmas` (what FlowMatchEulerDiscreteScheduler.step does)."""
+def euler_sample(transformer, noise: torch.Tensor, cond: Conditioning, steps: int, img_ids,
+                 guidance: float = 1.0) -> torch.Tensor:
+    """The flow-matching Euler sampler over :func:`flow_sigmas` (what FlowMatchEulerDiscreteScheduler.step does),
+    with classifier-free guidance when ``guidance`` is not 1."""
     sigmas = flow_sigmas(steps).tolist()
     x = noise
     for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        v = flux_velocity(transformer, x, torch.full((x.shape[0],), s, device=x.device), cond, img_ids)
+        v = guided_velocity(transformer, x, torch.full((x.shape[0],), s, device=x.device), cond, img_ids, guidance)
         x = x + (s_next - s) * v
     return x
 
@@ -257,11 +312,14 @@ class BuiltinFluxPipeline:
     first use (tests pass a tiny stand-in).
     """
 
-    def __init__(self, transformer, config: BuiltinConfig, text_encoder=None, device="cpu"):
+    def __init__(self, transformer, config: BuiltinConfig, text_encoder=None, device="cpu",
+                 guidance_scale: float | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.transformer = transformer.to(device).eval()
         self.config = config
+        # The CFG scale sampled at: the folder's own (config guidance_scale, absent = 1) unless overridden.
+        self.guidance_scale = float(config.guidance_scale if guidance_scale is None else guidance_scale)
         self.device = torch.device(device)
         self._text_encoder = text_encoder
         # Kept for the diffusers contract (and checked against flow_sigmas in the tests); sampling
@@ -300,7 +358,7 @@ class BuiltinFluxPipeline:
         seeds = list(range(n)) if seeds is None else list(seeds)
         s = self.config.latent_size
         ids = image_ids(s, s, self.device, cond.tokens.dtype)
-        return euler_sample(self.transformer, self.noise(seeds), cond, steps, ids)
+        return euler_sample(self.transformer, self.noise(seeds), cond, steps, ids, self.guidance_scale)
 
     @torch.no_grad()
     def __call__(self, prompts=None, steps: int | None = None, seeds: Sequence[int] | None = None,
@@ -315,15 +373,19 @@ class BuiltinFluxPipeline:
 # Folders: save / load / ids
 
 
-def save_builtin(folder, transformer, config: BuiltinConfig, info: dict | None = None) -> Path:
+def save_builtin(folder, transformer, config: BuiltinConfig, info: dict | None = None, extra=None) -> Path:
     """Write a built-in generator folder atomically: config.json + transformer/ (safetensors).
 
-    Built in a temporary sibling and renamed into place, so a crash never leaves half a model."""
+    Built in a temporary sibling and renamed into place, so a crash never leaves half a model.
+    ``extra(tmp)``, when given, writes more into the staging folder before the swap (the teacher's
+    resumable training state: it lands together with the weights it belongs to, or not at all)."""
     folder = Path(folder)
     with files.staged_folder(folder) as tmp:
         transformer.save_pretrained(tmp / TRANSFORMER_DIR, safe_serialization=True)
         files.write_json(tmp / CONFIG_FILE, {"format": FORMAT, "kind": "builtin", "generator": config.to_dict(),
                                              "info": info or {}})
+        if extra is not None:
+            extra(tmp)
         if (folder / "samples").is_dir():  # keep the sample grids of earlier checkpoints (copied: a
             shutil.copytree(folder / "samples", tmp / "samples")  # kill before the swap keeps them)
     return folder
@@ -362,7 +424,9 @@ class GeneratorOptions:
     batch_size: int = 32
     size: int | None = None  # real FLUX only (the built-in size is fixed by its training)
     adapters: list = field(default_factory=list)  # [(lora path, scale)], fused at load
-    guidance_scale: float | None = None  # real FLUX: None = 0 for schnell, 3.5 for dev (guidance-distilled)
+    # real FLUX: None = 0 for schnell, 3.5 for dev (guidance-distilled). Built-in: the classifier-free
+    # guidance scale, None = the folder's own (config guidance_scale; absent = 1, one pass per step).
+    guidance_scale: float | None = None
     max_sequence_length: int = 256
 
 
@@ -395,8 +459,12 @@ class AnchorGenerator:
             config, _ = read_builtin_config(path)
             transformer = load_builtin_transformer(path)
             fuse_lora_into(transformer, options.adapters)
-            backend = BuiltinFluxPipeline(transformer, config, text_encoder=text_encoder, device=device)
-            return cls(backend, kind, generator_id(path), options, config.default_steps, config.image_size, cache)
+            backend = BuiltinFluxPipeline(transformer, config, text_encoder=text_encoder, device=device,
+                                          guidance_scale=options.guidance_scale)
+            gen_id = generator_id(path)  # the weights' id; a guidance other than the folder's is another generator
+            if backend.guidance_scale != config.guidance_scale:
+                gen_id += f"+cfg{backend.guidance_scale:g}"
+            return cls(backend, kind, gen_id, options, config.default_steps, config.image_size, cache)
         from engine.flux_real import RealFluxBackend
 
         # text_encoder="skip": no CLIP / T5 in memory; call backend(prompt_embeds=..., pooled_prompt_embeds=...).

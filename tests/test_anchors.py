@@ -347,3 +347,75 @@ def test_a_checkpoint_trained_on_anchors_of_another_noise_is_flagged(caplog):
     assert "old-ckpt: trained on anchors drawn with noise None" in caplog.text and "cvr anchors" in caplog.text
     assert not warn_on_other_noise("ckpt", {"anchors": {"noise": P.NOISE_SCHEME}})
     assert not warn_on_other_noise("text-only", {"anchors": None})
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-free guidance (issue 17)
+
+
+def test_guidance_one_is_the_sampler_of_before(tmp_path):
+    """Guidance 1 (what every folder without guidance_scale reads as) is the plain Euler loop over
+    flux_velocity, bit for bit, and writes no guidance_scale into config.json."""
+    folder, model, cfg = tiny_folder(tmp_path)
+    assert "guidance_scale" not in json.loads((folder / "config.json").read_text())["generator"]
+    gen = A.AnchorGenerator.load(folder, device="cpu", text_encoder=TinyText())
+    assert gen.backend.guidance_scale == 1.0 and "+cfg" not in gen.generator_id
+    prompts = ["a red circle", "blue square moves left now"]
+    images = gen.generate(prompts)
+    cond = gen.backend.encode_prompt(prompts)
+    x = gen.backend.noise([P.prompt_seed(p, 0) for p in prompts])
+    ids = A.image_ids(4, 4)
+    sigmas = P.flow_sigmas(4).tolist()
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            x = x + (s_next - s) * A.flux_velocity(gen.backend.transformer, x, torch.full((2,), s), cond, ids)
+    assert np.array_equal(images, P.latents_to_images(P.unpack_latents(x, 4, 4).numpy(), 2))
+    assert torch.equal(A.euler_sample(model.eval(), x, cond, 3, ids, 1.0), A.euler_sample(model, x, cond, 3, ids))
+
+
+def test_cfg_formula_and_null_conditioning(tmp_path):
+    _, model, _ = tiny_folder(tmp_path)
+    model.eval()
+    torch.manual_seed(1)
+    cond = A.Conditioning(torch.randn(2, 3, 16), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool),
+                          torch.randn(2, 16))
+    x, sigma, ids = torch.randn(2, 4, 48), torch.tensor([0.9, 0.4]), A.image_ids(4, 4)
+    with torch.no_grad():
+        v_c = A.flux_velocity(model, x, sigma, cond, ids)
+        empty = A.Conditioning(torch.zeros(2, 1, 16), torch.zeros(2, 1, dtype=torch.bool), torch.zeros(2, 16))
+        v_u = A.flux_velocity(model, x, sigma, empty, ids)
+        guided = A.guided_velocity(model, x, sigma, cond, ids, 4.0)
+        # The null input carries nothing: its masked length does not matter.
+        assert torch.allclose(A.flux_velocity(model, x, sigma, A.null_conditioning(cond), ids), v_u, atol=1e-6)
+    assert torch.allclose(guided, v_u + 4.0 * (v_c - v_u), atol=1e-5)
+    assert torch.allclose(A.guided_velocity(model, x, sigma, cond, ids, 0.0), v_u, atol=1e-5)
+
+
+def test_folder_guidance_and_override(tmp_path):
+    cfg = A.BuiltinConfig(**{**TINY, "guidance_scale": 3.0})
+    torch.manual_seed(0)
+    folder = A.save_builtin(tmp_path / "g", A.build_transformer(cfg), cfg, {})
+    assert json.loads((folder / "config.json").read_text())["generator"]["guidance_scale"] == 3.0
+    assert A.read_builtin_config(folder)[0].guidance_scale == 3.0
+    own = A.AnchorGenerator.load(folder, device="cpu", text_encoder=TinyText())
+    plain = A.AnchorGenerator.load(folder, A.GeneratorOptions(guidance_scale=1.0), device="cpu",
+                                   text_encoder=TinyText())
+    assert own.backend.guidance_scale == 3.0 and "+cfg" not in own.generator_id
+    assert plain.generator_id == own.generator_id + "+cfg1"  # another sampler, another cache key
+    assert not np.array_equal(own.generate(["a red circle"]), plain.generate(["a red circle"]))
+    with pytest.raises(A.AnchorError, match="guidance_scale"):
+        A.BuiltinConfig(**{**TINY, "guidance_scale": -1.0})
+    from export.graphs.generator_step import generator_step_spec
+    from export.spec import ExportError
+
+    with pytest.raises(ExportError, match="distilled student"):
+        generator_step_spec(own.backend.transformer, cfg)
+
+
+def test_shipped_folders_sample_without_guidance():
+    from pathlib import Path
+
+    for sub in ("teacher", "students/4step"):
+        folder = Path(__file__).resolve().parents[1] / "engine" / "weights" / "generator" / sub
+        config, _ = A.read_builtin_config(folder)
+        assert config.guidance_scale == 1.0 and "guidance_scale" not in config.to_dict()

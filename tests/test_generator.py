@@ -229,3 +229,131 @@ def test_bench_refill_joins_measured_r1_to_an_earlier_run(tmp_path):
     assert rows[("student-4step", 4)]["r_at_1"] == 42.0 and rows[("teacher", 28)]["r_at_1"] is None
     assert [r["ms_b1"] for r in after["rows"]] == [r["ms_b1"] for r in before["rows"]]  # timings kept
     assert "| 42.0 |" in (tmp_path / "generator_bench.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-free guidance, resumable training, guidance distillation (issue 17)
+
+
+def _teacher_cfg(collection, out, **kw):
+    base = dict(root=str(collection), out=str(out), collection="mini", iterations=4, batch_size=4,
+                checkpoint_every=2, grid_prompts=2, grid_steps=2, generator=A.BuiltinConfig(**TINY))
+    return G.TeacherConfig(**{**base, **kw})
+
+
+def _digest(state: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_cond_dropout_zero_is_the_recipe_of_before(collection, tmp_path):
+    """--cond-dropout 0 trains the weights the code before guidance trained: the digest below is
+    that of this tiny run made with the previous commit's training/generator.py and engine/anchors.py
+    (torch 2.13 CPU, 1 thread). And p = 0 draws no random number."""
+    G.train_teacher(_teacher_cfg(collection, tmp_path / "t"), encoder=TinyText(), progress=False)
+    assert _digest(A.load_builtin_transformer(tmp_path / "t").state_dict()) == "a4e86ee5c22921cb"
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert "guidance_scale" not in config["generator"] and "cond_dropout" not in config["info"]["recipe"]
+    cond = A.Conditioning(torch.randn(3, 2, 16), torch.ones(3, 2, dtype=torch.bool), torch.randn(3, 16))
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    assert A.drop_conditioning(cond, 0.0, gen) is cond and torch.equal(gen.get_state(), state)
+    dropped = A.drop_conditioning(cond, 0.999, gen)
+    assert not dropped.mask.any() and not dropped.tokens.any() and not dropped.pooled.any()
+
+
+def test_resume_equals_one_run(collection, tmp_path):
+    """4 iterations in one go == 2, a stop, and 2 more with --resume: bit for bit (model, EMA,
+    optimizer and RNG state are restored exactly), with caption dropout on so the RNG matters."""
+    kw = dict(cond_dropout=0.3, iterations=4, checkpoint_every=2)
+    one = G.train_teacher(_teacher_cfg(collection, tmp_path / "one", **kw), encoder=TinyText(), progress=False)
+    G.train_teacher(_teacher_cfg(collection, tmp_path / "two", stop_after=2, **kw), encoder=TinyText(), progress=False)
+    state = json.loads((tmp_path / "two" / G.STATE_DIR / "state.json").read_text())
+    assert state["step"] == 2 and json.loads((tmp_path / "two" / "config.json").read_text())["info"]["iterations"] == 2
+    two = G.train_teacher(_teacher_cfg(collection, tmp_path / "two", resume=True, **kw), encoder=TinyText(),
+                          progress=False)
+    assert two["resumed_from"] == 2 and one["loss"] == two["loss"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / G.STATE_DIR / "state.safetensors"))
+    b = load_file(str(tmp_path / "two" / G.STATE_DIR / "state.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _digest(A.load_builtin_transformer(tmp_path / "one").state_dict()) == \
+        _digest(A.load_builtin_transformer(tmp_path / "two").state_dict())
+    with pytest.raises(A.AnchorError, match="another recipe"):
+        G.train_teacher(_teacher_cfg(collection, tmp_path / "two", resume=True, lr=5e-3, **kw), encoder=TinyText(),
+                        progress=False)
+    with pytest.raises(A.AnchorError, match="cond-dropout"):
+        G.train_teacher(_teacher_cfg(collection, tmp_path / "x", generator=A.BuiltinConfig(**TINY, guidance_scale=3.0)),
+                        encoder=TinyText(), progress=False)
+
+
+def _count_passes(transformer):
+    batches = []
+
+    def hook(module, args, kwargs, out):
+        batches.append(kwargs["hidden_states"].shape[0])
+
+    handle = transformer.register_forward_hook(hook, with_kwargs=True)
+    return batches, handle
+
+
+def test_guided_teacher_distils_into_a_one_pass_student(collection, tmp_path):
+    from training.distill import DistillConfig, distill, two_step_target
+
+    torch.manual_seed(0)
+    gcfg = A.BuiltinConfig(**{**TINY, "guidance_scale": 3.0})
+    model = A.build_transformer(gcfg).eval()
+    teacher = A.save_builtin(tmp_path / "teacher", model, gcfg, {})
+    cfg = DistillConfig(teacher=str(teacher), out=str(tmp_path / "students"), steps=[2], start_steps=4, iterations=2,
+                        batch_size=4, root=str(collection), collection="mini")
+    summary = distill(cfg, encoder=TinyText(), progress=False)
+    assert summary["stages"][0]["teacher_guidance"] == 3.0
+    scfg, info = A.read_builtin_config(tmp_path / "students" / "2step")
+    assert scfg.guidance_scale == 1.0 and info["teacher_guidance"] == 3.0 and "guidance-distilled" in info["method"]
+    # The guided target is two guided Euler half-steps.
+    cond = A.Conditioning(torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 16))
+    x, ids, s, s1 = torch.randn(2, 4, 48), A.image_ids(4, 4), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        mid = x - 0.25 * A.guided_velocity(model, x, s, cond, ids, 3.0)
+        end = mid - 0.25 * A.guided_velocity(model, mid, torch.tensor([0.75, 0.75]), cond, ids, 3.0)
+    assert torch.allclose(two_step_target(model, x, s, s1, cond, ids, 3.0), (end - x) / -0.5, atol=1e-5)
+    # Passes per step: the student one conditional pass of batch B, the guided teacher one of 2B.
+    prompts = ["a red square", "a blue square moves down", "green"]
+    student = A.AnchorGenerator.load(tmp_path / "students" / "2step", device="cpu", text_encoder=TinyText())
+    batches, handle = _count_passes(student.backend.transformer)
+    student.generate(prompts)
+    handle.remove()
+    assert batches == [3, 3]  # 2 steps, one pass each
+    guided = A.AnchorGenerator.load(teacher, device="cpu", text_encoder=TinyText())
+    batches, handle = _count_passes(guided.backend.transformer)
+    guided.generate(prompts, steps=2)
+    handle.remove()
+    assert batches == [6, 6]
+
+
+def test_cli_guidance_and_resume_flags(collection, tmp_path):
+    args = _parser().parse_args(["generator", "train", "--root", str(collection), "--collection", "mini", "--out",
+                                 str(tmp_path / "t"), "--cond-dropout", "0.1", "--guidance", "4", "--resume",
+                                 "--stop-after", "1", "--text-cache", str(tmp_path / "c.safetensors"), "--heads", "6"])
+    assert args.cond_dropout == 0.1 and args.guidance == 4.0 and args.resume and args.stop_after == 1
+    assert args.heads == 6 and args.head_dim == 32
+    args = _parser().parse_args(["generator", "distill", "--teacher", "t", "--out", "o", "--guidance", "2"])
+    assert args.guidance == 2.0
+
+
+def test_text_cache_is_reused_and_keyed(tmp_path):
+    prompts = ["a red square", "blue"]
+    path = tmp_path / "cache.safetensors"
+    first = G.cached_encode_texts(TinyText(), prompts, str(path), progress=False)
+    stamp = path.stat().st_mtime_ns
+    again = G.cached_encode_texts(TinyText(), prompts, str(path), progress=False)
+    assert path.stat().st_mtime_ns == stamp and torch.equal(first.tokens, again.tokens)
+    assert torch.equal(first.mask, again.mask) and again.mask.dtype == torch.bool
+    other = G.cached_encode_texts(TinyText(), prompts[:1], str(path), progress=False)  # other prompts: re-encoded
+    assert other.tokens.shape[0] == 1

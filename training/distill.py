@@ -23,6 +23,15 @@ Inputs x at sigma s are noised training key frames, x = (1 - s) x0 + s z, as in 
 student is a full copy of the teacher (2.4M parameters: a LoRA saves nothing worth the rank limit
 at this size), so it is "fused" by construction; it is saved as a regular built-in generator folder
 whose default step count is its N.
+
+**Guidance distillation.** A teacher that samples with classifier-free guidance (config
+``guidance_scale`` g != 1: two transformer evaluations per step, conditional and null) is distilled
+with its *guided* velocity v_u + g (v_c - v_u) in the two-step targets of the first stage, while the
+student sees the conditional input only. The guidance is thereby baked into the student's weights
+(the one-model, fixed-w case of Meng et al., "On Distillation of Guided Diffusion Models", CVPR
+2023, folded into the first progressive stage): every student folder records guidance 1 and runs
+one single-batch pass per step, so the 4-step student keeps its cost. Later stages are
+distilled from the previous (already guided) student at guidance 1.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from engine.anchors import (
     AnchorError,
     Conditioning,
     flux_velocity,
+    guided_velocity,
     image_ids,
     load_builtin_transformer,
     read_builtin_config,
@@ -63,6 +73,8 @@ class DistillConfig:
     collection: str = "synth"
     split: str = "train"
     prompt: str = "both"
+    guidance: float | None = None  # the first stage's teacher guidance; None: the teacher folder's own
+    text_cache: str | None = None  # safetensors file of the encoded prompts (training.generator.cached_encode_texts)
 
     def stages(self) -> list[int]:
         """Student step counts, stage by stage: start/2, start/4, ... down to min(steps)."""
@@ -83,17 +95,19 @@ class DistillConfig:
 
 
 @torch.no_grad()
-def two_step_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Conditioning, ids) -> torch.Tensor:
-    """The velocity that takes x from s to where the teacher's two half-steps land."""
+def two_step_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Conditioning, ids,
+                    guidance: float = 1.0) -> torch.Tensor:
+    """The velocity that takes x from s to where the teacher's two half-steps land (each half-step
+    with the teacher's classifier-free guided velocity when ``guidance`` is not 1)."""
     mid = 0.5 * (s + s_next)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    x1 = x + (mid - s).view(shape) * flux_velocity(teacher, x, s, cond, ids)
-    x2 = x1 + (s_next - mid).view(shape) * flux_velocity(teacher, x1, mid, cond, ids)
+    x1 = x + (mid - s).view(shape) * guided_velocity(teacher, x, s, cond, ids, guidance)
+    x2 = x1 + (s_next - mid).view(shape) * guided_velocity(teacher, x1, mid, cond, ids, guidance)
     return (x2 - x) / (s_next - s).view(shape)
 
 
 def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditioning, ids, cfg: DistillConfig,
-                  gen: torch.Generator, progress=True) -> float:
+                  gen: torch.Generator, progress=True, guidance: float = 1.0) -> float:
     """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss."""
     from tqdm import tqdm
 
@@ -112,7 +126,7 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
         s, s_next = sigmas[k], sigmas[k + 1]
         noise = torch.randn(x0.shape, generator=gen)
         x = (1 - s).view(-1, 1, 1) * x0 + s.view(-1, 1, 1) * noise
-        target = two_step_target(teacher, x, s, s_next, c, ids)
+        target = two_step_target(teacher, x, s, s_next, c, ids, guidance)
         loss = F.mse_loss(flux_velocity(student, x, s, c, ids), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,7 +152,10 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     collection = Collection(cfg.root, cfg.collection)
-    cond, videos, latents, _, frames = prepare_data(collection, cfg.split, cfg.prompt, gcfg, encoder, progress)
+    cond, videos, latents, _, frames = prepare_data(collection, cfg.split, cfg.prompt, gcfg, encoder, progress,
+                                                    cfg.text_cache)
+    guidance = float(gcfg.guidance_scale if cfg.guidance is None else cfg.guidance)  # stage 1's teacher only
+    teacher_guidance = guidance
     s = gcfg.latent_size
     ids = image_ids(s, s)
     teacher = load_builtin_transformer(cfg.teacher).eval().requires_grad_(False)
@@ -149,20 +166,27 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
     t0 = time.time()
     for n in stages:
         t = time.time()
-        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress)
-        summary["stages"].append({"steps": n, "loss": loss, "seconds": round(time.time() - t, 1)})
+        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance)
+        summary["stages"].append({"steps": n, "loss": loss, "seconds": round(time.time() - t, 1),
+                                  **({"teacher_guidance": guidance} if guidance != 1 else {})})
         if n in cfg.steps:
             folder = Path(cfg.out) / f"{n}step"
             scfg = copy.deepcopy(gcfg)
             scfg.default_steps = n
-            info = {"distilled_from": str(cfg.teacher), "teacher_info": tinfo, "method": "progressive distillation "
-                    "(Salimans & Ho, ICLR 2022), Euler flow matching", "stages": summary["stages"],
-                    "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("teacher", "out", "root")},
+            scfg.guidance_scale = 1.0  # guidance (if any) is baked in: one conditional pass per step
+            method = "progressive distillation (Salimans & Ho, ICLR 2022), Euler flow matching"
+            if teacher_guidance != 1:
+                method += f", guidance-distilled from the teacher's classifier-free guidance {teacher_guidance:g}"
+            skip = ("teacher", "out", "root", "text_cache")
+            info = {"distilled_from": str(cfg.teacher), "teacher_info": tinfo, "method": method,
+                    "stages": summary["stages"], "teacher_guidance": teacher_guidance,
+                    "recipe": {k: v for k, v in asdict(cfg).items() if k not in skip},
                     "train_seconds": round(time.time() - t0, 1)}
             save_builtin(folder, student, scfg, info)
             grid_path = folder / "samples" / f"{n}step.png"
             sample_grid(student, scfg, grid_cond, frames[: len(first)], (n,), grid_path, cfg.seed)
             summary["students"][n] = str(folder)
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        guidance = 1.0  # the student has the guidance baked in
     summary["train_seconds"] = round(time.time() - t0, 1)
     return summary

@@ -29,6 +29,7 @@ from engine.anchors import (
     BuiltinConfig,
     Conditioning,
     build_transformer,
+    drop_conditioning,
     euler_sample,
     flux_velocity,
     generator_kind,
@@ -50,16 +51,30 @@ PROMPT_KINDS = ("caption", "ssss", "both")
 
 
 def key_frame_paths(collection, video_ids) -> list[Path]:
-    """The middle frame (frames // 2) of each video: ImageData/<video_id>_<n>.png."""
+    """The middle frame (frames // 2) of each video: ImageData/<video_id>_<n>.png.
+
+    The folder is listed once and grouped by video id (the name up to its last '_'): a glob per
+    video made this quadratic in the number of images (a 20k-image corpus)."""
+    import os
+
     image_dir = Path(collection.path) / "ImageData"
     if not image_dir.is_dir():
         raise AnchorError(f"{image_dir} not found: the collection has no frames to train on")
+    wanted = set(video_ids)
+    by_video: dict[str, list[tuple[int, str]]] = {}
+    with os.scandir(image_dir) as entries:
+        for entry in entries:
+            stem, dot, ext = entry.name.rpartition(".")
+            vid, _, number = stem.rpartition("_")
+            if not dot or ext != "png" or vid not in wanted or not number.isdigit():
+                continue
+            by_video.setdefault(vid, []).append((int(number), entry.name))
     paths = []
     for vid in video_ids:
-        frames = sorted(image_dir.glob(f"{vid}_*.png"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        frames = sorted(by_video.get(vid, ()))
         if not frames:
             raise AnchorError(f"no frames for video {vid} in {image_dir}")
-        paths.append(frames[len(frames) // 2])
+        paths.append(image_dir / frames[len(frames) // 2][1])
     return paths
 
 
@@ -104,6 +119,40 @@ def training_pairs(collection, split: str, prompt: str, max_tokens: int, count_t
             prompts.append(sentence)
             videos.append(index[vid])
     return prompts, np.asarray(videos), video_ids
+
+
+def _text_cache_key(encoder, prompts) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"{getattr(encoder, 'model_id', type(encoder).__name__)}\n".encode())
+    for text in prompts:
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def cached_encode_texts(encoder, prompts, cache: str | None, progress: bool = True) -> Conditioning:
+    """:func:`encode_texts`, read from / written to a safetensors file when ``cache`` is given (keyed
+    by the encoder id and every prompt: any change re-encodes). Encoding a 60k-caption corpus takes
+    one CPU thread most of an hour, which a resumed run should not pay again."""
+    if cache is None:
+        return encode_texts(encoder, prompts, progress=progress)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = _text_cache_key(encoder, prompts)
+    path = Path(cache)
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            if (handle.metadata() or {}).get("key") == key:
+                return Conditioning(handle.get_tensor("tokens"), handle.get_tensor("mask"), handle.get_tensor("pooled"))
+    cond = encode_texts(encoder, prompts, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_path(path) as temporary:
+        tensors = {"tokens": cond.tokens.contiguous(), "mask": cond.mask.contiguous(),
+                   "pooled": cond.pooled.contiguous()}
+        save_file(tensors, str(temporary), metadata={"key": key, "prompts": str(len(prompts))})
+    return cond
 
 
 @torch.no_grad()
@@ -198,7 +247,14 @@ class TeacherConfig:
     checkpoint_every: int = 500
     grid_prompts: int = 8
     grid_steps: int = 28
-    generator: BuiltinConfig = field(default_factory=BuiltinConfig)
+    # Classifier-free guidance: each training row's conditioning is replaced by the null one
+    # (engine.anchors.null_conditioning) with this probability; 0 = today's recipe, bit for bit.
+    cond_dropout: float = 0.0
+    generator: BuiltinConfig = field(default_factory=BuiltinConfig)  # .guidance_scale: the scale it samples at
+    # Not part of the recipe (a resumed run may change them):
+    resume: bool = False  # continue from <out>/train_state when there is one (else start afresh)
+    stop_after: int | None = None  # stop (after a checkpoint) at this iteration; the schedule stays `iterations`'
+    text_cache: str | None = None  # safetensors file of the encoded prompts (see cached_encode_texts)
 
     def validate(self):
         for name in ("iterations", "batch_size", "checkpoint_every", "grid_steps"):
@@ -206,16 +262,32 @@ class TeacherConfig:
                 raise AnchorError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise AnchorError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.cond_dropout < 1:
+            raise AnchorError(f"--cond-dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.generator.guidance_scale != 1 and self.cond_dropout == 0:
+            raise AnchorError("--guidance other than 1 needs --cond-dropout > 0: without caption dropout the "
+                              "model never learns the unconditional velocity that guidance extrapolates from")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise AnchorError(f"--stop-after must be >= 1, got {self.stop_after}")
+
+    def recipe(self) -> dict:
+        """What defines the run (a resume must match it); cond_dropout only when used, so that a
+        recipe without it reads as before."""
+        skip = ("generator", "root", "out", "resume", "stop_after", "text_cache")
+        out = {k: v for k, v in asdict(self).items() if k not in skip}
+        if not out["cond_dropout"]:
+            del out["cond_dropout"]
+        return out
 
 
-def prepare_data(collection, split, prompt, config: BuiltinConfig, encoder, progress=True):
+def prepare_data(collection, split, prompt, config: BuiltinConfig, encoder, progress=True, text_cache=None):
     """(conditioning of every prompt, video index per prompt, packed key-frame latents per video, prompts, frames)."""
     count = (lambda t: len(encoder.tokenizer(t)["input_ids"])) if hasattr(encoder, "tokenizer") else None
     max_tokens = getattr(encoder, "max_length", config.text_max_length)
     prompts, videos, video_ids = training_pairs(collection, split, prompt, max_tokens, count)
     frames = load_frames(key_frame_paths(collection, video_ids), config.image_size)
     latents = pack_latents(images_to_latents(frames, config.fold))
-    cond = encode_texts(encoder, prompts, progress=progress)
+    cond = cached_encode_texts(encoder, prompts, text_cache, progress=progress)
     return cond, torch.from_numpy(videos), latents, prompts, frames
 
 
@@ -230,20 +302,80 @@ def flow_loss(transformer, x0, cond: Conditioning, img_ids, gen: torch.Generator
 
 def sample_grid(transformer, config: BuiltinConfig, cond: Conditioning, frames: np.ndarray, steps_list, path,
                 seed: int = 0):
-    """Rows: the real key frames, then one row of samples per step count."""
+    """Rows: the real key frames, then one row of samples per step count (at the config's guidance)."""
     s = config.latent_size
     ids = image_ids(s, s)
     seeds = [prompt_seed(str(i), seed) for i in range(len(frames))]
     noise = torch.from_numpy(pack_latents(initial_noise(seeds, (config.latent_channels, s, s))))
     rows = [list(frames)]
     for steps in steps_list:
-        x = euler_sample(transformer, noise, cond, steps, ids)
+        x = euler_sample(transformer, noise, cond, steps, ids, config.guidance_scale)
         rows.append(list(latents_to_images(unpack_latents(x, s, s).numpy(), config.fold)))
     return save_grid(path, rows)
 
 
+STATE_DIR = "train_state"  # inside the teacher folder: what --resume continues from
+STATE_FORMAT = "cvr-sdgm/generator-train-state/1"
+
+
+def save_train_state(folder: Path, step: int, model, ema: EMA, opt, gen: torch.Generator, losses: list,
+                     seconds: float, recipe: dict) -> None:
+    """The resumable state of a teacher run, as safetensors + JSON (no pickle): model and EMA weights,
+    AdamW's moments and step counts, the data/noise generator's and torch's RNG states; the step, the
+    last 100 losses, the training seconds so far and the recipe in state.json."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().clone().contiguous() for k, v in ema.model.state_dict().items()})
+    state = opt.state_dict()
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            tensors[f"opt.{index}.{name}"] = value.detach().clone().contiguous()
+    tensors["rng.data"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    save_file(tensors, str(folder / "state.safetensors"), metadata={"format": STATE_FORMAT})
+    files.write_json(folder / "state.json", {"format": STATE_FORMAT, "step": step, "losses": losses[-100:],
+                                             "train_seconds": seconds, "recipe": recipe, "param_groups": groups})
+
+
+def load_train_state(folder: Path, model, ema: EMA, opt, gen: torch.Generator, recipe: dict) -> tuple:
+    """Restore what :func:`save_train_state` wrote; (step, losses, seconds). Refuses another recipe."""
+    import json
+
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text())
+    if meta.get("format") != STATE_FORMAT:
+        raise AnchorError(f"{folder}: not a teacher training state ({meta.get('format')!r})")
+    saved = meta["recipe"]
+    changed = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k) and k != "checkpoint_every")
+    if changed:
+        raise AnchorError(f"--resume: the run in {folder.parent} has another recipe ({', '.join(changed)}: "
+                          f"{[saved.get(k) for k in changed]} there, {[recipe.get(k) for k in changed]} now)")
+    tensors = load_file(str(folder / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
+    slots: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, index, name = k.split(".", 2)
+            slots.setdefault(int(index), {})[name] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": slots, "param_groups": groups})
+    gen.set_state(tensors["rng.data"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"]), list(meta["losses"]), float(meta["train_seconds"])
+
+
 def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> dict:
-    """Train the built-in teacher; returns a summary (loss, time, parameters, paths)."""
+    """Train the built-in teacher; returns a summary (loss, time, parameters, paths).
+
+    Every ``checkpoint_every`` iterations the EMA weights are saved as a generator folder in
+    ``cfg.out`` together with the training state (``train_state/``, in the same atomic swap); with
+    ``cfg.resume`` a run continues from that state, and N iterations in one go give bit for bit the
+    weights of N/2, a stop, and N/2 more (tests/test_generator.py)."""
     from tqdm import tqdm
 
     from engine.datasets import Collection
@@ -257,7 +389,8 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
         encoder = MiniLMEncoder(gcfg.text_encoder, max_length=gcfg.text_max_length)
     collection = Collection(cfg.root, cfg.collection)
     t0 = time.time()
-    cond, videos, latents, prompts, frames = prepare_data(collection, cfg.split, cfg.prompt, gcfg, encoder, progress)
+    cond, videos, latents, prompts, frames = prepare_data(collection, cfg.split, cfg.prompt, gcfg, encoder, progress,
+                                                          cfg.text_cache)
     # Grid: the SSSS / caption prompt of the first few videos, with their real key frames.
     first = [int(np.nonzero(videos.numpy() == v)[0][0]) for v in range(min(cfg.grid_prompts, len(frames)))]
     grid_cond, grid_frames = trim(cond.index(torch.tensor(first))), frames[: len(first)]
@@ -270,33 +403,46 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
     s = gcfg.latent_size
     ids = image_ids(s, s)
     out = Path(cfg.out)
-    losses, t1 = [], time.time()
-    bar = tqdm(range(cfg.iterations), desc="teacher", unit="it", disable=not progress)
+    recipe = cfg.recipe()
+    start, losses, done_s = 0, [], 0.0
+    if cfg.resume and (out / STATE_DIR / "state.json").is_file():
+        start, losses, done_s = load_train_state(out / STATE_DIR, model, ema, opt, gen, recipe)
+    stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, cfg.stop_after)
+    n_params = sum(p.numel() for p in model.parameters())
+    t1 = time.time()
+    bar = tqdm(range(start, stop), desc="teacher", unit="it", disable=not progress, initial=start, total=stop)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.lr, cfg.warmup, cfg.iterations)
         idx = torch.randint(len(videos), (cfg.batch_size,), generator=gen)
-        loss = flow_loss(model, latents[videos[idx]], trim(cond.index(idx)), ids, gen)
+        c = drop_conditioning(trim(cond.index(idx)), cfg.cond_dropout, gen)
+        loss = flow_loss(model, latents[videos[idx]], c, ids, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model, step)
         losses.append(loss.item())
+        losses = losses[-100:]
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.iterations:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.iterations, stop):
+            seconds = round(done_s + time.time() - t1, 1)
             info = {"trained_on": f"{cfg.collection}/{cfg.split}", "prompt": cfg.prompt, "iterations": step + 1,
-                    "loss": float(np.mean(losses[-100:])), "train_seconds": round(time.time() - t1, 1),
-                    "pairs": len(prompts), "parameters": sum(p.numel() for p in model.parameters()),
-                    "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("generator", "root", "out")},
+                    "loss": float(np.mean(losses[-100:])), "train_seconds": seconds,
+                    "pairs": len(prompts), "parameters": n_params, "recipe": recipe,
                     "text_encoder": getattr(encoder, "model_id", None)}
-            save_builtin(out, ema.model, gcfg, info)
+
+            def state(tmp, step=step, seconds=seconds, losses=losses):
+                save_train_state(tmp / STATE_DIR, step + 1, model, ema, opt, gen, losses, seconds, recipe)
+
+            save_builtin(out, ema.model, gcfg, info, extra=state)
             sample_grid(ema.model, gcfg, grid_cond, grid_frames, (4, gcfg.default_steps),
                         out / "samples" / f"step{step + 1:06d}.png", cfg.seed)
-    return {"out": str(out), "loss": float(np.mean(losses[-100:])), "prep_seconds": round(prep_s, 1),
-            "train_seconds": round(time.time() - t1, 1), "iterations": cfg.iterations, "pairs": len(prompts),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {"out": str(out), "loss": float(np.mean(losses[-100:])) if losses else None,
+            "prep_seconds": round(prep_s, 1), "train_seconds": round(done_s + time.time() - t1, 1),
+            "iterations": max(start, stop), "pairs": len(prompts), "parameters": n_params,
+            "resumed_from": start if cfg.resume else None}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,13 +28,28 @@ def _cmd_train(args) -> int:
     existing_dir(os.path.join(args.root, args.collection), "collection")
     claim(args.out, "generator", "cvr generator train", args.overwrite)
     set_threads(args.threads)
+    if not 0 <= args.cond_dropout < 1:
+        raise CLIError(f"--cond-dropout must be in [0, 1), got {args.cond_dropout}")
     gcfg = BuiltinConfig(image_size=args.image_size, fold=args.fold, num_layers=args.double_blocks,
-                         num_single_layers=args.single_blocks, text_encoder=args.text_encoder)
+                         num_single_layers=args.single_blocks, text_encoder=args.text_encoder,
+                         attention_head_dim=args.head_dim, num_attention_heads=args.heads,
+                         axes_dims_rope=_rope_axes(args.head_dim), guidance_scale=args.guidance)
     cfg = TeacherConfig(root=args.root, out=args.out, collection=args.collection, split=args.split,
                         prompt=args.prompt, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, checkpoint_every=args.checkpoint_every, generator=gcfg)
+                        seed=args.seed, checkpoint_every=args.checkpoint_every, cond_dropout=args.cond_dropout,
+                        generator=gcfg, resume=args.resume, stop_after=args.stop_after, text_cache=args.text_cache)
     _print(train_teacher(cfg, progress=not args.quiet))
     return 0
+
+
+def _rope_axes(head_dim: int) -> tuple:
+    """FLUX's 3-axis RoPE split of a head (16, 56, 56 of 128), scaled: (8, 12, 12) for the default 32."""
+    if head_dim % 8:
+        raise CLIError(f"--head-dim must be a multiple of 8, got {head_dim}")
+    if head_dim == 32:
+        return (8, 12, 12)
+    side = (head_dim - head_dim // 4) // 2 // 2 * 2
+    return (head_dim - 2 * side, side, side)
 
 
 def _cmd_lora(args) -> int:
@@ -59,7 +74,8 @@ def _cmd_distill(args) -> int:
     set_threads(args.threads)
     cfg = DistillConfig(teacher=args.teacher, out=args.out, steps=sorted(set(args.steps), reverse=True),
                         start_steps=args.start_steps, iterations=args.iterations, batch_size=args.batch_size,
-                        lr=args.lr, seed=args.seed, root=args.root, collection=args.collection, split=args.split)
+                        lr=args.lr, seed=args.seed, root=args.root, collection=args.collection, split=args.split,
+                        prompt=args.prompt, guidance=args.guidance, text_cache=args.text_cache)
     _print(distill(cfg, progress=not args.quiet))
     return 0
 
@@ -92,7 +108,23 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--double-blocks", type=positive("--double-blocks"), default=2)
     t.add_argument("--single-blocks", type=positive("--single-blocks"), default=4)
     t.add_argument("--text-encoder", default=None, help="local HF encoder folder (default: packaged MiniLM)")
+    t.add_argument("--heads", type=positive("--heads"), default=4, help="attention heads (width = heads x head dim)")
+    t.add_argument("--head-dim", type=positive("--head-dim"), default=32)
     t.add_argument("--checkpoint-every", type=positive("--checkpoint-every"), default=500)
+    t.add_argument("--cond-dropout", type=float, default=0.0,
+                   help="caption dropout for classifier-free guidance: probability that a training row gets the "
+                        "null conditioning (default 0: the recipe without guidance, unchanged)")
+    t.add_argument("--guidance", type=float, default=1.0,
+                   help="the classifier-free guidance scale the teacher samples at, recorded in its config "
+                        "(default 1: one pass per step; other values need --cond-dropout > 0)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out (its train_state/: model, EMA, optimizer, step, "
+                        "RNG); starts afresh when --out has none. The recipe must be the same")
+    t.add_argument("--stop-after", type=positive("--stop-after"), default=None,
+                   help="stop after this iteration (with a checkpoint); the schedule is still --iterations' "
+                        "(for runs split over sessions)")
+    t.add_argument("--text-cache", default=None,
+                   help="safetensors file for the encoded prompts: written once, read by later (resumed) runs")
     common(t, 2000, 32, 1e-3)
     t.set_defaults(func=_cmd_train)
 
@@ -113,6 +145,10 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
                    help="the teacher's fine grid: halved each stage down to the smallest --steps")
     d.add_argument("--out", required=True, help="folder: one student sub-folder per step count")
     data(d, "both", required=False)
+    d.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance of the teacher in the first stage's targets (default: the "
+                        "teacher's recorded scale); the students bake it in and record 1")
+    d.add_argument("--text-cache", default=None, help="safetensors file for the encoded prompts")
     common(d, 200, 32, 3e-4)
     d.set_defaults(func=_cmd_distill)
     return gen

@@ -48,6 +48,14 @@ class FluxStepGraph(nn.Module):
 
 def generator_step_spec(transformer, config, generator_id: str | None = None) -> ModuleSpec:
     from engine.anchors import Conditioning, flux_velocity, image_ids
+    from export.spec import ExportError
+
+    guidance = float(getattr(config, "guidance_scale", 1.0))
+    if guidance != 1.0:  # the graph is one conditional pass, and the exported sampler calls it once per step
+        raise ExportError(f"this generator samples with classifier-free guidance {guidance:g} (two passes per "
+                          "step, conditional and null): the generator_step graph is one conditional pass, so it "
+                          "would sample without guidance. Export a distilled student (`cvr generator distill` "
+                          "bakes the guidance in; its config records 1)")
 
     ids = image_ids(config.latent_size, config.latent_size)
 
