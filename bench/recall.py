@@ -101,17 +101,19 @@ def student_store(name: str, steps: int, splits: str, protocol: str = "query", *
     return Store(name, str(folder), steps, protocol, splits, label, **kind)
 
 
-def stores() -> dict:
+def stores(variants: bool = False) -> dict:
     every = "train,val,test"
     found = [student_store("student4", 4, every), student_store("ssss", 4, every, "ssss"),
              Store("teacher28", str(common.TEACHER), 28, "query", "test", "teacher at 28 steps"),
-             student_store("student2", 2, "test"), student_store("student1", 1, "test"),
-             *(student_store(f"student4x{n}", 4, every, per_query=n) for n in ANCHORS_PER_QUERY),
-             student_store("latent4", 4, every, features="latent")]
+             student_store("student2", 2, "test"), student_store("student1", 1, "test")]
+    if variants:
+        found += [*(student_store(f"student4x{n}", 4, every, per_query=n) for n in ANCHORS_PER_QUERY),
+                  student_store("latent4", 4, every, features="latent")]
     return {s.name: s for s in found}
 
 
 def rows(store: dict) -> list:
+    """Every row whose anchor stores `store` holds (the variant rows only with `stores(variants=True)`)."""
     s4 = store["student4"].label
     ablation = "ablation of the full model (fair protocol)"
     variants = f"anchor variants (fair protocol, {s4})"
@@ -133,9 +135,9 @@ def rows(store: dict) -> list:
              test_anchors=name) for name in ("teacher28", "student4", "student2", "student1")] + [
         # The regions of N anchors (seeds s..s+N-1) read jointly: N times the anchor work per query.
         *(Row(f"per-query-{n}", f"anchors per query: N = {n}", variants, ["--anchors-per-query", str(n)],
-              anchors=f"student4x{n}", cost=1.0 + 0.3 * n) for n in ANCHORS_PER_QUERY),
-        Row("latent", "anchor from generator features (final latent tokens: no decode, no ResNet-50)", variants,
-            anchors="latent4"),
+              anchors=f"student4x{n}", cost=1.0 + 0.3 * n) for n in ANCHORS_PER_QUERY if f"student4x{n}" in store),
+        *([Row("latent", "anchor from generator features (final latent tokens: no decode, no ResNet-50)", variants,
+               anchors="latent4")] if "latent4" in store else []),
     ] + [
         # GLSCL's temporal transformer and query decoder at D = 1024 train ~6x slower than the full model.
         Row("glscl", "GLSCL head (`--head glscl`: global + local interaction, text-only)", PEERS,
@@ -162,6 +164,7 @@ class Plan:
     synth: dict | None  # SynthConfig fields of the built-in collection, None for --root
     jobs: int
     reuse: bool
+    variants: bool = False  # issue 17's anchor-variant rows (--variants)
 
     def train_flags(self) -> list:
         dims = TINY_DIMS if self.tiny else []
@@ -175,11 +178,11 @@ def make_plan(args) -> Plan:
         tag = f"{args.collection}-{hashlib.sha256(os.path.abspath(args.root).encode()).hexdigest()[:8]}"
         work = os.path.join(args.work, tag)
         return Plan(args.root, args.collection, args.feature, work, seeds, args.epochs, args.tiny, None,
-                    args.jobs, args.reuse)
+                    args.jobs, args.reuse, args.variants)
     synth = {"videos": args.videos, "captions_per_video": args.captions, "frames": args.frames, "seed": 0}
     work = os.path.join(args.work, f"synth-v{args.videos}-c{args.captions}-f{args.frames}")
     return Plan(os.path.join(work, "data"), "synth", "resnet50", work, seeds, args.epochs, args.tiny, synth,
-                args.jobs, args.reuse)
+                args.jobs, args.reuse, args.variants)
 
 
 def ensure_collection(plan: Plan) -> None:
@@ -558,7 +561,7 @@ def write_outputs(result: dict, out: Path) -> dict:
 
 
 def run(plan: Plan) -> dict:
-    store = stores()
+    store = stores(plan.variants)
     all_rows = rows(store)
     ensure_collection(plan)
     store_dir = lambda name: os.path.join(plan.work, "anchors", name)
@@ -593,6 +596,9 @@ def parse_args(argv):
     p.add_argument("--reuse", action="store_true", help="keep checkpoints trained by an identical earlier run")
     p.add_argument("--out", default=None, help="result folder (default: bench/results/<machine>/)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tiny collection and model)")
+    p.add_argument("--variants", action="store_true",
+                   help="also the anchor-variant rows (anchors per query N = 2, 4; anchor from generator features): "
+                        "about 10 more minutes; `make bench` gains them with issue 17")
     args = p.parse_args(argv)
     if args.full:
         args.videos, args.captions, args.epochs = 600, 10, 10

@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def recall_out(msrvtt, tmp_path_factory):
     out = tmp_path_factory.mktemp("recall")
     argv = ["--tiny", "--root", msrvtt, "--collection", "msrvtt10k", "--feature", "resnext101-resnet152",
-            "--out", str(out)]
+            "--out", str(out), "--variants"]
     assert recall_bench.main(argv) == 0
     return out
 
