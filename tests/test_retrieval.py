@@ -201,3 +201,31 @@ def test_plateau_halving_follows_the_recipe():
         halve, since = plateau_step(since, gain, 2)
         halvings.append(halve)
     assert halvings == [False, False, True, False, True, False, False]
+
+
+def test_concept_space_branches_reproduce_the_metric_code(msrvtt, trained, tmp_path):
+    """training.concept_space: its fused column is what evaluate_checkpoint scores, its no-concept
+    column the fusion with concept weight 0, each branch column that similarity alone."""
+    from engine.metrics import retrieval_metrics
+    from kernels import reference
+    from training import concept_space
+    from training.retrieval import evaluate_checkpoint
+
+    args = (msrvtt, "msrvtt10k", "test")
+    found = concept_space.branch_metrics(trained, *args)
+    assert found["fused"] == evaluate_checkpoint(trained, *args)["metrics"]["t2v_r1"]
+    model = load_checkpoint(trained)
+    config = json.load(open(os.path.join(trained, "config.json")))
+    data = load_split(datasets.Collection(msrvtt, "msrvtt10k"), "test", "resnext101-resnet152", config["tag_vocab"], 64)
+    q, v = encode_split(model, data, None)
+    sims = reference.similarities(q.lat, q.con, v.lat, v.con)
+    normed = reference.normalise(sims, model.matcher.norm[:, 0], model.matcher.norm[:, 1])
+    latent_only = normed[0] + normed[1]  # weight 0.6 on both latent similarities: the same ranking
+    assert found["no concept"] == retrieval_metrics(latent_only.numpy(), data.caption_video)["t2v_r1"]
+    assert found["con_l"] == retrieval_metrics(sims[3].numpy(), data.caption_video)["t2v_r1"]
+    assert found["concepts"] == 11 and 0 <= found["concept_range"][0] <= found["concept_range"][1] <= 1
+    out = str(tmp_path / "cs")
+    assert concept_space.main(["--root", msrvtt, "--collection", "msrvtt10k", "--group", f"a={trained},{trained}",
+                               "--out", out]) == 0
+    table = open(out + ".md").read()
+    assert table.startswith("| variant | seeds |") and "| a | 2 |" in table
