@@ -336,6 +336,7 @@ def save_train_state(folder: Path, step: int, model, ema: EMA, opt, gen: torch.G
     tensors["rng.torch"] = torch.get_rng_state()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
     save_file(tensors, str(folder / "state.safetensors"), metadata={"format": STATE_FORMAT})
+    (folder / "state.safetensors").chmod(files.FILE_MODE)  # as every other file the folder's writer makes
     files.write_json(folder / "state.json", {"format": STATE_FORMAT, "step": step, "losses": losses[-100:],
                                              "train_seconds": seconds, "recipe": recipe, "param_groups": groups})
 
