@@ -461,9 +461,7 @@ class AnchorGenerator:
             fuse_lora_into(transformer, options.adapters)
             backend = BuiltinFluxPipeline(transformer, config, text_encoder=text_encoder, device=device,
                                           guidance_scale=options.guidance_scale)
-            gen_id = generator_id(path)  # the weights' id; a guidance other than the folder's is another generator
-            if backend.guidance_scale != config.guidance_scale:
-                gen_id += f"+cfg{backend.guidance_scale:g}"
+            gen_id = generator_id(path, backend.guidance_scale)  # the weights and the guidance sampled at
             return cls(backend, kind, gen_id, options, config.default_steps, config.image_size, cache)
         from engine.flux_real import RealFluxBackend
 

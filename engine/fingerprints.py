@@ -59,12 +59,18 @@ def generator_kind(path) -> str:
     raise AnchorError(f"{path} is not a generator folder (no model_index.json, nor config.json + transformer/)")
 
 
-def generator_id(path) -> str:
-    """A short id of a generator's weights (name + hash), for caches, anchor stores and exports."""
+def generator_id(path, guidance: float | None = None) -> str:
+    """A short id of a generator (name + hash of its weights), for caches, anchor stores and
+    exports. A built-in generator sampled with classifier-free guidance other than 1 (`guidance`,
+    default the folder's config `guidance_scale`, absent = 1) draws other anchors from the same
+    weights: its id says so ("+cfgG"); unguided ids are what they always were."""
     path = Path(path)
     if generator_kind(path) == "builtin":
         weights = sorted((path / TRANSFORMER_DIR).glob("*.safetensors"))
-        return f"builtin:{path.name}@{short_hash(''.join(sha256_file(w)[:12] for w in weights))}"
+        if guidance is None:
+            guidance = float(json.loads((path / "config.json").read_text())["generator"].get("guidance_scale", 1.0))
+        scale = "" if guidance == 1.0 else f"+cfg{guidance:g}"
+        return f"builtin:{path.name}@{short_hash(''.join(sha256_file(w)[:12] for w in weights))}{scale}"
     return f"flux:{path.name}@{folder_fingerprint(path / TRANSFORMER_DIR)}"
 
 
