@@ -175,11 +175,15 @@ class GLSCLMatcher(nn.Module):
         return self.scores(query.lat, video.lat, video.con[:, 0])
 
     def scores(self, q_lat: torch.Tensor, v_lat: torch.Tensor, v_mask: torch.Tensor) -> torch.Tensor:
-        if q_lat.shape[0] * v_lat.shape[0] * self.frames <= self.budget:  # training batches: one tile, autograd
-            return reference.glscl_score(q_lat, v_lat, v_mask, self.tau, self.lam, self.mode)
+        # Fewer queries than frames (search): pool each pair's video, q n F D flops, instead of the
+        # n F^2 D of the Gram matrices; the temporaries are then q x n x D.
+        pool = q_lat.shape[0] < self.frames
+        width = q_lat.shape[-1] if pool else self.frames
+        if q_lat.shape[0] * v_lat.shape[0] * width <= self.budget:  # training batches: one tile, autograd
+            return reference.glscl_score(q_lat, v_lat, v_mask, self.tau, self.lam, self.mode, pool)
         out = q_lat.new_empty((q_lat.shape[0], v_lat.shape[0]))
-        for qs, ns in reference.tiles(q_lat.shape[0], v_lat.shape[0], self.frames, self.budget):
-            out[qs, ns] = reference.glscl_score(q_lat[qs], v_lat[ns], v_mask[ns], self.tau, self.lam, self.mode)
+        for qs, ns in reference.tiles(q_lat.shape[0], v_lat.shape[0], width, self.budget):
+            out[qs, ns] = reference.glscl_score(q_lat[qs], v_lat[ns], v_mask[ns], self.tau, self.lam, self.mode, pool)
         return out
 
     def fit_norm(self, query, video) -> None:

@@ -166,7 +166,8 @@ def glscl_frame_weights(logits: torch.Tensor, mask: torch.Tensor, mode: str = "p
     raise ValueError(f"GLSCL mask mode must be one of {GLSCL_MASKS}, got {mode!r}")
 
 
-def glscl_score(q_lat, v_lat, v_mask, tau: float = 3.0, lam: float = 0.5, mode: str = "paper") -> torch.Tensor:
+def glscl_score(q_lat, v_lat, v_mask, tau: float = 3.0, lam: float = 0.5, mode: str = "paper",
+                pool: bool = False) -> torch.Tensor:
     """GLSCL scores (q, n) of queries q_lat (q, 1+K, D) against videos v_lat (n, 1+F+K, D) whose
     frame mask is v_mask (n, F) (bool or 0/1). Slots: query [c, z^t_1..K]; video [mean, v_1..F,
     z^v_1..K] (engine/glscl.py writes them; padded frames are zeros).
@@ -184,7 +185,9 @@ def glscl_score(q_lat, v_lat, v_mask, tau: float = 3.0, lam: float = 0.5, mode: 
 
     The pooled video is never formed (it would be q x n x D): <c, sum_f w_f v_f> = sum_f w_f <c, v_f>
     and |sum_f w_f v_f|^2 = w^T G w with G = V V^T the video's F x F Gram matrix, so the largest
-    temporary is q x n x F."""
+    temporary is q x n x F. The Gram matrices cost n F^2 D, the pooled videos q n F D: with fewer
+    queries than frames (search at small batches) `pool=True` forms the pooled videos instead
+    (q x n x D temporaries; the same value up to float rounding)."""
     k = q_lat.shape[1] - 1
     frames = v_mask.shape[1]
     c, z_t = q_lat[:, 0], q_lat[:, 1:]
@@ -193,8 +196,12 @@ def glscl_score(q_lat, v_lat, v_mask, tau: float = 3.0, lam: float = 0.5, mode: 
     dots = torch.einsum("qd,nfd->qnf", c, v)
     w = glscl_frame_weights(dots / tau, mask, mode)
     numerator = (w * dots).sum(-1)
-    gram = torch.einsum("nfd,ngd->nfg", v, v)
-    squared = (torch.einsum("qnf,nfg->qng", w, gram) * w).sum(-1)
+    if pool:
+        pooled = torch.einsum("qnf,nfd->qnd", w, v)
+        squared = (pooled * pooled).sum(-1)
+    else:
+        gram = torch.einsum("nfd,ngd->nfg", v, v)
+        squared = (torch.einsum("qnf,nfg->qng", w, gram) * w).sum(-1)
     # max(., eps^2) before the root: its gradient stays finite where nothing is pooled
     norms = c.norm(dim=-1, keepdim=True) * squared.clamp_min(GLSCL_EPS * GLSCL_EPS).sqrt()
     s_g = numerator / norms.clamp_min(GLSCL_EPS)

@@ -58,11 +58,12 @@ def random_rows(rng, queries=3, videos=7, frames=5, k=3, dim=11, padded_zero=Tru
 
 @pytest.mark.parametrize("mode", ["paper", "renormalise"])
 @pytest.mark.parametrize("padded_zero", [True, False])
-def test_score_equals_the_formula_pair_by_pair(mode, padded_zero):
+@pytest.mark.parametrize("pool", [False, True])  # Gram matrices, or each pair's pooled video
+def test_score_equals_the_formula_pair_by_pair(mode, padded_zero, pool):
     rng = np.random.default_rng(3)
     q_lat, v_lat, mask = random_rows(rng, padded_zero=padded_zero)
     got = reference.glscl_score(torch.from_numpy(q_lat), torch.from_numpy(v_lat), torch.from_numpy(mask), 3.0, 0.5,
-                                mode)
+                                mode, pool)
     np.testing.assert_allclose(got.numpy(), plain_glscl(q_lat, v_lat, mask, 3.0, 0.5, mode), rtol=1e-5, atol=1e-5)
 
 
