@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from engine.tables import markdown_table  # noqa: F401 (re-exported: the benchmarks call common.markdown_table)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 GENERATORS = REPO / "engine" / "weights" / "generator"
@@ -113,6 +115,17 @@ def results_dir(out: str | None, info: dict) -> Path:
     return folder
 
 
+def apply_tiny(args, **sizes) -> None:
+    """A smoke run's settings (--tiny), one definition for every training benchmark: one epoch, one
+    in-process job, the first two seeds (a standard deviation needs two), the work folder beside
+    --out, and the given collection sizes (attribute -> value) set on `args`."""
+    args.epochs, args.jobs = 1, 1
+    args.seeds = ",".join(args.seeds.split(",")[:2])
+    args.work = os.path.join(args.out or args.work, "work")
+    for name, value in sizes.items():
+        setattr(args, name, value)
+
+
 def student_source(steps: int) -> tuple:
     """(folder, label) of the student at `steps` sampling steps: a distilled N-step student when
     one ships, otherwise the shipped 4-step student sampled at fewer steps, labelled so."""
@@ -142,12 +155,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def markdown_table(headers: list, rows: list) -> str:
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

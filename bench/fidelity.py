@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.tables import markdown_table
 from training.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -607,13 +608,9 @@ def markdown(result: dict) -> str:
     head = ["model", "steps", "wording", *[f"{c} %" for c in cols], "extra colours / image"]
 
     def table(kind):
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in result["rows"]:
-            s = r[kind]
-            cells = [r["model"], r["steps"] or "", r["wording"], *[_pct(s[c]) for c in cols],
-                     f"{s['extra_colours']:.2f}"]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-        return "\n".join(lines) + "\n"
+        return markdown_table(head, [
+            [r["model"], r["steps"] or "", r["wording"], *[_pct(r[kind][c]) for c in cols],
+             f"{r[kind]['extra_colours']:.2f}"] for r in result["rows"]])
 
     first = result["prompts"]["single"][0]["text"]
     two = result["prompts"]["two"][0]["text"]
@@ -621,10 +618,10 @@ def markdown(result: dict) -> str:
     held = result["classifier"].get("held_out", {})
     by = [r for r in result["rows"] if r["wording"] == "canonical" and not r["model"].startswith("floor")]
     names = list(by[0]["by_colour"]) + list(by[0]["by_shape"])
-    per = ["| row | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    for r in by:
-        vals = [_pct(r["by_colour"][n]) for n in r["by_colour"]] + [_pct(r["by_shape"][n]) for n in r["by_shape"]]
-        per.append(f"| {r['model']}{'@' + str(r['steps']) if r['steps'] else ''} | " + " | ".join(vals) + " |")
+    per = markdown_table(["row", *names], [
+        [f"{r['model']}{'@' + str(r['steps']) if r['steps'] else ''}",
+         *[_pct(r["by_colour"][n]) for n in r["by_colour"]], *[_pct(r["by_shape"][n]) for n in r["by_shape"]]]
+        for r in by])
     return "\n".join([
         "# Prompt fidelity of the anchor generator", "",
         f"Single-object prompts ({n1} x {result['seeds']} seeds: every shape x colour x size, e.g. \"{first}\"):", "",
@@ -632,7 +629,7 @@ def markdown(result: dict) -> str:
         f"Two-object prompts ({n2} x {result['seeds']} seeds, distinct colours and shapes, e.g. \"{two}\"):", "",
         table("two"),
         "Single-object prompts, per named colour (colour found %) and per named shape (shape found %):", "",
-        "\n".join(per), "",
+        per,
         "Colour / shape: the named colour / shape is read present (multi-label). Size: the size read on the "
         "named colour's object (else on the object read most surely). Colour+shape: the named colour is "
         "present and its object has the named shape (binding). All: every named attribute of the prompt "

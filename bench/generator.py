@@ -55,6 +55,7 @@ from engine.anchors import (
     read_builtin_config,
 )
 from engine.portable import initial_noise, latents_to_images, pack_latents, prompt_seed, unpack_latents
+from engine.tables import markdown_table
 
 TEACHER_STEPS = (1, 2, 4, 8, 28)
 
@@ -243,19 +244,19 @@ def markdown(result: dict, columns) -> str:
     if has_ort:
         head += ["ORT ms b1", f"ORT ms b{batch}", "ORT max abs diff (0-255)"]
     head.append("R@1 (query protocol)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in result["rows"]:
         cells = [r["model"], r["steps"], r["ms_b1"], r[f"ms_b{batch}"], f"{r['speedup_b1']}x", r["rmse_to_teacher28"]]
         if has_ort:
             cells += [r.get("ort_ms_b1", ""), r.get(f"ort_ms_b{batch}", ""), r.get("ort_max_abs_diff", "")]
         cells.append("n/a" if r["r_at_1"] is None else r["r_at_1"])
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        rows.append(cells)
     notes = (f"\nMachine: {result['machine']}. Latency = Euler sampling of the transformer on precomputed text "
              f"states ({result['image_size']} px anchors, pixels folded into channels: decoding is a reshape); "
              f"the MiniLM text encoder adds {result['text_encoder_ms_b1']} ms at batch 1 and is shared with the "
              f"retrieval model. RMSE: pixels in [0, 1], same noise, {result['prompts']} prompts. "
              f"PNG columns: {', '.join(columns)}.\n")
-    return "\n".join(lines) + "\n" + notes
+    return markdown_table(head, rows) + notes
 
 
 def refill(folder, measured_r1: dict) -> None:

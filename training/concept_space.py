@@ -20,6 +20,7 @@ import torch
 from engine import datasets, files
 from engine.checkpoint import load_checkpoint, read_checkpoint_config
 from engine.metrics import retrieval_metrics
+from engine.tables import markdown_table
 from kernels import reference
 
 BRANCHES = ("lat_g", "lat_l", "con_g", "con_l")
@@ -68,8 +69,7 @@ def markdown(result: dict) -> str:
     for name, group in result.items():
         cell = lambda c, g=group: f"{g['mean'][c]:.1f}" + ("" if g["std"][c] is None else f" ± {g['std'][c]:.1f}")
         rows.append([name, str(len(group["per_checkpoint"])), *(cell(c) for c in COLUMNS)])
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    return markdown_table(headers, rows)
 
 
 def main(argv=None) -> int:
