@@ -559,14 +559,6 @@ def plot(result: dict, path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: Path) -> dict:
-    paths = {"md": out / "recall.md", "json": out / "recall.json", "png": out / "recall.png"}
-    files.write_json(paths["json"], result)
-    files.atomic_write(paths["md"], markdown(result))
-    plot(result, paths["png"])
-    return {k: str(v) for k, v in paths.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -613,12 +605,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.full:
         args.videos, args.captions, args.epochs = 600, 10, 10
-    if args.tiny:  # tiny model, one epoch, two seeds (a standard deviation needs two), in-process
-        args.epochs, args.jobs = 1, 1
-        args.seeds = ",".join(args.seeds.split(",")[:2])
-        if not args.root:
-            args.videos, args.captions, args.frames = 12, 2, 2
-        args.work = os.path.join(args.out or args.work, "work")
+    if args.tiny:  # tiny model; a tiny built-in collection unless --root names one
+        common.apply_tiny(args, **({} if args.root else {"videos": 12, "captions": 2, "frames": 2}))
     return args
 
 
@@ -636,7 +624,7 @@ def main(argv=None) -> int:
                   wall_seconds=round(time.perf_counter() - start, 1), cpu_seconds=common.cpu_seconds(),
                   tiny=plan.tiny)
     out = common.results_dir(args.out or (os.path.join(plan.work, "results") if args.tiny else None), info)
-    paths = write_outputs(result, out)
+    paths = common.write_results(out, "recall", result, markdown(result), plot)
     print(Path(paths["md"]).read_text())
     print(f"wrote {paths['md']}, {paths['json']} and {paths['png']}")
     return 0

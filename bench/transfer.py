@@ -243,9 +243,7 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tiny collection and model)")
     args = p.parse_args(argv)
     if args.tiny:
-        args.videos, args.captions, args.frames, args.epochs, args.jobs = 24, 4, 2, 1, 1
-        args.seeds = ",".join(args.seeds.split(",")[:2])
-        args.work = os.path.join(args.out or args.work, "work")
+        common.apply_tiny(args, videos=24, captions=4, frames=2)
     return args
 
 
