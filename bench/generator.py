@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +85,13 @@ def _machine() -> str:
 
 
 class Sampler:
-    """Euler sampling of one transformer on precomputed conditioning: the part that scales with steps."""
+    """Euler sampling of one transformer on precomputed conditioning: the part that scales with steps,
+    at the folder's classifier-free guidance (two transformer rows per image and step when not 1)."""
 
     def __init__(self, transformer, config: BuiltinConfig, velocity_model=None):
         self.model = velocity_model or transformer.eval()
         self.config = config
+        self.guidance = float(config.guidance_scale)
         s = config.latent_size
         self.ids = image_ids(s, s)
 
@@ -98,7 +101,7 @@ class Sampler:
 
     def __call__(self, cond: Conditioning, seeds, steps: int) -> np.ndarray:
         s = self.config.latent_size
-        x = euler_sample(self.model, self.noise(seeds), cond, steps, self.ids)
+        x = euler_sample(self.model, self.noise(seeds), cond, steps, self.ids, self.guidance)
         return latents_to_images(unpack_latents(x, s, s).float().numpy(), self.config.fold)
 
 
@@ -189,8 +192,8 @@ def run(teacher: str, students: dict, prompts: list, out_dir, encoder=None, down
     tmp_dir = tempfile.mkdtemp(prefix="bench-onnx-")
     rows, reference, grid = [], None, {}
     for name, path, steps in sorted(models, key=lambda m: (m[0] != "teacher", -m[2])):
-        if path not in samplers:
-            samplers[path] = Sampler(load_builtin_transformer(path), config)
+        if path not in samplers:  # each folder at its own recorded guidance (a student records 1)
+            samplers[path] = Sampler(load_builtin_transformer(path), read_builtin_config(path)[0])
         sampler = samplers[path]
         images = sampler(cond, seeds, steps)
         if reference is None:  # the first row is the teacher at 28 steps
@@ -200,10 +203,10 @@ def run(teacher: str, students: dict, prompts: list, out_dir, encoder=None, down
         b1 = _time(lambda s=sampler, n=steps: s(one, seeds[:1], n), repeats) * 1000
         bn = _time(lambda s=sampler, n=steps, c=cb: s(c, list(range(batch)), n), max(1, repeats // 2)) * 1000 / batch
         row = {"model": name, "steps": steps, "ms_b1": round(b1, 2), f"ms_b{batch}": round(bn, 2),
-               "rmse_to_teacher28": round(rmse, 4), "r_at_1": None}
+               "rmse_to_teacher28": round(rmse, 4), "r_at_1": None, "guidance": sampler.guidance}
         if onnx and name == "teacher":  # students share the architecture, hence the ORT latency per step
             if path not in ort_samplers:  # one export per model (the dynamo export takes a while)
-                ort_samplers[path] = Sampler(None, config, _onnx_model(sampler.model, config, cond,
+                ort_samplers[path] = Sampler(None, sampler.config, _onnx_model(sampler.model, config, cond,
                                                                     Path(tmp_dir) / str(len(ort_samplers))))
             ort = ort_samplers[path]
             row["ort_max_abs_diff"] = int(np.abs(ort(cond, seeds, steps).astype(int) - images.astype(int)).max())
@@ -237,6 +240,13 @@ def run(teacher: str, students: dict, prompts: list, out_dir, encoder=None, down
     return result
 
 
+def _guidance_note(rows: list) -> str:
+    """Which rows sample with classifier-free guidance (rows written before it existed have none)."""
+    guided = sorted({(r["model"], r["guidance"]) for r in rows if r.get("guidance", 1.0) != 1.0})
+    return "".join(f" The {m} samples with classifier-free guidance {g:g}: two transformer rows per image and "
+                   f"step, in its latencies." for m, g in guided)
+
+
 def markdown(result: dict, columns) -> str:
     batch = result["batch"]
     has_ort = any("ort_ms_b1" in r for r in result["rows"])
@@ -255,7 +265,7 @@ def markdown(result: dict, columns) -> str:
              f"states ({result['image_size']} px anchors, pixels folded into channels: decoding is a reshape); "
              f"the MiniLM text encoder adds {result['text_encoder_ms_b1']} ms at batch 1 and is shared with the "
              f"retrieval model. RMSE: pixels in [0, 1], same noise, {result['prompts']} prompts. "
-             f"PNG columns: {', '.join(columns)}.\n")
+             f"PNG columns: {', '.join(columns)}.{_guidance_note(result['rows'])}\n")
     return markdown_table(head, rows) + notes
 
 
@@ -294,8 +304,9 @@ def read_r1(specs: list) -> dict:
     return r1
 
 
-def _tiny(tmp: Path):
-    """Random tiny teacher + 'student' folders and a hashed text stand-in (for tests, seconds)."""
+def _tiny(tmp: Path, guidance: float = 1.0):
+    """Random tiny teacher (sampling at `guidance`) + 'student' folders and a hashed text stand-in
+    (for tests, seconds)."""
     from engine.anchors import build_transformer, save_builtin
     from engine.text import TextFeatures
 
@@ -318,7 +329,7 @@ def _tiny(tmp: Path):
                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
                         axes_dims_rope=(2, 2, 4))
     torch.manual_seed(0)
-    teacher = save_builtin(tmp / "teacher", build_transformer(cfg), cfg)
+    teacher = save_builtin(tmp / "teacher", build_transformer(cfg), replace(cfg, guidance_scale=guidance))
     cfg.default_steps = 4
     student = save_builtin(tmp / "student", build_transformer(cfg), cfg)
     prompts = ["a red circle moves left", "a blue square", "green star on stripes", "white cross bounces"]

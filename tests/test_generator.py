@@ -1,6 +1,7 @@
 """Training the anchor generator on tiny configs: teacher, LoRA (save / load / fuse), progressive
 distillation, the CLI and the benchmark's --tiny run."""
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -175,6 +176,25 @@ def test_bench_tiny(tmp_path):
     result = json.loads((tmp_path / "generator_bench.json").read_text())
     assert {r["steps"] for r in result["rows"]} == {1, 2, 4, 8, 28}
     assert (tmp_path / "generator_steps.png").is_file()
+
+
+def test_bench_samples_a_guided_teacher_at_its_guidance(tmp_path):
+    """A teacher that records guidance g is timed and drawn as it samples (v_u + g (v_c - v_u)), not
+    unguided; the students (which record 1) stay one pass per step."""
+    from bench.generator import Sampler, _tiny, run
+
+    teacher, students, prompts, encoder = _tiny(tmp_path / "g", guidance=3.0)
+    result = run(teacher, students, prompts, tmp_path / "out", encoder=encoder, repeats=1, n_distance=4, batch=2,
+                 grid_prompts=2)
+    assert {(r["model"], r["guidance"]) for r in result["rows"]} == {("teacher", 3.0), ("student-4step", 1.0)}
+    assert "classifier-free guidance 3" in (tmp_path / "out" / "generator_bench.md").read_text()
+    config, _ = A.read_builtin_config(teacher)
+    pipe = A.BuiltinFluxPipeline(A.load_builtin_transformer(teacher), config, text_encoder=encoder)
+    cond = pipe.encode_prompt(prompts[:2])
+    guided = Sampler(pipe.transformer, config)(cond, [5, 6], 4)
+    assert np.array_equal(guided, pipe(cond=cond, steps=4, seeds=[5, 6]))  # what the engine draws
+    unguided = Sampler(pipe.transformer, dataclasses.replace(config, guidance_scale=1.0))
+    assert not np.array_equal(guided, unguided(cond, [5, 6], 4))
 
 
 def test_bench_downstream_hook(tmp_path):
