@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from bench import common
+
 CHUNK = 1 << 16  # rows of random embeddings generated at a time (no float32 copy of a 1M gallery)
 
 
@@ -89,14 +91,6 @@ def process_memory(pid: int) -> dict:
     return {"rss_anon": found.get("RssAnon"), "rss_file": found.get("RssFile")}
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process on this machine so far (/proc/PID/stat; clock ticks,
-    10 ms apart on Linux)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_clock(pids: list) -> float:
     """CPU seconds so far of this process (every thread) and of the processes `pids`."""
-    return time.process_time() + sum(process_cpu_seconds(pid) for pid in pids)
+    return time.process_time() + sum(common.process_cpu_seconds(pid) for pid in pids)

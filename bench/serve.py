@@ -39,8 +39,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,13 +49,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import common
+from bench import common, serve_report
+from bench.serve_server import Server, _env, _tail, proc_status
 from engine import paths
 
 SHIPPED = paths.WEIGHTS / "retrieval" / "builtin"
 SEARCH_MODULES = "text_encoder,generator_step,vision,query_tower,scorer"  # export.onnx.SEARCH_MODULES
-READY_TIMEOUT_S = 600  # model loading on a busy 2-core machine
-STOP_TIMEOUT_S = 60
 REQUEST_TIMEOUT_S = 120  # the client's; the server's own deadline (--timeout-s) is 30 s, a 504
 MAX_WORDS = 20  # longer captions exceed the text encoder's 32 tokens (a warning per query): skipped
 
@@ -137,109 +134,6 @@ def captions(n: int) -> list:
         raise ValueError(f"{n} distinct queries asked, the built-in set has {len(pool)} short captions")
     order = np.random.default_rng(1).permutation(len(pool))
     return [pool[i] for i in order[:n]]
-
-
-# ---------------------------------------------------------------------------------------------
-# The server process
-
-
-def _env() -> dict:
-    return dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-def _tail(path: str, lines: int = 5) -> str:
-    try:
-        return " | ".join(Path(path).read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def proc_status(pid: int) -> dict:
-    """VmHWM (RSS high-water) and VmRSS of a live process, in MB."""
-    out = {}
-    with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
-        for line in handle:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0]) / 1024  # kB -> MB
-    return out
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (its threads included)."""
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Server:
-    """One `cvr serve` child on a free loopback port; `stop()` sends SIGTERM to its own pid."""
-
-    def __init__(self, name: str, argv: list, log_path: str):
-        self.name, self.log_path = name, log_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w", encoding="utf-8")
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *argv, "--host", "127.0.0.1",
-                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=_env(), cwd=common.REPO)
-
-    def wait_ready(self) -> float:
-        import httpx
-
-        deadline = time.perf_counter() + READY_TIMEOUT_S
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited ({self.proc.returncode}) before ready: "
-                                   f"{_tail(self.log_path)}")
-            try:
-                answer = httpx.get(self.url + "/readyz", timeout=5)
-                if answer.status_code == 200 and answer.json().get("status") == "ready":
-                    self.ready = answer.json()
-                    return round(time.perf_counter() - self.started, 1)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server {self.name} not ready after {READY_TIMEOUT_S} s: {_tail(self.log_path)}")
-
-    def metrics(self) -> dict:
-        """The server's Prometheus samples: {'name{labels}': value}."""
-        import httpx
-
-        samples = {}
-        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
-
-    def stop(self) -> dict:
-        """SIGTERM by pid, then wait (uvicorn drains); SIGKILL only if it does not exit in time."""
-        measured = {}
-        if self.proc.poll() is None:
-            measured = {**proc_status(self.proc.pid), "cpu_s": proc_cpu_seconds(self.proc.pid)}
-            clock = time.perf_counter()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-                measured["stop_s"] = round(time.perf_counter() - clock, 2)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                measured["killed"] = True
-        self.log.close()
-        log = Path(self.log_path).read_text(errors="replace")
-        # uvicorn re-raises the SIGTERM it caught once it has shut down gracefully: exit -15 is a clean stop.
-        clean = self.proc.returncode in (0, -signal.SIGTERM) and not measured.get("killed")
-        return {**measured, "exit_code": self.proc.returncode, "clean_stop": clean,
-                "tracebacks": log.count("Traceback"), "log_tail": log.strip().splitlines()[-5:]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,9 +250,9 @@ def run_server(name: str, backend: str, max_batch: int, max_queue: int, loads: l
             load(server.url, warm[round_ * s.clients:(round_ + 1) * s.clients], s.clients, s.k)
         for spec in loads:
             before, loadavg = server.metrics(), os.getloadavg()[0]
-            cpu_before = proc_cpu_seconds(server.proc.pid)
+            cpu_before = common.process_cpu_seconds(server.proc.pid)
             records, wall = load(server.url, spec["texts"], spec["clients"], s.k, honour_retry_after=spec["overload"])
-            cpu_s = proc_cpu_seconds(server.proc.pid) - cpu_before
+            cpu_s = common.process_cpu_seconds(server.proc.pid) - cpu_before
             after = server.metrics()
             parts.append({"spec": spec, "records": records, "wall": wall, "cpu_s": cpu_s, "startup_s": startup_s,
                           "ready_rss_mb": ready_rss, "peak_rss_mb": proc_status(server.proc.pid)["VmHWM"],
@@ -497,160 +391,6 @@ def ratios(rows: list) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# Output
-
-
-def _num(value) -> str:
-    """Three significant figures or so: 1234, 31.2, 4.56, 0.037; '' for None."""
-    if value is None:
-        return ""
-    size = abs(value)
-    return f"{value:.0f}" if size >= 100 else f"{value:.1f}" if size >= 10 else f"{value:.2f}" if size >= 0.1 \
-        else f"{value:.3f}"
-
-
-def summary(result: dict) -> str:
-    """The lines for the README."""
-    info, s, rows, over = result["machine"], result["settings"], result["runs"], result["overload"]
-    g = result["gallery"]
-    what = "as the issue asks" if s["full"] else "fewer than the issue's 200 per client (`--full` runs 200)"
-    lines = [f"**Serving over HTTP** (`cvr serve`, 127.0.0.1, shipped checkpoint, {g['videos']} videos; "
-             f"{s['clients']} concurrent clients x {s['queries']} distinct queries each, {what}; one query per "
-             f"request; {info['cpu']}, {info['cores']} cores, shared and busy: load average "
-             f"{result['load_average']['before']:.1f} before, {result['load_average']['after']:.1f} after):", ""]
-    for r in rows:
-        lines.append(f"- {r['backend']}, `--max-batch {r['max_batch']}`: {_num(r['queries_per_second'])} queries/s, "
-                     f"p50 / p95 / p99 {_num(r.get('p50_ms'))} / {_num(r.get('p95_ms'))} / {_num(r.get('p99_ms'))} "
-                     f"ms, {r['errors']} errors, {r['rejected_503']} 503s, mean batch {_num(r['mean_batch'])}.")
-    for q in result["ratios"]:
-        rounds = " / ".join(_num(x) for x in q["qps_ratio_per_round"])
-        lines.append(f"- Micro-batching gain ({q['backend']}): {_num(q['qps_ratio'])}x the queries/s of "
-                     f"`--max-batch 1` at `--max-batch {q['max_batch']}` (per round: {rounds}), and "
-                     f"{_num(q['cpu_ratio'])}x fewer server CPU-seconds per query (the figure a busy shared "
-                     "machine disturbs least).")
-    if over:
-        lines.append(f"- Overload ({over['backend']}, {over['clients']} clients, `--max-queue {over['max_queue']}`): "
-                     f"{over['rejected_503']} of {over['requests']} requests refused with 503 + Retry-After, "
-                     f"{over['other_5xx']} other 5xx, {over['errors']} errors; {over['answered']} answered at "
-                     f"{_num(over['queries_per_second'])} queries/s; server RSS high-water "
-                     f"{_num(over['peak_rss_mb'])} MB.")
-    return "\n".join(lines) + "\n"
-
-
-def _row_cells(r: dict) -> list:
-    cores = r["server_cpu_s"] / r["wall_s"] if r["wall_s"] else None
-    return [r["backend"], r["max_batch"], r["max_queue"], f"{r['clients']} x {r['queries_per_client']}", r["requests"],
-            r["answered"], r["errors"], r["rejected_503"], r["other_5xx"], _num(r.get("p50_ms")),
-            _num(r.get("p95_ms")), _num(r.get("p99_ms")), _num(r["queries_per_second"]), _num(r["mean_batch"]),
-            _num(r["server_cpu_ms_per_query"]), _num(cores), _num(r["ready_rss_mb"]), _num(r["peak_rss_mb"]),
-            _num(r["startup_s"])]
-
-
-HEADERS = ["backend", "max batch", "max queue", "clients x queries", "requests", "200", "errors", "503",
-           "other 5xx", "p50 ms", "p95 ms", "p99 ms", "queries/s", "mean batch", "server CPU ms/query", "server cores",
-           "RSS at ready MB", "RSS high-water MB", "start s"]
-
-
-def markdown(result: dict) -> str:
-    parts = [summary(result),
-             "**Closed-loop load** (each client sends its next query when the last is answered; latency as the "
-             "client sees it, percentiles over every answered request of the rounds; queries/s = answered / wall of "
-             "the loads, summed over the rounds; mean batch = queries per model batch from "
-             "the server's `cvr_batch_queries`; server CPU = the server process's CPU time over the load, per answered "
-             "query and per wall second (cores used: below 1 while its one model thread waits for the machine); "
-             "RSS high-water = VmHWM of the server process at the end)\n",
-             common.markdown_table(HEADERS, [_row_cells(r) for r in result["runs"]])]
-    if result["ratios"]:
-        parts += ["\n**Micro-batching** (the runs above side by side: the same queries, fresh servers and anchor "
-                  "caches; per round = the two servers of one round, run one after the other)\n",
-                  common.markdown_table(["backend", "queries/s ratio", "per round", "p95 ratio",
-                                         "CPU per query, batch 1 / batched", "per round"],
-                                        [[f"{q['backend']}: max batch {q['max_batch']} / max batch 1",
-                                          _num(q["qps_ratio"]), " / ".join(_num(x) for x in q["qps_ratio_per_round"]),
-                                          _num(q["p95_ratio"]), _num(q["cpu_ratio"]),
-                                          " / ".join(_num(x) for x in q["cpu_ratio_per_round"])]
-                                         for q in result["ratios"]])]
-    if result["overload"]:
-        o = result["overload"]
-        parts += [f"\n**Overload** ({o['clients']} clients, `--max-queue {o['max_queue']}`; a refused client sleeps "
-                  "its Retry-After, then sends its next query; latency of the answered ones. The refused clients "
-                  "all sleep the same Retry-After and come back in waves, between which the server idles (its cores "
-                  "used), so these queries/s are not its capacity)\n",
-                  common.markdown_table(HEADERS, [_row_cells(o)])]
-    parts.append(notes(result))
-    return "\n".join(parts)
-
-
-def notes(result: dict) -> str:
-    s, g, e = result["settings"], result["gallery"], result["export"]
-    parts = ", ".join(f"{k} {v:.0f} s" for k, v in result["part_seconds"].items())
-    export = (f"The ONNX Runtime server ran `cvr export --format onnx --modules {SEARCH_MODULES}` of a copy of "
-              f"the shipped checkpoint, made beforehand in {e['export_s']:.0f} s. ") if e else ""
-    o = result["overload"]
-    shared = (f"The overload load ran on the max-batch-{o['max_batch']} server right after its closed-loop load "
-              "(the same settings), so its RSS high-water includes that load. ") if o and o["shared_server"] else ""
-    servers = {r["name"].removesuffix("-overload"): r["server"] for r in result["runs"] + ([o] if o else [])}
-    stops = "all stopped cleanly" if all(v.get("clean_stop") for v in servers.values()) else \
-        "NOT all stopped cleanly: " + ", ".join(f"{k} exits {v.get('exit_codes')}" for k, v in servers.items()
-                                                  if not v.get("clean_stop"))
-    tracebacks = sum(v.get("tracebacks", 0) for v in servers.values())
-    stops += f"; {tracebacks} tracebacks in the server logs"
-    stages = "; ".join(f"{r['name']}: " + ", ".join(f"{k} {_num(v)}" for k, v in r["stage_ms_per_query"].items())
-                       for r in result["runs"] if r["stage_ms_per_query"])
-    per_round = s["queries"] // s["repeats"]
-    return (
-        f"\nGallery: `cvr demo --videos {g['demo_videos']}` ({g['videos']} test-split clips as mp4 files, indexed "
-        f"with the shipped checkpoint {result['checkpoint']['path']}, served from a copy). Each closed-loop "
-        f"configuration ran in {s['repeats']} round(s) of {per_round} queries per client, the configurations in "
-        "the same order each round; every round of every configuration is a fresh `python -m engine.cli serve` "
-        f"process (OPENBLAS_NUM_THREADS=1, `--threads 1`, `--max-wait-ms {s['max_wait_ms']:g}`, `--read-only`) "
-        "with an anchor cache folder of its own; every query of one configuration is a distinct built-in caption "
-        "(the same list for each configuration; the overload run has others), so no anchor comes from a cache. "
-        f"Warm-up: {s['warmup']} round(s) of {s['clients']} concurrent queries (other captions) after each "
-        f"server's start, not counted. Servers stop on SIGTERM by pid: {stops}. k = {s['k']}. {export}{shared}"
-        "Clients: asyncio + httpx in the benchmark process, on the same cores as the server. With one model "
-        f"thread and a {s['max_wait_ms']:g} ms window, {s['clients']} closed-loop clients settle into two cohorts "
-        "that alternate (the clients one batch answers re-send while the next batch runs), so a batch holds about "
-        "half of them. Server-side ms per query and stage, the mean over batches of each batch's per-query ms "
-        "(`cvr_stage_seconds`; wall time of the model thread, small end-of-load batches weigh as much as full "
-        f"ones): {stages or 'n/a'}. Machine: {common.describe_machine(result['machine'])}; shared with other "
-        f"work (load average {result['load_average']['before']:.1f} before, {result['load_average']['after']:.1f} "
-        "after; each round's in serve.json), so absolute numbers are pessimistic and vary from run to run, and "
-        "so does the queries/s ratio; the server's CPU time per query varies least. Wall time "
-        f"{result['wall_seconds']:.0f} s ({parts}); {result['cpu_seconds']:.0f} CPU-seconds of this process and "
-        "its finished children.\n")
-
-
-def plot(result: dict, path) -> None:
-    plt = common.pyplot()
-    rows = list(result["runs"]) + ([result["overload"]] if result["overload"] else [])
-    labels = [f"{r['backend']}\n--max-batch {r['max_batch']}" + (f"\noverload, queue {r['max_queue']}" if r["overload"]
-                                                          else "") for r in rows]
-    colours = ["C7" if r["overload"] else "C0" if r["max_batch"] > 1 else "C1" for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for axis, key, unit in ((left, "queries_per_second", "queries/s"), (right, "p95_ms", "p95 latency, ms")):
-        values = [r.get(key) or 0.0 for r in rows]
-        bars = axis.bar(range(len(rows)), values, color=colours)
-        for bar, value in zip(bars, values, strict=True):
-            axis.annotate(_num(value), (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
-                          fontsize=8)
-        axis.set_xticks(range(len(rows)), labels, fontsize=8)
-        axis.set_ylabel(unit)
-        axis.grid(axis="y", alpha=0.3)
-    left.set_title("Throughput (answered queries / wall)")
-    right.set_title("p95 request latency (client side)")
-    s = result["settings"]
-    fig.suptitle(f"cvr serve over HTTP, {s['clients']} clients x {s['queries']} queries "
-                 f"({result['machine']['cores']} cores, 1 server thread)")
-    common.save_figure_atomic(fig, path)
-    plt.close(fig)
-
-
-def write_outputs(result: dict, out: Path) -> dict:
-    return common.write_results(out, "serve", result, markdown(result), plot)
-
-
-# ---------------------------------------------------------------------------------------------
 # main
 
 
@@ -718,7 +458,7 @@ def main(argv=None) -> int:
     if result["overload"]:
         result["overload"] = common.stamp([result["overload"]], info)[0]
     folder = common.results_dir(out or (tempfile.mkdtemp(prefix="bench-serve-out-") if settings.tiny else None), info)
-    written = write_outputs(result, folder)
+    written = serve_report.write_outputs(result, folder)
     print(Path(written["md"]).read_text())
     print("wrote " + ", ".join(written.values()))
     return 0
