@@ -35,21 +35,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bench.fidelity_classifier import (  # noqa: F401 (re-exported: bench.fidelity is the public module)
+from bench.fidelity_classifier import (
     BG_NAMES,
     COLOUR_NAMES,
     SHAPE_NAMES,
     SIZE_NAMES,
-    AttributeNet,
     Classifier,
     ClassifierConfig,
     FrameConfig,
     Reading,
-    accuracy,
     key_frame,
-    labels_of,
-    real_frames,
-    resize_to,
     train_classifier,
     visible_fractions,
 )

@@ -397,7 +397,8 @@ def main(argv=None) -> int:
 
 def _fidelity(args) -> int:
     from bench import common
-    from bench.fidelity import Classifier, ClassifierConfig, FidelityConfig, run_fidelity
+    from bench.fidelity import FidelityConfig, run_fidelity
+    from bench.fidelity_classifier import Classifier, ClassifierConfig
 
     info = common.machine_info()
     info["description"] = common.describe_machine(info)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from bench import fidelity as fid
-from bench.fidelity import (
+from bench import fidelity_classifier as fc
+from bench.fidelity import PromptObject, PromptSpec
+from bench.fidelity_classifier import (
     BG_NAMES,
     COLOUR_NAMES,
     SHAPE_NAMES,
@@ -17,8 +19,6 @@ from bench.fidelity import (
     Classifier,
     ClassifierConfig,
     FrameConfig,
-    PromptObject,
-    PromptSpec,
     Reading,
 )
 
@@ -88,8 +88,8 @@ def test_visibility_marks_occluded_objects():
     big = fid.SceneObject("square", "red", "large", "still", (0.5, 0.5), (220, 40, 40))
     small = fid.SceneObject("circle", "blue", "small", "still", (0.5, 0.5), (50, 90, 235))
     hidden = fid.Scene("v", "black", [small, big], 0, 1)  # the large square painted over the small circle
-    assert fid.visible_fractions(hidden, cfg) == [0.0, 1.0]
-    labels = fid.labels_of(hidden, cfg)
+    assert fc.visible_fractions(hidden, cfg) == [0.0, 1.0]
+    labels = fc.labels_of(hidden, cfg)
     assert np.isnan(labels["colour"][COLOUR_NAMES.index("blue")]) and labels["colour"][0] == 1
     assert labels["bound_shape"][COLOUR_NAMES.index("blue")] == -1
 
@@ -97,11 +97,11 @@ def test_visibility_marks_occluded_objects():
 def test_tiny_training_learns_and_round_trips(tmp_path):
     torch.manual_seed(0)
     cfg = ClassifierConfig(train_frames=320, val_frames=80, epochs=5, width=8, lr=1e-2)
-    clf = fid.train_classifier(cfg, progress=False)
+    clf = fc.train_classifier(cfg, progress=False)
     assert clf.info["held_out"]["background"] >= 0.9  # the easiest attribute, learnt in seconds
     clf.save(tmp_path / "c.safetensors")
     again = Classifier.load(tmp_path / "c.safetensors")
-    images, _ = fid.real_frames(8, 99, cfg.frame)
+    images, _ = fc.real_frames(8, 99, cfg.frame)
     np.testing.assert_allclose(again.read(images).colour, clf.read(images).colour, atol=1e-6)
     assert again.info["held_out"] == clf.info["held_out"]
 
@@ -109,8 +109,8 @@ def test_tiny_training_learns_and_round_trips(tmp_path):
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.parent.name for p in SHIPPED])
 def test_shipped_classifier_reads_held_out_real_frames(path):
     clf = Classifier.load(path)
-    images, labels = fid.real_frames(300, 4242, clf.config.frame)  # neither the training nor the val seed
-    acc = fid.accuracy(clf.read(images), labels)
+    images, labels = fc.real_frames(300, 4242, clf.config.frame)  # neither the training nor the val seed
+    acc = fc.accuracy(clf.read(images), labels)
     assert acc["background"] >= 0.99 and acc["colour_presence"] >= 0.97 and acc["shape_presence"] >= 0.93
     assert acc["bound_shape"] >= 0.9 and acc["bound_size"] >= 0.95
     # A real render of a prompt scores 1 against itself and 0 on colour against its colour swap.
