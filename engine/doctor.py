@@ -113,7 +113,8 @@ def _finite(report: Report, what: str, array) -> None:
 
 
 def _gallery(path: str, report: Report) -> None:
-    from engine.gallery import REBUILD, Gallery, read_manifest
+    from engine.gallery import Gallery
+    from engine.gallery_format import REBUILD, read_manifest
 
     manifest = report.check("manifest (format, version, fields)", lambda: read_manifest(path))
     if manifest is None:

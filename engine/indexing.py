@@ -13,7 +13,9 @@ import time
 import numpy as np
 
 from engine import files, locks, paths
-from engine.gallery import (
+from engine.gallery import Gallery
+from engine.gallery_faiss import build_faiss_index, faiss_factory, faiss_record
+from engine.gallery_format import (
     DTYPES,
     EMBEDDINGS,
     FAISS_FILE,
@@ -22,13 +24,9 @@ from engine.gallery import (
     MANIFEST,
     ROOT_PART,
     VERSION,
-    Gallery,
     GalleryError,
-    build_faiss_index,
     check_finite,
     embedding_dims,
-    faiss_factory,
-    faiss_record,
 )
 from engine.integrity import seal
 from engine.outputs import claim

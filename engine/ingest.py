@@ -193,7 +193,7 @@ def _check_faiss_spec(spec, dim: int) -> None:
         return
     import faiss
 
-    from engine.gallery import faiss_factory
+    from engine.gallery_faiss import faiss_factory
 
     try:
         faiss.index_factory(dim, faiss_factory(spec, 1 << 16), faiss.METRIC_INNER_PRODUCT)
@@ -514,7 +514,7 @@ def remove_videos(gallery: str, video_ids: list) -> dict:
 def _rebuild_or_drop_index(writer, spec, warnings: list) -> None:
     """The FAISS index rebuilt over the live rows; where faiss cannot build it for them (an IVF
     index with more lists than videos left, say), the gallery goes on without one, with a warning."""
-    from engine.gallery import GalleryError
+    from engine.gallery_format import GalleryError
 
     try:
         writer.rebuild_index(spec)

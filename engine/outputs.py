@@ -57,7 +57,7 @@ def is_bare_checkpoint(path: Path) -> bool:
 
 
 def is_gallery(path: Path) -> bool:
-    from engine.gallery import FORMAT, MANIFEST
+    from engine.gallery_format import FORMAT, MANIFEST
 
     return json_format(path / MANIFEST) == FORMAT
 

@@ -17,7 +17,8 @@ import uuid
 import numpy as np
 
 from engine import files
-from engine.gallery import (
+from engine.gallery_faiss import build_faiss_index, faiss_factory, faiss_record
+from engine.gallery_format import (
     EMBEDDINGS,
     FAISS_FILE,
     IDS,
@@ -28,17 +29,14 @@ from engine.gallery import (
     VERSION,
     VIDEOS,
     GalleryError,
-    Rows,
     _read_embeddings,
     _read_ids,
-    build_faiss_index,
     embedding_dims,
-    faiss_factory,
-    faiss_record,
     part_folder,
     read_manifest,
 )
 from engine.integrity import seal
+from engine.rows import Rows
 
 PARTS = "parts"
 

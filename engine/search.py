@@ -25,7 +25,9 @@ from typing import Protocol
 import numpy as np
 
 from engine.errors import CVRError
-from engine.gallery import Gallery, GalleryError, faiss_search_parameters
+from engine.gallery import Gallery
+from engine.gallery_faiss import faiss_search_parameters
+from engine.gallery_format import GalleryError
 from engine.portable import merge_topk, topk_stable
 
 MODES = ("auto", "exhaustive", "two-stage")

@@ -59,7 +59,7 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_gallery_info(args) -> int:
-    from engine.gallery import read_manifest
+    from engine.gallery_format import read_manifest
     from engine.integrity import is_sealed
 
     manifest = read_manifest(args.gallery)
@@ -120,7 +120,7 @@ def _cmd_gallery_shard(args) -> int:
 
 def _media_info(folder: str, manifest: dict) -> dict | None:
     """What a gallery of video files records: root, sampling, extractor, segments and their cost."""
-    from engine.gallery import SEGMENTS
+    from engine.gallery_format import SEGMENTS
     from engine.video import Sampling
     from engine.vision import describe_extractor
 

@@ -8,7 +8,8 @@ import sys
 
 from engine.cli.common import CLIError, add_overwrite, positive
 from engine.errors import CVRError
-from engine.gallery import DTYPES, FAISS_SHORTHANDS
+from engine.gallery_faiss import FAISS_SHORTHANDS
+from engine.gallery_format import DTYPES
 
 
 def add(sub) -> None:

@@ -65,7 +65,7 @@ def read_queries(args) -> list:
 
 def handler(args) -> int:
     from engine.filters import parse_all
-    from engine.gallery import read_manifest
+    from engine.gallery_format import read_manifest
     from engine.retriever import Retriever, check_backend
     from engine.search import SearchOptions
 

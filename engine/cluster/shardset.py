@@ -23,7 +23,8 @@ import numpy as np
 
 from engine import files, paths
 from engine.errors import CVRError
-from engine.gallery import MANIFEST, MEDIA_FIELDS, Gallery
+from engine.gallery import MEDIA_FIELDS, Gallery
+from engine.gallery_format import MANIFEST
 from engine.integrity import check_seal, seal
 
 SHARDS = "shards.json"
