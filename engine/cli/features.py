@@ -36,7 +36,8 @@ def add(sub) -> None:
 
 def handler(args) -> int:
     from engine.cli.common import set_threads
-    from engine.ingest import IngestOptions, extract_features
+    from engine.ingest_features import extract_features
+    from engine.ingest_options import IngestOptions
     from engine.video import Sampling
     from engine.vision import VisionConfig
 

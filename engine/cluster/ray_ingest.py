@@ -134,7 +134,7 @@ def index_pending_on_ray(pending: list, writer, models, sampling, window, option
     """engine.ingest's run over the files `pending`, decoded and embedded on Ray (`options.ray`)."""
     import ray as ray_module
 
-    from engine.ingest import commit_embedded, run_stream
+    from engine.ingest_sync import commit_embedded, run_stream
     from engine.vision import vision_config_of
 
     started_here = not ray_module.is_initialized()

@@ -173,7 +173,8 @@ class Jobs:
             self._thread = None
 
     def _run(self, job: Job) -> None:
-        from engine.ingest import IngestOptions, index_videos
+        from engine.ingest import index_videos
+        from engine.ingest_options import IngestOptions
 
         job.status = "running"
         options = IngestOptions(progress=False, workers=0, should_stop=self.stopping.is_set,
