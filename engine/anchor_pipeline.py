@@ -312,4 +312,3 @@ class BuiltinFluxPipeline:
         x = self.latents(prompts, steps, seeds, cond)
         s = self.config.latent_size
         return latents_to_images(unpack_latents(x, s, s).float().cpu().numpy(), self.config.fold)
-
