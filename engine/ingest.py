@@ -23,9 +23,9 @@ from engine import files, locks, paths
 from engine.errors import CVRError
 from engine.ingest_options import IngestError, IngestOptions, IngestReport
 from engine.ingest_sync import _attach_metadata, _classify, _index_pending, _prune, _report_skip
-from engine.video import Sampling
 from engine.video_embed import SegmentWindow
 from engine.video_files import find_videos, media_root_for, read_metadata
+from engine.video_sampling import Sampling
 
 DEFAULT_SEGMENTS = "4:2"
 REPORT = "index_report.json"

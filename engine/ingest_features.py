@@ -7,9 +7,9 @@ import sys
 from engine.errors import CVRError
 from engine.ingest_options import IngestError, IngestOptions, IngestReport
 from engine.ingest_sync import _report_skip
-from engine.video import Sampling
 from engine.video_embed import decoded, frame_features
 from engine.video_files import Skipped, feature_ids, find_videos
+from engine.video_sampling import Sampling
 
 
 def extract_features(inputs: list, folder: str, sampling: Sampling, vision, options: IngestOptions,

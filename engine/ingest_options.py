@@ -5,8 +5,8 @@ import time
 from dataclasses import dataclass, field
 
 from engine.errors import CVRError
-from engine.video import Sampling
 from engine.video_embed import StageTimes
+from engine.video_sampling import Sampling
 
 BATCH_VIDEOS = 16  # videos per committed part: what a kill can lose, and the tower's batch
 

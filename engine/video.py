@@ -11,27 +11,36 @@ on keyframes, so the frames it gives depend on the file's GOP layout.
 Every way a file can be bad is a `VideoError` with a `.kind` (KINDS) and a one-line message; a
 file that is damaged in places (corrupt packets mid-stream, a truncated end) is decoded from the
 frames that are there, with a warning.
+
+Frame choice (Sampling, `fps_indices`, `uniform_indices`, `thin`) is engine/video_sampling.py;
+encoding (`write_video`) engine/video_encode.py.
 """
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from engine.errors import CVRError, InputError
+from engine.video_encode import write_video  # noqa: F401 (re-exported: training, bench and tests write clips with it)
+from engine.video_sampling import (  # noqa: F401 (Sampling, fps_indices, thin, uniform_indices: re-exported)
+    Sampling,
+    _is_int,
+    choose_frames,
+    fps_indices,
+    thin,
+    uniform_indices,
+)
 
 KINDS = ("missing", "empty", "unreadable", "not-a-video", "no-video-stream", "unsupported-codec", "too-large",
          "no-frames")
 MAX_SIDE = 8192  # wider or taller streams are refused before decoding: one frame would be >200 MB of RGB
 THUMBNAIL_SIDE = 160
-_EPS = 1e-6  # seconds: pts * time_base is exact, i / fps is a float; a frame at 0.9999999 s counts for t = 1
 
 
 class VideoError(CVRError):
@@ -45,92 +54,6 @@ class VideoError(CVRError):
 
     def __reduce__(self):  # decode workers send it back pickled; the default would call cls(message)
         return (type(self), (self.path, self.kind, self.reason))
-
-
-# ---------------------------------------------------------------------------------------------
-# Which frames to keep
-
-
-@dataclass(frozen=True)
-class Sampling:
-    fps: float | None = 1.0  # frames per second of video time (default 1, as the MSR-VTT features)
-    frames: int | None = None  # or N frames uniformly over the video (then fps is ignored)
-    max_frames: int = 64  # cap: more sampled frames are thinned uniformly to this many
-
-    def validate(self) -> None:
-        if self.frames is not None:
-            if not _is_int(self.frames) or self.frames < 1:
-                raise InputError(f"frames per video must be an integer >= 1, got {self.frames!r}")
-        elif self.fps is None:
-            raise InputError("sampling needs a frame rate (fps) or a number of frames")
-        elif not _is_number(self.fps) or not math.isfinite(self.fps) or self.fps <= 0:
-            raise InputError(f"sampling fps must be a number > 0, got {self.fps!r}")
-        if not _is_int(self.max_frames) or self.max_frames < 1:
-            raise InputError(f"max frames per video must be an integer >= 1, got {self.max_frames!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Sampling:
-        if not isinstance(d, dict):
-            raise InputError(f"sampling must be an object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise InputError(f"sampling has unknown field(s) {', '.join(unknown)}")
-        sampling = cls(**d)
-        sampling.validate()
-        return sampling
-
-    def describe(self) -> str:
-        if self.frames is not None:
-            return f"{min(self.frames, self.max_frames)} frames uniformly"
-        return f"{self.fps:g} fps, at most {self.max_frames} frames"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def uniform_indices(n: int, count: int) -> list:
-    """`count` indices spread uniformly over n frames: floor((i + 0.5) * n / count), once each
-    (count >= n keeps every frame)."""
-    picked = [((2 * i + 1) * n) // (2 * count) for i in range(count)] if n > 0 else []
-    return sorted(set(picked))
-
-
-def fps_indices(times: list, fps: float, duration: float) -> list:
-    """For each target time i / fps below `duration`, the first frame whose time is >= it, once
-    each. `times`: ascending seconds. Jumps straight to the next target past the frame just
-    picked, so a high fps over a long video costs one step per kept frame."""
-    picked, j, i = [], 0, 0
-    while i / fps < duration - _EPS:
-        target = i / fps
-        while j < len(times) and times[j] < target - _EPS:
-            j += 1
-        if j == len(times):
-            break
-        picked.append(j)
-        i = max(i + 1, math.floor((times[j] + _EPS) * fps) + 1)
-    return picked
-
-
-def thin(picked: list, limit: int) -> list:
-    """At most `limit` of the picked indices, spread uniformly over them."""
-    if len(picked) <= limit:
-        return list(picked)
-    return [picked[k] for k in uniform_indices(len(picked), limit)]
-
-
-def choose_frames(times: list, duration: float, sampling: Sampling) -> list:
-    """Indices into the presentation-ordered `times` of the frames to keep."""
-    if sampling.frames is not None:
-        return uniform_indices(len(times), min(sampling.frames, sampling.max_frames))
-    return thin(fps_indices(times, sampling.fps, duration), sampling.max_frames)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,91 +340,3 @@ def _ffmpeg_log(path: str) -> str:
     lines = [" ".join(message.split()) for _level, _name, message in logs if message.strip()]
     useful = [line for line in lines if "misdetection possible" not in line] or lines
     return useful[-1].rstrip(".") if useful else ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding
-
-_PIXEL_FORMATS = {"gif": "rgb8", "png": "rgb24", "mjpeg": "yuvj420p", "ffv1": "yuv444p", "libx264rgb": "rgb24"}
-_CRF_CODECS = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "libvpx")
-# BT.601, limited range: what FFmpeg assumes for an untagged stream, and tagged so players agree.
-_BT601 = {"colorspace": 6, "color_primaries": 6, "color_trc": 6, "color_range": 1}  # AVCOL_*_SMPTE170M, MPEG
-
-
-def write_video(path: str, frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 18, *,
-                upscale: int = 1, threads: int = 0) -> None:
-    """Encode uint8 (n, H, W, 3) RGB frames to `path` (the container from its suffix) atomically.
-
-    4:2:0 codecs (H.264, VP9, mpeg4) need an even width and height; their colour is converted here
-    (BT.601, each 2x2 block's chroma averaged) rather than by FFmpeg's scaler, which filters
-    chroma across blocks. `upscale=2` stores each pixel as a 2x2 block, so 4:2:0 keeps every
-    source pixel's colour (decode shrinks it back). `threads=1` makes the bytes the same on every
-    machine (x264's output depends on its thread count; 0 lets FFmpeg choose). mp4/mov files get
-    their index at the front (movflags=faststart), so a browser can play them while they load."""
-    frames = _check_frames(frames)
-    if not _is_int(upscale) or upscale < 1:
-        raise InputError(f"upscale must be an integer >= 1, got {upscale!r}")
-    if not _is_number(fps) or not math.isfinite(fps) or fps <= 0:
-        raise InputError(f"fps must be a number > 0, got {fps!r}")
-    pix_fmt = _PIXEL_FORMATS.get(codec, "yuv420p")
-    height, width = frames.shape[1] * upscale, frames.shape[2] * upscale
-    if pix_fmt.startswith(("yuv420", "yuvj420")) and (width % 2 or height % 2):
-        raise InputError(f"{codec} with {pix_fmt} needs an even width and height, got {width}x{height}")
-    from engine import files
-
-    suffix = os.path.splitext(str(path))[1].lower()
-    options = {"movflags": "+faststart"} if suffix in (".mp4", ".mov", ".m4v") else {}
-    with files.atomic_path(path) as temporary:
-        with av.open(temporary, "w", options=options) as container:
-            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-            stream.options = _codec_options(codec, crf, threads)
-            if codec.startswith("libvpx"):
-                stream.bit_rate = 0  # VP9's constant-quality mode: crf with no bitrate target
-            if pix_fmt == "yuv420p":
-                for key, value in _BT601.items():
-                    setattr(stream.codec_context, key, value)
-            for image in frames:
-                container.mux(stream.encode(_to_frame(image, upscale, pix_fmt)))
-            container.mux(stream.encode())
-
-
-def _codec_options(codec: str, crf: int, threads: int) -> dict:
-    options = {"crf": str(int(crf))} if codec in _CRF_CODECS else {}
-    if threads:
-        options["threads"] = str(int(threads))
-    return options
-
-
-def _to_frame(image: np.ndarray, upscale: int, pix_fmt: str):
-    if upscale > 1:
-        image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
-    if pix_fmt != "yuv420p":
-        return av.VideoFrame.from_ndarray(image, format="rgb24")  # the encoder's own conversion
-    return av.VideoFrame.from_ndarray(rgb_to_yuv420p(image), format="yuv420p")
-
-
-def rgb_to_yuv420p(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB (H, W, 3), H and W even -> yuv420p planes stacked as (H * 3 / 2, W): BT.601
-    limited range, each chroma sample the mean of its 2x2 block."""
-    rgb = image.astype(np.float32) / np.float32(255.0)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 16.0 + 65.481 * r + 128.553 * g + 24.966 * b
-    u = 128.0 - 37.797 * r - 74.203 * g + 112.0 * b
-    v = 128.0 + 112.0 * r - 93.786 * g - 18.214 * b
-    height, width = y.shape
-
-    def block_mean(plane):
-        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
-
-    planes = [y.reshape(-1), block_mean(u).reshape(-1), block_mean(v).reshape(-1)]
-    stacked = np.concatenate(planes).reshape(height * 3 // 2, width)
-    return np.clip(np.rint(stacked), 0, 255).astype(np.uint8)
-
-
-def _check_frames(frames) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 1:
-        raise InputError(f"frames must be uint8 (n, height, width, 3) with n >= 1, got {frames.dtype} "
-                         f"{tuple(frames.shape)}")
-    return np.ascontiguousarray(frames)

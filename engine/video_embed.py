@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import InputError
-from engine.video import Sampling, VideoError
+from engine.video import VideoError
+from engine.video_sampling import Sampling
 
 # Segments: overlapping windows of seconds, each embedded by the video tower
 

@@ -121,7 +121,7 @@ def _cmd_gallery_shard(args) -> int:
 def _media_info(folder: str, manifest: dict) -> dict | None:
     """What a gallery of video files records: root, sampling, extractor, segments and their cost."""
     from engine.gallery_format import SEGMENTS
-    from engine.video import Sampling
+    from engine.video_sampling import Sampling
     from engine.vision import describe_extractor
 
     media = manifest.get("media")

@@ -38,7 +38,7 @@ def handler(args) -> int:
     from engine.cli.common import set_threads
     from engine.ingest_features import extract_features
     from engine.ingest_options import IngestOptions
-    from engine.video import Sampling
+    from engine.video_sampling import Sampling
     from engine.vision import VisionConfig
 
     if not (args.videos or args.list):

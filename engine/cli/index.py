@@ -76,7 +76,7 @@ def add_sampling(group) -> None:
 
 def sampling_of(args):
     """The Sampling the flags ask for, or None where none was given (a re-run keeps the gallery's)."""
-    from engine.video import Sampling
+    from engine.video_sampling import Sampling
 
     if args.fps is None and args.frames is None and args.max_frames is None:
         return None
