@@ -70,7 +70,7 @@ def write_gallery(out: str, ids: list, lat, con, checkpoint: dict, dtype: str = 
 def manifest_base(checkpoint: dict, out: str, latent: int, concept: int, dtype: str, lat_slots: int = 2,
                   con_slots: int = 2) -> dict:
     """The fields every gallery manifest starts with (slot counts recorded where not 2 and 2:
-    engine.gallery.embedding_dims)."""
+    engine.gallery_format.embedding_dims)."""
     dims = embedding_dims(np.empty((0, lat_slots, latent)), np.empty((0, con_slots, concept)))
     return {
         "format": FORMAT, "version": VERSION,

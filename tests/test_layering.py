@@ -23,7 +23,8 @@ TORCH_FREE = ("engine/files.py", "engine/locks.py", "engine/integrity.py", "engi
               "engine/portable.py", "engine/fingerprints.py", "engine/gallery.py", "engine/search.py",
               "engine/retriever.py", "engine/config.py", "engine/checkpoint.py", "engine/backends/onnxruntime.py",
               "engine/backends/exported.py", "engine/cli/__init__.py", "engine/cli/search.py",
-              "engine/video.py", "engine/video_files.py", "engine/reranking.py",
+              "engine/video.py", "engine/video_files.py", "engine/reranking.py", "engine/gallery_format.py",
+              "engine/gallery_faiss.py", "engine/video_sampling.py", "engine/video_encode.py",
               "engine/backends/onnx_rerank.py")
 
 
