@@ -36,8 +36,11 @@ demo: $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/python -m engine.cli demo --train --out runs/reproduce
 
+# Two worker processes (one torch thread each), whole files per worker so that module fixtures are
+# built once: on 2 cores the suite takes about half the serial time. TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Recall over seeds and ablations, then latency, at sizes that fit about 50 minutes on 2 cores; results in
 # bench/results/<machine>/, then the README's benchmark section regenerated from them.

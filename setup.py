@@ -51,7 +51,7 @@ setup(
         # Tests: httpx drives the FastAPI test client, schemathesis fuzzes the API from its OpenAPI
         # schema, playwright drives Debian's chromium (installed by `make install` via apt, as root;
         # playwright never downloads a browser of its own here).
-        "dev": ["pytest>=8.0", "ruff>=0.6", "httpx>=0.27", "schemathesis>=4.0", "playwright>=1.45"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "httpx>=0.27", "schemathesis>=4.0", "playwright>=1.45"],
         "tensorrt": ["tensorrt>=10.0"],  # needs an NVIDIA GPU and CUDA; not in `make install`
     },
     entry_points={"console_scripts": ["cvr = engine.cli:main"]},
