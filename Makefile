@@ -44,9 +44,12 @@ test: $(STAMP)
 
 # Recall over seeds and ablations, then latency, at sizes that fit about 50 minutes on 2 cores; results in
 # bench/results/<machine>/, then the README's benchmark section regenerated from them.
-# RECALL_ARGS=--full runs recall at the demo's size (hours on 2 cores).
+# Recall includes issue 17's anchor-variant rows (--variants), joined with their query latency by
+# bench.anchor_variants. RECALL_ARGS="--full --variants" runs recall at the demo's size (hours on 2 cores).
+RECALL_ARGS ?= --variants
 bench: $(STAMP)
 	$(BIN)/python -m bench.recall $(RECALL_ARGS)
+	$(BIN)/python -m bench.anchor_variants
 	$(BIN)/python -m bench.latency $(LATENCY_ARGS)
 	$(BIN)/python -m bench.report
 

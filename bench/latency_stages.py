@@ -37,16 +37,19 @@ class Settings:
 # The model, the queries, the galleries
 
 
-def make_checkpoint(folder: str, tiny: bool, use_anchor: bool = True) -> str:
+def make_checkpoint(folder: str, tiny: bool, use_anchor: bool = True, anchors_per_query: int = 1,
+                    features: str = "pixels", region_dim: int | None = None) -> str:
     """The default architecture (tiny widths with --tiny) at random init, with the anchor meta a
-    trained full model carries (`use_anchor`), saved as a checkpoint folder."""
+    trained full model carries (`use_anchor`; its anchors per query and region features as a model
+    trained on such a store records them), saved as a checkpoint folder."""
     from engine import paths
     from engine.checkpoint import save_checkpoint
     from engine.config import ModelConfig
     from engine.model import CVRModel
 
     torch.manual_seed(0)
-    model = CVRModel(ModelConfig(use_anchor=use_anchor, **(TINY_MODEL if tiny else {})))
+    widths = {**(TINY_MODEL if tiny else {}), **({"region_dim": region_dim} if region_dim else {})}
+    model = CVRModel(ModelConfig(use_anchor=use_anchor, **widths))
     # Plausible frozen constants (cosines around 0, Jaccards around 0.3): they only scale scores.
     model.matcher.norm.copy_(torch.tensor([[-0.2, 1.0], [-0.2, 1.0], [0.0, 1.0], [0.0, 1.0]]))
     from engine.portable import NOISE_SCHEME
@@ -55,6 +58,10 @@ def make_checkpoint(folder: str, tiny: bool, use_anchor: bool = True) -> str:
     # load warns that the model was trained on anchors drawn another way).
     anchors = {"generator": paths.reference(STUDENT, folder), "steps": 4, "seed": 0, "image_size": 64,
                "protocol": "query", "noise": NOISE_SCHEME}
+    if anchors_per_query > 1:
+        anchors["anchors_per_query"] = anchors_per_query
+    if features != "pixels":
+        anchors["features"] = features
     save_checkpoint(model, folder, [], {"anchors": anchors if use_anchor else None})
     return folder
 

@@ -22,6 +22,7 @@ TINY_GLSCL = ["--glscl-heads", "4", "--glscl-frames", "5", "--glscl-queries", "3
 TINY_RERANK = ["--hidden", "32", "--diffusion-steps", "8", "--batch-size", "16"]
 PEERS = "peer methods and the generative reranker (same data, seeds, widths and epochs)"
 ANCHORS_PER_QUERY = (2, 4)  # the "anchors per query" rows (N = 1 is the full model's row)
+LATENT_SWAP_STEPS = (2, 1)  # test-time step counts of the generator-features row (it trains on 4)
 RERANK_COST = 1.5  # a reranker's training and two search-path evaluations, relative to a full-model training
 
 
@@ -69,7 +70,8 @@ def stores(variants: bool = False) -> dict:
              student_store("student2", 2, "test"), student_store("student1", 1, "test")]
     if variants:
         found += [*(student_store(f"student4x{n}", 4, every, per_query=n) for n in ANCHORS_PER_QUERY),
-                  student_store("latent4", 4, every, features="latent")]
+                  student_store("latent4", 4, every, features="latent"),
+                  *(student_store(f"latent{n}", n, "test", features="latent") for n in LATENT_SWAP_STEPS)]
     return {s.name: s for s in found}
 
 
@@ -99,6 +101,10 @@ def rows(store: dict) -> list:
               anchors=f"student4x{n}", cost=1.0 + 0.3 * n) for n in ANCHORS_PER_QUERY if f"student4x{n}" in store),
         *([Row("latent", "anchor from generator features (final latent tokens: no decode, no ResNet-50)", variants,
                anchors="latent4")] if "latent4" in store else []),
+        # The latent row's model read with the student's latents at fewer steps (as the pixel route's swaps).
+        *(Row(f"latent-student{n}", f"anchor from generator features, test latents at {n} step{'s' * (n > 1)}",
+              variants, trained_by="latent", test_anchors=f"latent{n}") for n in LATENT_SWAP_STEPS
+          if f"latent{n}" in store),
     ] + [
         # GLSCL's temporal transformer and query decoder at D = 1024 train ~6x slower than the full model.
         Row("glscl", "GLSCL head (`--head glscl`: global + local interaction, text-only)", PEERS,

@@ -49,6 +49,11 @@ def machine_section(folder: Path, readme_dir: Path) -> str | None:
     if recall:
         lines += ["#### Recall on the test split", "", (folder / "recall.md").read_text(encoding="utf-8").strip(), "",
                   f"![recall per row]({link('recall.png')})", ""]
+    variants = load(folder, "anchor_variants")
+    if variants:
+        lines += ["#### Anchor variants: recall against query latency", "",
+                  (folder / "anchor_variants.md").read_text(encoding="utf-8").strip(), "",
+                  f"![recall against latency per anchor variant]({link('anchor_variants.png')})", ""]
     if latency:
         lines += ["#### Latency", "", (folder / "latency.md").read_text(encoding="utf-8").strip(), "",
                   f"![latency per stage]({link('latency_stages.png')})", "",

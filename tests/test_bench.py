@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from bench import anchor_variants as variants_bench
 from bench import common
 from bench import latency as latency_bench
 from bench import recall as recall_bench
@@ -40,7 +41,8 @@ def test_recall_tiny_writes_every_row_with_mean_and_std_over_seeds(recall_out):
     names = [r["name"] for r in result["rows"]]
     assert names == ["text-minilm", "text-rivrl", "full", "full-ssss", "meanpool", "spatial", "channel", "no-local",
                      "no-concept", "anchors-teacher28", "anchors-student4", "anchors-student2", "anchors-student1",
-                     "per-query-2", "per-query-4", "latent", "glscl", "full-rerank", "glscl-rerank"]
+                     "per-query-2", "per-query-4", "latent", "latent-student2", "latent-student1", "glscl",
+                     "full-rerank", "glscl-rerank"]
     assert [r["name"] for r in result["rows"] if r["leaks_answer"]] == ["full-ssss"]
     assert result["sizes"]["seeds"] == [0, 1] and result["machine"]["cores"] >= 1
     t2v = [m for m in recall_bench.METRICS if m.startswith("t2v")] + ["sumr"]
@@ -72,6 +74,26 @@ def test_recall_tiny_writes_every_row_with_mean_and_std_over_seeds(recall_out):
     assert "LEAKS THE ANSWER" in table and "±" in table and "Machine:" in table
     assert "| GLSCL + generative reranker |" in table and "`cvr evaluate --gallery" in table
     assert _is_png(recall_out / "recall.png")
+
+
+def test_anchor_variants_tiny_joins_recall_rows_and_times_each_route(recall_out, tmp_path):
+    assert variants_bench.main(["--tiny", "--recall", str(recall_out / "recall.json"), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "anchor_variants.json").read_text())
+    recall = {r["name"]: r for r in json.loads((recall_out / "recall.json").read_text())["rows"]}
+    rows = result["rows"]
+    assert [r["row"] for r in rows] == [v[0] for v in variants_bench.VARIANTS]
+    for row in rows:  # R@1 is the recall row's, the latency is measured here
+        assert row["t2v_r1"] == recall[row["row"]]["mean"]["t2v_r1"] and row["seeds"] == ["0", "1"]
+        assert row["p50_ms"] > 0 and (row["anchor_p50_ms"] > 0) == (row["route"] is not None)
+        # The latent route skips decoding and the ResNet-50: no vision stage runs on it.
+        assert (row["vision_p50_ms"] > 0) == (row["route"] == "pixels")
+    table = (tmp_path / "anchor_variants.md").read_text()
+    assert table.splitlines()[0] == "| " + " | ".join(variants_bench.HEADERS) + " |" and "`latent-student1`" in table
+    assert _is_png(tmp_path / "anchor_variants.png")
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"rows": [r for r in recall.values() if r["name"] != "latent"], "machine": {}}))
+    with pytest.raises(SystemExit, match="no row latent"):
+        variants_bench.main(["--tiny", "--recall", str(bare), "--out", str(tmp_path / "x")])
 
 
 def test_latency_tiny_writes_stages_end_to_end_and_gallery_sizes(latency_out):
