@@ -22,7 +22,7 @@ import time
 from engine import files, locks, paths
 from engine.errors import CVRError
 from engine.ingest_options import IngestError, IngestOptions, IngestReport
-from engine.ingest_sync import _attach_metadata, _classify, _index_pending, _prune, _report_skip
+from engine.ingest_sync import attach_metadata, classify, index_pending, prune_missing, report_skip
 from engine.video_embed import SegmentWindow
 from engine.video_files import find_videos, media_root_for, read_metadata
 from engine.video_sampling import Sampling
@@ -80,19 +80,19 @@ def _index_locked(checkpoint, found, skipped, inputs, out, options, model) -> In
     _check_faiss_spec(spec, writer.manifest["dims"]["latent"])
     if options.prune and not os.path.isdir(root):
         raise IngestError(f"--prune: the media root {root} is not there (unmounted?): nothing was pruned")
-    pending = _classify(found, root, writer, report, skipped)
+    pending = classify(found, root, writer, report, skipped)
     for item in skipped:
-        _report_skip(report, item)
+        report_skip(report, item)
     if pending and options.ray is not None:
         from engine.cluster.ray_ingest import index_pending_on_ray
 
         index_pending_on_ray(pending, writer, models, sampling, window, options, report)
     elif pending:
-        _index_pending(pending, writer, models.model(), models.extractor(), job, sampling, window, options, report)
+        index_pending(pending, writer, models.model(), models.extractor(), job, sampling, window, options, report)
     if options.prune:
-        _prune(writer, root, report)
+        prune_missing(writer, root, report)
     if metadata is not None:
-        _attach_metadata(writer, metadata, options.metadata, root, report)
+        attach_metadata(writer, metadata, options.metadata, root, report)
     if _index_stale(writer, spec):
         _rebuild_or_drop_index(writer, spec, report.warnings)
     report.videos = writer.manifest["count"]

@@ -6,7 +6,7 @@ import sys
 
 from engine.errors import CVRError
 from engine.ingest_options import IngestError, IngestOptions, IngestReport
-from engine.ingest_sync import _report_skip
+from engine.ingest_sync import report_skip
 from engine.video_embed import decoded, frame_features
 from engine.video_files import Skipped, feature_ids, find_videos
 from engine.video_sampling import Sampling
@@ -44,7 +44,7 @@ def extract_features(inputs: list, folder: str, sampling: Sampling, vision, opti
         else:
             owners[video_id] = path
     for item in skipped:
-        _report_skip(report, item)
+        report_skip(report, item)
     if not owners:
         raise IngestError("no video file to read features from" + (f" ({skipped[0].reason})" if skipped else ""))
     extractor = RegionExtractor.from_config(vision, options.device)
@@ -57,7 +57,7 @@ def extract_features(inputs: list, folder: str, sampling: Sampling, vision, opti
             report.times.decode += seconds
             bar.update(1)
             if problem is not None:
-                _report_skip(report, Skipped(path, *problem))
+                report_skip(report, Skipped(path, *problem))
                 continue
             rows = frame_features(extractor, [video], report.times)[0]
             video_id = by_path[path]

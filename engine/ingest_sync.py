@@ -26,7 +26,7 @@ class _Pending:
     also: list = field(default_factory=list)  # (rel, stat, status) of other paths with the same content
 
 
-def _classify(found: list, root: str, writer, report: IngestReport, skipped: list) -> list:
+def classify(found: list, root: str, writer, report: IngestReport, skipped: list) -> list:
     """Compare each file with what the gallery recorded: unchanged files cost a stat; a file whose
     size or mtime moved is hashed; known content at a new path is attached, not decoded."""
     known = writer.manifest["media"]["paths"]
@@ -89,13 +89,13 @@ def _release(writer, video_id: str, forget: bool = False) -> bool:
     return True
 
 
-def _report_skip(report: IngestReport, item: Skipped) -> None:
+def report_skip(report: IngestReport, item: Skipped) -> None:
     report.skipped.append(item)
     report.counts["skipped"] += 1
     print(f"cvr index: skipped {item.path}: {item.reason}", file=sys.stderr, flush=True)
 
 
-def _index_pending(pending: list, writer, model, extractor, job, sampling, window, options, report) -> None:
+def index_pending(pending: list, writer, model, extractor, job, sampling, window, options, report) -> None:
     max_frames = int(job.get("max_frames", 64))
     stream = decoded([p.path for p in pending], sampling, extractor.config.image_size, options.workers)
     run_stream(pending, stream, lambda batch: _commit_batch(batch, writer, model, extractor, max_frames, window,
@@ -142,9 +142,9 @@ def skip_pending(writer, item: _Pending, problem: tuple, report: IngestReport) -
         old = writer.manifest["media"]["paths"].pop(rel, None)
         if old and _release(writer, old["id"], forget=True):
             report.warnings.append((item.path, f"its earlier version (video {old['id']}) was dropped"))
-    _report_skip(report, Skipped(item.path, kind, reason))
+    report_skip(report, Skipped(item.path, kind, reason))
     for rel, _, _ in item.also:  # the same bytes at other paths: just as unreadable
-        _report_skip(report, Skipped(rel, kind, reason))
+        report_skip(report, Skipped(rel, kind, reason))
 
 
 def _commit_batch(batch: list, writer, model, extractor, max_frames, window, report) -> None:
@@ -201,7 +201,7 @@ def _free_id(preferred: str, writer, taken_now: list) -> str:
     return candidate
 
 
-def _prune(writer, root: str, report: IngestReport) -> None:
+def prune_missing(writer, root: str, report: IngestReport) -> None:
     """Drop the paths whose file is gone, and the videos left with no path."""
     known = writer.manifest["media"]["paths"]
     gone = [rel for rel in known if not os.path.exists(os.path.join(root, rel))]
@@ -210,7 +210,7 @@ def _prune(writer, root: str, report: IngestReport) -> None:
         report.counts["removed"] += 1
 
 
-def _attach_metadata(writer, metadata: dict, path: str, root: str, report: IngestReport) -> None:
+def attach_metadata(writer, metadata: dict, path: str, root: str, report: IngestReport) -> None:
     """Merge the metadata file's fields into the gallery's, keyed by video id or by path (relative
     to the media root, or absolute); a key matching no video is a warning in the report."""
     known = writer.manifest["media"]["paths"]
