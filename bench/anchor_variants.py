@@ -42,15 +42,16 @@ def latent_width(generator: str) -> int:
     return int(AnchorGenerator.load(generator).generate_latents(["a red circle"]).shape[-1])
 
 
-def time_variant(route, count: int, steps: int, texts: list, work: str, repeats: int, tiny: bool) -> dict:
-    """p50 per query (ms) of Retriever.search at batch 1, end to end and of the anchor stages."""
+def time_variant(route, count: int, steps: int, texts: list, work: str, repeats: int, tiny: bool,
+                 region_dim: int | None) -> dict:
+    """p50 per query (ms) of Retriever.search at batch 1, end to end and of the anchor stages;
+    `region_dim`: the latent route's region width (None: ResNet-50's, the model default)."""
     from bench.latency_stages import STUDENT, make_checkpoint, write_stage_gallery
     from engine.retriever import Retriever
 
     folder = os.path.join(work, f"{route}_{count}_{steps}")
-    width = latent_width(str(STUDENT)) if route == "latent" else None
     checkpoint = make_checkpoint(folder, tiny, use_anchor=route is not None, anchors_per_query=max(count, 1),
-                                 features=route or "pixels", region_dim=width)
+                                 features=route or "pixels", region_dim=region_dim)
     gallery = write_stage_gallery(folder + "_gallery", checkpoint, 64 if tiny else 1000)
     retriever = Retriever(checkpoint, gallery, generator=str(STUDENT) if route else None,
                           steps=steps if route else None)
@@ -68,20 +69,22 @@ def time_variant(route, count: int, steps: int, texts: list, work: str, repeats:
 def run(recall: dict, repeats: int, tiny: bool, work: str) -> list:
     from tqdm import tqdm
 
-    from bench.latency_stages import captions
+    from bench.latency_stages import STUDENT, captions
 
     by_name = {r["name"]: r for r in recall["rows"]}
     missing = [name for name, *_ in VARIANTS if name not in by_name]
     if missing:
         raise SystemExit(f"error: recall.json has no row {', '.join(missing)}: run `python -m bench.recall --variants`")
     texts = captions(repeats + 1)
+    width = latent_width(str(STUDENT))  # once: loading the generator for it is not part of any timing
     rows = []
     for name, route, count, steps in tqdm(VARIANTS, desc="anchor variants", unit="row", disable=tiny):
         row = by_name[name]
         rows.append({"row": name, "route": route, "anchors_per_query": count, "steps": steps,
                      "t2v_r1": row["mean"]["t2v_r1"], "t2v_r1_std": row["std"]["t2v_r1"],
                      "seeds": sorted(row["per_seed"], key=int),
-                     **time_variant(route, count, steps, texts, work, repeats, tiny)})
+                     **time_variant(route, count, steps, texts, work, repeats, tiny,
+                                    width if route == "latent" else None)})
     return rows
 
 
