@@ -114,6 +114,10 @@ def test_a_folder_is_indexed_then_kept_in_step(world, model, capsys):
 
 
 def test_bad_files_are_skipped_with_their_reason_and_exit_3(world, capsys):
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.geteuid() == 0 and not videofiles.others_can_enter(checkout):
+        pytest.skip(f"{checkout} is closed to other users, so the `nobody` child that makes a mode-000 file "
+                    "unreadable could not import the engine either")
     folder = _folder(world, "mixed", clips=2)
     makers = [videofiles.zero_bytes, videofiles.truncated_mp4, videofiles.text_as_mp4, videofiles.audio_m4a,
               videofiles.unknown_codec_avi, videofiles.too_large_avi, videofiles.unreadable_mp4,

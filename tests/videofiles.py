@@ -226,6 +226,18 @@ def unreadable_mp4(folder) -> str:
     return path
 
 
+def others_can_enter(path) -> bool:
+    """Whether a user who is neither the owner nor in the group can reach and list `path`: every
+    folder from / down to it has the others' execute bit, and `path` itself the others' read bit.
+    `as_unprivileged` runs code as `nobody`, which then imports and reads from the checkout."""
+    import stat
+    from pathlib import Path
+
+    path = Path(path).resolve()
+    folders = [path, *path.parents]
+    return bool(path.stat().st_mode & stat.S_IROTH) and all(f.stat().st_mode & stat.S_IXOTH for f in folders)
+
+
 def as_unprivileged(fn, *args):
     """fn(*args) as the `nobody` user when this process is root (forked: setgid/setuid in the
     child, the result or the exception pickled back through a pipe); else simply fn(*args)."""
