@@ -381,3 +381,97 @@ def test_text_cache_is_reused_and_keyed(tmp_path):
     assert torch.equal(first.mask, again.mask) and again.mask.dtype == torch.bool
     other = G.cached_encode_texts(TinyText(), prompts[:1], str(path), progress=False)  # other prompts: re-encoded
     assert other.tokens.shape[0] == 1
+
+
+# Shape hard negatives (issue 17, item 0: the teacher read colour from the caption but not shape)
+
+
+def test_swap_shape_names_an_absent_shape_and_keeps_the_rest():
+    from training.shape_negatives import shape_mentions, swap_shape
+    from training.transfer_data import TransferSpec
+
+    vocab = TransferSpec().vocabulary()
+    caption = "a large crimson star shape moves left and a tiny blue box bounces on a black background"
+    assert shape_mentions(caption, vocab) == [(3, 2, "star"), (11, 1, "square")]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        swapped = swap_shape(caption, vocab, lambda n: int(rng.integers(n)))
+        mentions = shape_mentions(swapped, vocab)
+        shapes = [m[2] for m in mentions]
+        assert len(shapes) == 2 and len(set(shapes) & {"star", "square"}) == 1  # one object changed
+        assert shapes[0] != shapes[1] and swapped.endswith("bounces on a black background")
+    assert swap_shape("a disc on white", vocab, lambda n: 0) is None  # no colour word before it
+    every = " and ".join(f"a red {s}" for s in vocab.shapes)
+    assert swap_shape(every, vocab, lambda n: 0) is None  # no shape left to swap in
+
+
+def test_flow_loss_with_negatives_matches_a_per_row_reference():
+    """The loss is the plain flow loss (same draws) plus weight x the per-row hinge, computed here
+    row by row with separate transformer calls; no negatives gives flow_loss itself."""
+    from training import shape_negatives as SN
+
+    torch.manual_seed(0)
+    config = A.BuiltinConfig(**TINY)
+    model = A.build_transformer(config).eval()
+    s = config.latent_size
+    ids = A.image_ids(s, s)
+    x0 = torch.randn(8, (s // 2) ** 2, 4 * config.latent_channels)  # FLUX 2x2 packing
+    cond = A.Conditioning(torch.randn(8, 3, 16), torch.ones(8, 3, dtype=torch.bool), torch.randn(8, 16))
+    cond.mask[1] = False  # a dropped row: never a candidate
+    neg_all = A.Conditioning(torch.randn(8, 5, 16), torch.rand(8, 5) < 0.7, torch.randn(8, 16))
+    neg_all.mask[:, 0] = True
+    seen = {}
+
+    def negatives(candidates):
+        seen["rows"] = candidates
+        rows = candidates[::2]  # as if only some captions had a shape to swap
+        return rows, neg_all.index(rows)
+
+    with torch.no_grad():
+        loss, n = SN.flow_loss_with_negatives(model, x0, cond, ids, torch.Generator().manual_seed(3), negatives, 0.7)
+        gen = torch.Generator().manual_seed(3)
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = G.logit_normal(8, gen)
+        x_sigma, target = A.rectified_flow_pair(x0, noise, sigma)
+
+        def err(i, c):
+            v = A.flux_velocity(model, x_sigma[i:i + 1], sigma[i:i + 1], c, ids)
+            return float((v - target[i:i + 1]).pow(2).mean())
+
+        pos = [err(i, cond.index([i])) for i in range(8)]
+        expected_candidates = [i for i in range(8) if sigma[i] >= SN.MIN_SIGMA and i != 1]
+        assert seen["rows"].tolist() == expected_candidates and len(expected_candidates) >= 2
+        rows = expected_candidates[::2]
+        hinge = sum(max(0.0, SN.MARGIN * pos[r] - err(r, neg_all.index([r]))) for r in rows) / 8
+        assert n == len(rows)
+        assert float(loss) == pytest.approx(np.mean(pos) + 0.7 * hinge, rel=1e-4, abs=1e-6)
+        none, _ = SN.flow_loss_with_negatives(model, x0, cond, ids, torch.Generator().manual_seed(3),
+                                              lambda c: (c[:0], None), 0.7)
+        plain = G.flow_loss(model, x0, cond, ids, torch.Generator().manual_seed(3))
+        assert float(none) == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_teacher_with_shape_negatives_from_init_resumes_and_records(collection, tmp_path):
+    """--shape-negatives from --init: the recipe records both, a resume gives the run in one go bit for
+    bit (the swaps draw from the saved generator), and --init refuses another architecture."""
+    G.train_teacher(_teacher_cfg(collection, tmp_path / "base", iterations=2), encoder=TinyText(), progress=False)
+    kw = dict(shape_negatives=0.5, init=str(tmp_path / "base"), iterations=4, checkpoint_every=2)
+    one = G.train_teacher(_teacher_cfg(collection, tmp_path / "one", **kw), encoder=TinyText(), progress=False)
+    G.train_teacher(_teacher_cfg(collection, tmp_path / "two", stop_after=2, **kw), encoder=TinyText(), progress=False)
+    two = G.train_teacher(_teacher_cfg(collection, tmp_path / "two", resume=True, **kw), encoder=TinyText(),
+                          progress=False)
+    assert one["loss"] == two["loss"]
+    assert _digest(A.load_builtin_transformer(tmp_path / "one").state_dict()) == \
+        _digest(A.load_builtin_transformer(tmp_path / "two").state_dict())
+    recipe = json.loads((tmp_path / "one" / "config.json").read_text())["info"]["recipe"]
+    assert recipe["shape_negatives"] == 0.5 and recipe["init"] == str(tmp_path / "base")
+    plain = G.train_teacher(_teacher_cfg(collection, tmp_path / "plain", init=str(tmp_path / "base"), iterations=4,
+                                         checkpoint_every=2), encoder=TinyText(), progress=False)
+    assert plain["loss"] != one["loss"]  # the hinge changed the training
+    wider = A.BuiltinConfig(**{**TINY, "num_single_layers": 2})
+    with pytest.raises(A.AnchorError, match="another architecture"):
+        G.train_teacher(_teacher_cfg(collection, tmp_path / "x", init=str(tmp_path / "base"), generator=wider),
+                        encoder=TinyText(), progress=False)
+    with pytest.raises(A.AnchorError, match="not a generator folder"):
+        G.train_teacher(_teacher_cfg(collection, tmp_path / "y", init=str(tmp_path / "nothing")), encoder=TinyText(),
+                        progress=False)

@@ -44,6 +44,8 @@ from training.generator_data import (  # noqa: F401 (re-exported: training.gener
 )
 from training.generator_lora import LoraTrainConfig, add_lora, save_lora, train_lora  # noqa: F401 (re-exported)
 from training.generator_shared import EMA, _lr_at, flow_loss, logit_normal, sample_grid, save_grid  # noqa: F401
+from training.shape_negatives import flow_loss_with_negatives, negative_source
+from training.transfer_data import TransferSpec
 
 # ---------------------------------------------------------------------------------------------
 # The teacher
@@ -69,6 +71,11 @@ class TeacherConfig:
     # Classifier-free guidance: each training row's conditioning is replaced by the null one
     # (engine.anchors.null_conditioning) with this probability; 0 = today's recipe, bit for bit.
     cond_dropout: float = 0.0
+    # Weight of the shape hard-negative hinge (training/shape_negatives.py); 0 = the plain flow loss.
+    shape_negatives: float = 0.0
+    # A generator folder whose weights start the run (a continuation of a trained teacher); its
+    # architecture must be this config's. None = fresh initialisation.
+    init: str | None = None
     generator: BuiltinConfig = field(default_factory=BuiltinConfig)  # .guidance_scale: the scale it samples at
     # Not part of the recipe (a resumed run may change them):
     resume: bool = False  # continue from <out>/train_state when there is one (else start afresh)
@@ -86,16 +93,19 @@ class TeacherConfig:
         if self.generator.guidance_scale != 1 and self.cond_dropout == 0:
             raise AnchorError("--guidance other than 1 needs --cond-dropout > 0: without caption dropout the "
                               "model never learns the unconditional velocity that guidance extrapolates from")
+        if self.shape_negatives < 0:
+            raise AnchorError(f"--shape-negatives must be >= 0, got {self.shape_negatives}")
         if self.stop_after is not None and self.stop_after < 1:
             raise AnchorError(f"--stop-after must be >= 1, got {self.stop_after}")
 
     def recipe(self) -> dict:
-        """What defines the run (a resume must match it); cond_dropout only when used, so that a
-        recipe without it reads as before."""
+        """What defines the run (a resume must match it); cond_dropout, shape_negatives and init only
+        when used, so that a recipe without them reads as before."""
         skip = ("generator", "root", "out", "resume", "stop_after", "text_cache")
         out = {k: v for k, v in asdict(self).items() if k not in skip}
-        if not out["cond_dropout"]:
-            del out["cond_dropout"]
+        for name in ("cond_dropout", "shape_negatives", "init"):
+            if not out[name]:
+                del out[name]
         return out
 
 
@@ -155,6 +165,21 @@ def load_train_state(folder: Path, model, ema: EMA, opt, gen: torch.Generator, r
     return int(meta["step"]), list(meta["losses"]), float(meta["train_seconds"])
 
 
+def start_from(model, folder: str, config: BuiltinConfig) -> None:
+    """Load a generator folder's weights into ``model`` (``--init``); its architecture must be ``config``'s
+    (the guidance scale it samples at may differ)."""
+    from engine.anchors import load_builtin_transformer, read_builtin_config
+
+    if not (Path(folder) / "config.json").is_file():
+        raise AnchorError(f"--init {folder}: not a generator folder (no config.json)")
+    theirs, _ = read_builtin_config(folder)
+    ours = config.to_dict()
+    changed = sorted(k for k, v in theirs.to_dict().items() if k != "guidance_scale" and ours.get(k) != v)
+    if changed:
+        raise AnchorError(f"--init {folder}: another architecture ({', '.join(changed)} differ)")
+    model.load_state_dict(load_builtin_transformer(folder).state_dict(), strict=True)
+
+
 def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> dict:
     """Train the built-in teacher; returns a summary (loss, time, parameters, paths).
 
@@ -183,6 +208,8 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
     prep_s = time.time() - t0
 
     model = build_transformer(gcfg).train()
+    if cfg.init:
+        start_from(model, cfg.init, gcfg)
     ema = EMA(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -193,6 +220,7 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
     start, losses, done_s = 0, [], 0.0
     if cfg.resume and (out / STATE_DIR / "state.json").is_file():
         start, losses, done_s = load_train_state(out / STATE_DIR, model, ema, opt, gen, recipe)
+    vocab = TransferSpec().vocabulary()  # every synonym the corpus uses (a superset of the built-in set's)
     stop = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, cfg.stop_after)
     n_params = sum(p.numel() for p in model.parameters())
     t1 = time.time()
@@ -202,7 +230,12 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
             group["lr"] = _lr_at(step, cfg.lr, cfg.warmup, cfg.iterations)
         idx = torch.randint(len(videos), (cfg.batch_size,), generator=gen)
         c = drop_conditioning(trim(cond.index(idx)), cfg.cond_dropout, gen)
-        loss = flow_loss(model, latents[videos[idx]], c, ids, gen)
+        if cfg.shape_negatives:
+            negatives = negative_source([prompts[i] for i in idx.tolist()], vocab, encoder, gen)
+            loss, _ = flow_loss_with_negatives(model, latents[videos[idx]], c, ids, gen, negatives,
+                                               cfg.shape_negatives)
+        else:
+            loss = flow_loss(model, latents[videos[idx]], c, ids, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -37,7 +37,8 @@ def _cmd_train(args) -> int:
     cfg = TeacherConfig(root=args.root, out=args.out, collection=args.collection, split=args.split,
                         prompt=args.prompt, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, checkpoint_every=args.checkpoint_every, cond_dropout=args.cond_dropout,
-                        generator=gcfg, resume=args.resume, stop_after=args.stop_after, text_cache=args.text_cache)
+                        generator=gcfg, resume=args.resume, stop_after=args.stop_after, text_cache=args.text_cache,
+                        shape_negatives=args.shape_negatives, init=args.init)
     _print(train_teacher(cfg, progress=not args.quiet))
     return 0
 
@@ -125,6 +126,12 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
                         "(for runs split over sessions)")
     t.add_argument("--text-cache", default=None,
                    help="safetensors file for the encoded prompts: written once, read by later (resumed) runs")
+    t.add_argument("--shape-negatives", type=float, default=0.0,
+                   help="weight of the shape hard-negative hinge: the same noisy image under the caption with one "
+                        "shape swapped must be predicted worse (training/shape_negatives.py; default 0: off)")
+    t.add_argument("--init", default=None,
+                   help="generator folder whose weights start the run (continue a trained teacher; same "
+                        "architecture flags)")
     common(t, 2000, 32, 1e-3)
     t.set_defaults(func=_cmd_train)
 
