@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from bench import common
-from bench.latency_stages import STUDENT, TINY_MODEL, Settings, _row
+from bench.latency_stages import STUDENT, TINY_MODEL, Settings, timing_row
 from engine import files
 
 TINY_GLSCL = {"glscl_heads": 4, "glscl_frames": 5, "glscl_queries": 3, "glscl_decoder_layers": 1,
@@ -41,7 +41,7 @@ def time_gallery_size(checkpoint: str, texts: list, n: int, s: Settings, work: s
             "load_s": measured["load_s"], "faiss": built["faiss"]}
     rows = []
     for row in measured["rows"]:
-        timed = _row(row["stage"], row["variant"], "torch", row["batch"], row["seconds"], "cpu")
+        timed = timing_row(row["stage"], row["variant"], "torch", row["batch"], row["seconds"], "cpu")
         rows.append({**base, **timed, **{k: row[k] for k in ("nprobe", "candidates", "recall_at_10") if k in row}})
     return rows
 

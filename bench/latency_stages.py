@@ -113,7 +113,7 @@ def backends(device: str, wanted: str = "all") -> dict:
     return out
 
 
-def _row(stage: str, variant: str, backend: str, batch: int, seconds: list, device: str) -> dict:
+def timing_row(stage: str, variant: str, backend: str, batch: int, seconds: list, device: str) -> dict:
     p50, p95 = common.p50_p95_ms(seconds)
     return {"stage": stage, "variant": variant, "backend": backend, "batch": batch, "p50_ms": p50, "p95_ms": p95,
             "per_query_p50_ms": round(p50 / batch, 3), "runs": len(seconds), "device": device,
@@ -138,9 +138,9 @@ def time_retriever(checkpoint: str, gallery: str, backend: str, texts: list, s: 
         runs = runs[1:]
         for stage in STAGES:
             variant = f"gallery of {len(retriever.gallery)}" if stage == "search" else ""
-            stage_rows.append(_row(STAGE_LABELS[stage], variant, backend, batch, [r[1][stage] for r in runs],
+            stage_rows.append(timing_row(STAGE_LABELS[stage], variant, backend, batch, [r[1][stage] for r in runs],
                                    s.device))
-        row = _row("end to end (Retriever.search)", "4-step student", backend, batch, [r[0] for r in runs],
+        row = timing_row("end to end (Retriever.search)", "4-step student", backend, batch, [r[0] for r in runs],
                    s.device)
         row["queries_per_second"] = round(1000 * batch / row["p50_ms"], 2)
         e2e_rows.append(row)
@@ -180,5 +180,5 @@ def time_anchors(texts: list, s: Settings) -> list:
         for batch, repeats in ((1, s.repeats), (s.batch, s.batch_repeats)):
             seconds = common.timed_runs(lambda g=generator, b=batch, n=steps: g.generate(texts[:b], steps=n),
                                         repeats)
-            rows.append(_row("anchor generation", label, "torch", batch, seconds, s.device))
+            rows.append(timing_row("anchor generation", label, "torch", batch, seconds, s.device))
     return rows

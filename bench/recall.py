@@ -72,11 +72,11 @@ from bench.recall_report import (  # noqa: F401 (re-exported: tests read first_s
     plot,
     variant_notes,
 )
-from bench.recall_tasks import (  # noqa: F401 (re-exported: bench.transfer runs its tasks with run_tasks and _cli)
-    _cli,
+from bench.recall_tasks import (  # noqa: F401 (re-exported: bench.transfer runs its tasks with run_tasks and run_cli)
     anchor_task,
     log_path,
     rerank_task,
+    run_cli,
     run_task,
     run_tasks,
     search_path,

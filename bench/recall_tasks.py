@@ -80,12 +80,12 @@ def run_task(task: dict) -> dict:
     with open(task["log"], "w", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
         if task["kind"] == "anchors":
-            _cli(task)
+            run_cli(task)
             return {"kind": "anchors", "name": task["name"]}
         return _train_and_evaluate(task)
 
 
-def _cli(task: dict, argv: list | None = None) -> None:
+def run_cli(task: dict, argv: list | None = None) -> None:
     from engine.cli import main
 
     argv = argv or task["argv"]
@@ -100,7 +100,7 @@ def _train_and_evaluate(task: dict) -> dict:
     marker = Path(task["checkpoint"] + ".bench_task.json")
     if not (task["reuse"] and marker.is_file() and json.loads(marker.read_text()) == task["argv"]):
         start = time.perf_counter()
-        _cli(task)
+        run_cli(task)
         files.write_json(marker, task["argv"])
         print(f"trained in {time.perf_counter() - start:.1f} s", flush=True)
     metrics, first_stage, rerankers = {}, {}, {}
@@ -122,10 +122,10 @@ def _rerank_and_evaluate(task: dict, spec: dict) -> tuple:
     wanted = {"argv": spec["train"], "base": _checkpoint_digest(task["checkpoint"])}
     if not (task["reuse"] and marker.is_file() and json.loads(marker.read_text()) == wanted):
         start = time.perf_counter()
-        _cli(task, spec["train"])
+        run_cli(task, spec["train"])
         files.write_json(marker, wanted)
         print(f"reranker trained in {time.perf_counter() - start:.1f} s", flush=True)
-    _cli(task, spec["index"])
+    run_cli(task, spec["index"])
     found = search_path(task, spec)
     config = read_reranker_config(spec["reranker"])
     about = {"config": config["reranker"].to_dict(), "best_epoch": config["train"]["best_epoch"]}

@@ -116,7 +116,7 @@ def run_task(task: dict) -> dict:
     os.makedirs(os.path.dirname(task["log"]), exist_ok=True)
     with open(task["log"], "w", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        recall_bench._cli(task)
+        recall_bench.run_cli(task)
         if task["kind"] == "anchors":
             return {"kind": "anchors"}
         parts = read_split(os.path.join(task["root"], "synth"))["test_parts"]

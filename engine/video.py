@@ -30,9 +30,9 @@ from engine.errors import CVRError, InputError
 from engine.video_encode import write_video  # noqa: F401 (re-exported: training, bench and tests write clips with it)
 from engine.video_sampling import (  # noqa: F401 (Sampling, fps_indices, thin, uniform_indices: re-exported)
     Sampling,
-    _is_int,
     choose_frames,
     fps_indices,
+    is_int,
     thin,
     uniform_indices,
 )
@@ -90,7 +90,7 @@ def decode_video(path: str, sampling: Sampling, size: int) -> DecodedVideo:
     Raises VideoError (only) for a file that cannot be decoded."""
     path = os.fspath(path)
     sampling.validate()
-    if not _is_int(size) or size < 1:
+    if not is_int(size) or size < 1:
         raise InputError(f"frame size must be an integer >= 1, got {size!r}")
     _check_file(path)
     try:

@@ -9,7 +9,7 @@ import av
 import numpy as np
 
 from engine.errors import InputError
-from engine.video_sampling import _is_int, _is_number
+from engine.video_sampling import is_int, is_number
 
 _PIXEL_FORMATS = {"gif": "rgb8", "png": "rgb24", "mjpeg": "yuvj420p", "ffv1": "yuv444p", "libx264rgb": "rgb24"}
 _CRF_CODECS = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "libvpx")
@@ -28,9 +28,9 @@ def write_video(path: str, frames: np.ndarray, fps: float, codec: str = "libx264
     machine (x264's output depends on its thread count; 0 lets FFmpeg choose). mp4/mov files get
     their index at the front (movflags=faststart), so a browser can play them while they load."""
     frames = _check_frames(frames)
-    if not _is_int(upscale) or upscale < 1:
+    if not is_int(upscale) or upscale < 1:
         raise InputError(f"upscale must be an integer >= 1, got {upscale!r}")
-    if not _is_number(fps) or not math.isfinite(fps) or fps <= 0:
+    if not is_number(fps) or not math.isfinite(fps) or fps <= 0:
         raise InputError(f"fps must be a number > 0, got {fps!r}")
     pix_fmt = _PIXEL_FORMATS.get(codec, "yuv420p")
     height, width = frames.shape[1] * upscale, frames.shape[2] * upscale

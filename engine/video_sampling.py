@@ -19,13 +19,13 @@ class Sampling:
 
     def validate(self) -> None:
         if self.frames is not None:
-            if not _is_int(self.frames) or self.frames < 1:
+            if not is_int(self.frames) or self.frames < 1:
                 raise InputError(f"frames per video must be an integer >= 1, got {self.frames!r}")
         elif self.fps is None:
             raise InputError("sampling needs a frame rate (fps) or a number of frames")
-        elif not _is_number(self.fps) or not math.isfinite(self.fps) or self.fps <= 0:
+        elif not is_number(self.fps) or not math.isfinite(self.fps) or self.fps <= 0:
             raise InputError(f"sampling fps must be a number > 0, got {self.fps!r}")
-        if not _is_int(self.max_frames) or self.max_frames < 1:
+        if not is_int(self.max_frames) or self.max_frames < 1:
             raise InputError(f"max frames per video must be an integer >= 1, got {self.max_frames!r}")
 
     def to_dict(self) -> dict:
@@ -48,11 +48,11 @@ class Sampling:
         return f"{self.fps:g} fps, at most {self.max_frames} frames"
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 

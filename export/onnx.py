@@ -62,7 +62,7 @@ from export.graphs.scorer import scorer_spec
 from export.graphs.text_encoder import text_encoder_spec
 from export.graphs.video_tower import video_tower_spec
 from export.graphs.vision import vision_spec
-from export.onnx_module import TRACE_SIZES, _export_one, export_module  # noqa: F401 (re-exported)
+from export.onnx_module import TRACE_SIZES, export_module, export_one  # noqa: F401 (re-exported)
 from export.onnx_plan import (  # noqa: F401 (re-exported: export.onnx is the public module)
     ANCHOR_MODULES,
     DEFAULT_OPSET,
@@ -212,7 +212,7 @@ def export_onnx(checkpoint: str, out: str, options: ExportOptions | None = None)
     claim(out, "export", "cvr export", options.overwrite)  # never replace a folder that is not an export
     parts = load_parts(plan)
     with files.staged_folder(out) as work:
-        modules = {spec.name: _export_one(spec, str(work), plan, options.module_cache, log) for spec in parts.specs}
+        modules = {spec.name: export_one(spec, str(work), plan, options.module_cache, log) for spec in parts.specs}
         written = {}
         for name, text in parts.files.items():
             written[name] = files.sha256_file(files.write_synced(os.path.join(work, name), text))

@@ -92,7 +92,7 @@ def _name_output_axes(model, spec: ModuleSpec) -> None:
     del model.graph.value_info[:]  # intermediate shapes traced at one size: ONNX Runtime re-infers them
 
 
-def _export_one(spec: ModuleSpec, work: str, plan: ExportPlan, cache: str | None, log: Callable) -> dict:
+def export_one(spec: ModuleSpec, work: str, plan: ExportPlan, cache: str | None, log: Callable) -> dict:
     entry = {**spec.describe(), "files": {}, "parity": {}, "export_seconds": {}}
     for precision in plan.precisions:
         name = f"{spec.name}.onnx" if precision == "fp32" else f"{spec.name}.{precision}.onnx"

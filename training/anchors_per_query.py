@@ -34,7 +34,7 @@ class CompareConfig:
     extra_train: list = field(default_factory=list)
 
 
-def _cli(argv: list) -> None:
+def run_cli(argv: list) -> None:
     from engine.cli import main
 
     code = main(argv)
@@ -45,7 +45,7 @@ def _cli(argv: list) -> None:
 def draw_store(config: CompareConfig) -> str:
     store = os.path.join(config.work, f"anchors_x{max(config.counts)}")
     if not os.path.isdir(store):
-        _cli(["anchors", "--generator", config.generator, "--root", config.root, "--collection", config.collection,
+        run_cli(["anchors", "--generator", config.generator, "--root", config.root, "--collection", config.collection,
               "--split", "train,val,test", "--anchors-per-query", str(max(config.counts)), "--out", store, "--quiet"])
     return store
 
@@ -73,12 +73,12 @@ def run_count(config: CompareConfig, store: str, count: int, texts: list) -> dic
     gallery = checkpoint + "_gallery"
     common = ["--root", config.root, "--collection", config.collection]
     clock = time.perf_counter()
-    _cli(["train", *common, "--feature", config.feature, "--out", checkpoint, "--anchors", store,
+    run_cli(["train", *common, "--feature", config.feature, "--out", checkpoint, "--anchors", store,
           "--anchors-per-query", str(count), "--epochs", str(config.epochs), "--batch-size", str(config.batch_size),
           "--seed", str(config.seed), "--quiet", "--overwrite", *(TINY if config.tiny else []), *config.extra_train])
     train_s = time.perf_counter() - clock
     metrics = evaluate_checkpoint(checkpoint, config.root, config.collection, "test", anchors=store)["metrics"]
-    _cli(["index", "--checkpoint", checkpoint, *common, "--out", gallery, "--quiet", "--overwrite"])
+    run_cli(["index", "--checkpoint", checkpoint, *common, "--out", gallery, "--quiet", "--overwrite"])
     return {"anchors_per_query": count, "t2v_r1": round(metrics["t2v_r1"], 2), "t2v_r5": round(metrics["t2v_r5"], 2),
             "t2v_r10": round(metrics["t2v_r10"], 2), "v2t_r1": round(metrics["v2t_r1"], 2),
             "train_s": round(train_s, 1), "latency_ms": latency_ms(checkpoint, gallery, texts)}

@@ -55,7 +55,7 @@ from engine.anchors import (
     save_builtin,
 )
 from engine.portable import flow_sigmas
-from training.generator import _lr_at, prepare_data, sample_grid, trim
+from training.generator import lr_at, prepare_data, sample_grid, trim
 
 
 @dataclass
@@ -118,7 +118,7 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
     bar = tqdm(range(cfg.iterations), desc=f"distill {2 * n_steps}->{n_steps}", disable=not progress)
     for it in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(it, cfg.lr, cfg.warmup, cfg.iterations)
+            g["lr"] = lr_at(it, cfg.lr, cfg.warmup, cfg.iterations)
         idx = torch.randint(len(videos), (cfg.batch_size,), generator=gen)
         x0 = latents[videos[idx]]
         c = trim(cond.index(idx))

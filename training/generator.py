@@ -43,7 +43,7 @@ from training.generator_data import (  # noqa: F401 (re-exported: training.gener
     trim,
 )
 from training.generator_lora import LoraTrainConfig, add_lora, save_lora, train_lora  # noqa: F401 (re-exported)
-from training.generator_shared import EMA, _lr_at, flow_loss, logit_normal, sample_grid, save_grid  # noqa: F401
+from training.generator_shared import EMA, flow_loss, logit_normal, lr_at, sample_grid, save_grid  # noqa: F401
 from training.shape_negatives import flow_loss_with_negatives, negative_source
 from training.transfer_data import TransferSpec
 
@@ -227,7 +227,7 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
     bar = tqdm(range(start, stop), desc="teacher", unit="it", disable=not progress, initial=start, total=stop)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg.lr, cfg.warmup, cfg.iterations)
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.iterations)
         idx = torch.randint(len(videos), (cfg.batch_size,), generator=gen)
         c = drop_conditioning(trim(cond.index(idx)), cfg.cond_dropout, gen)
         if cfg.shape_negatives:

@@ -21,7 +21,7 @@ from engine.anchors import (
 from engine.fingerprints import LORA_FILE
 from engine.portable import pack_latents
 from training.generator_data import key_frame_paths, load_frames, prepare_data, training_pairs, trim
-from training.generator_shared import _lr_at, flow_loss
+from training.generator_shared import flow_loss, lr_at
 
 
 @dataclass
@@ -142,7 +142,7 @@ def train_lora(cfg: LoraTrainConfig, encoder=None, progress: bool = True) -> dic
     bar = tqdm(range(cfg.iterations), desc="lora", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.lr, cfg.warmup, cfg.iterations)
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.iterations)
         idx = torch.randint(len(videos), (cfg.batch_size,), generator=gen)
         c = trim(cond.index(idx)).to(device, wdtype)
         with torch.autocast(device.type, dtype=wdtype, enabled=wdtype != torch.float32):

@@ -52,7 +52,7 @@ def save_grid(path, rows: list[np.ndarray], scale: int = 2) -> Path:
     return path
 
 
-def _lr_at(step: int, base: float, warmup: int, total: int) -> float:
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

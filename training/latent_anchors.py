@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from training.anchors_per_query import TINY, _cli, latency_ms
+from training.anchors_per_query import TINY, latency_ms, run_cli
 
 STUDENTS = "engine/weights/generator/students"
 FEATURES = ("pixels", "latent")
@@ -54,15 +54,15 @@ def run_row(config: CompareConfig, features: str, steps: int, texts: list) -> di
     gallery, generator = checkpoint + "_gallery", generator_for(config, steps)
     common = ["--root", config.root, "--collection", config.collection]
     if not os.path.isdir(store):
-        _cli(["anchors", "--generator", generator, *common, "--split", "train,val,test", "--features", features,
+        run_cli(["anchors", "--generator", generator, *common, "--split", "train,val,test", "--features", features,
               "--steps", str(steps), "--out", store, "--quiet"])
     clock = time.perf_counter()
-    _cli(["train", *common, "--feature", config.feature, "--out", checkpoint, "--anchors", store,
+    run_cli(["train", *common, "--feature", config.feature, "--out", checkpoint, "--anchors", store,
           "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--seed", str(config.seed),
           "--quiet", "--overwrite", *(TINY if config.tiny else []), *config.extra_train])
     train_s = time.perf_counter() - clock
     metrics = evaluate_checkpoint(checkpoint, config.root, config.collection, "test", anchors=store)["metrics"]
-    _cli(["index", "--checkpoint", checkpoint, *common, "--out", gallery, "--quiet", "--overwrite"])
+    run_cli(["index", "--checkpoint", checkpoint, *common, "--out", gallery, "--quiet", "--overwrite"])
     return {"features": features, "label": LABELS[features], "steps": steps, "generator": generator,
             "t2v_r1": round(metrics["t2v_r1"], 2), "t2v_r5": round(metrics["t2v_r5"], 2),
             "t2v_r10": round(metrics["t2v_r10"], 2), "v2t_r1": round(metrics["v2t_r1"], 2),
