@@ -475,3 +475,28 @@ def test_teacher_with_shape_negatives_from_init_resumes_and_records(collection, 
     with pytest.raises(A.AnchorError, match="not a generator folder"):
         G.train_teacher(_teacher_cfg(collection, tmp_path / "y", init=str(tmp_path / "nothing")), encoder=TinyText(),
                         progress=False)
+
+
+def test_shape_reading_probe_sees_a_shape_blind_encoder(collection, tmp_path):
+    """bench.shape_reading: a random tiny generator reacts to a swapped shape word; an encoder that
+    cannot tell shapes apart gives a gap of exactly zero (so the probe can tell 'ignored')."""
+    from bench import shape_reading
+    from engine.datasets import Collection
+    from training.transfer_data import TransferSpec
+
+    folder, _, _ = tiny_folder(tmp_path)
+    col = Collection(collection, "mini")
+    result = shape_reading.measure(folder, col, pairs=6, encoder=TinyText())
+    assert result["pairs"] == 6 and [r["sigma"] for r in result["rows"]] == list(shape_reading.SIGMAS)
+    assert all(r["shape gap"] != 0 for r in result["rows"])
+    phrases = sorted((p for words in TransferSpec().vocabulary().shapes.values() for p in words), key=len, reverse=True)
+
+    class ShapeBlind(TinyText):
+        def __call__(self, texts):
+            for phrase in phrases:
+                texts = [t.replace(phrase, "thing") for t in texts]
+            return super().__call__(texts)
+
+    blind = shape_reading.measure(folder, col, pairs=6, encoder=ShapeBlind())
+    assert all(r["shape gap"] == 0 and r["null gap"] != 0 for r in blind["rows"])
+    assert "shape gap" in shape_reading.markdown(blind)
