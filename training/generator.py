@@ -165,19 +165,20 @@ def load_train_state(folder: Path, model, ema: EMA, opt, gen: torch.Generator, r
     return int(meta["step"]), list(meta["losses"]), float(meta["train_seconds"])
 
 
-def start_from(model, folder: str, config: BuiltinConfig) -> None:
+def start_from(model, folder: str, config: BuiltinConfig) -> dict:
     """Load a generator folder's weights into ``model`` (``--init``); its architecture must be ``config``'s
-    (the guidance scale it samples at may differ)."""
+    (the guidance scale it samples at may differ). Returns the folder's info (its training record)."""
     from engine.anchors import load_builtin_transformer, read_builtin_config
 
     if not (Path(folder) / "config.json").is_file():
         raise AnchorError(f"--init {folder}: not a generator folder (no config.json)")
-    theirs, _ = read_builtin_config(folder)
+    theirs, info = read_builtin_config(folder)
     ours = config.to_dict()
     changed = sorted(k for k, v in theirs.to_dict().items() if k != "guidance_scale" and ours.get(k) != v)
     if changed:
         raise AnchorError(f"--init {folder}: another architecture ({', '.join(changed)} differ)")
     model.load_state_dict(load_builtin_transformer(folder).state_dict(), strict=True)
+    return info
 
 
 def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> dict:
@@ -208,8 +209,7 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
     prep_s = time.time() - t0
 
     model = build_transformer(gcfg).train()
-    if cfg.init:
-        start_from(model, cfg.init, gcfg)
+    init_info = start_from(model, cfg.init, gcfg) if cfg.init else None
     ema = EMA(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -251,6 +251,8 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
                     "loss": float(np.mean(losses[-100:])), "train_seconds": seconds,
                     "pairs": len(prompts), "parameters": n_params, "recipe": recipe,
                     "text_encoder": getattr(encoder, "model_id", None)}
+            if cfg.init:  # what the run continued (the --init folder may be overwritten by its result)
+                info["init_info"] = init_info
 
             def state(tmp, step=step, seconds=seconds, losses=losses):
                 save_train_state(tmp / STATE_DIR, step + 1, model, ema, opt, gen, losses, seconds, recipe)
