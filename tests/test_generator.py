@@ -463,9 +463,8 @@ def test_teacher_with_shape_negatives_from_init_resumes_and_records(collection, 
     assert one["loss"] == two["loss"]
     assert _digest(A.load_builtin_transformer(tmp_path / "one").state_dict()) == \
         _digest(A.load_builtin_transformer(tmp_path / "two").state_dict())
-    recipe = json.loads((tmp_path / "one" / "config.json").read_text())["info"]["recipe"]
-    assert recipe["shape_negatives"] == 0.5 and recipe["init"] == str(tmp_path / "base")
     info = json.loads((tmp_path / "one" / "config.json").read_text())["info"]
+    assert info["recipe"]["shape_negatives"] == 0.5 and info["recipe"]["init"] == str(tmp_path / "base")
     assert info["init_info"]["iterations"] == 2  # what it continued, kept if --out overwrites --init
     plain = G.train_teacher(_teacher_cfg(collection, tmp_path / "plain", init=str(tmp_path / "base"), iterations=4,
                                          checkpoint_every=2), encoder=TinyText(), progress=False)

@@ -131,12 +131,17 @@ def encode_texts(encoder, prompts, batch_size: int = 128, progress: bool = True)
     parts = []
     for s in tqdm(range(0, len(prompts), batch_size), desc="encode prompts", disable=not progress):
         f = encoder(prompts[s:s + batch_size])
-        parts.append(f)
+        parts.append(Conditioning(f.tokens, f.mask, f.sentence))
+    cond = stack_conditioning(parts)
+    return Conditioning(cond.tokens.half(), cond.mask, cond.pooled.half())
+
+
+def stack_conditioning(parts: list) -> Conditioning:
+    """The rows of every part, in order, padded (masked) to the longest token length."""
     length = max(p.tokens.shape[1] for p in parts)
-    tokens = torch.cat([F.pad(p.tokens, (0, 0, 0, length - p.tokens.shape[1])) for p in parts]).half()
+    tokens = torch.cat([F.pad(p.tokens, (0, 0, 0, length - p.tokens.shape[1])) for p in parts])
     mask = torch.cat([F.pad(p.mask, (0, length - p.mask.shape[1])) for p in parts])
-    pooled = torch.cat([p.sentence for p in parts]).half()
-    return Conditioning(tokens, mask, pooled)
+    return Conditioning(tokens, mask, torch.cat([p.pooled for p in parts]))
 
 
 def trim(cond: Conditioning) -> Conditioning:

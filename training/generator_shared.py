@@ -59,11 +59,18 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # cosine to 10%
 
 
-def flow_loss(transformer, x0, cond: Conditioning, img_ids, gen: torch.Generator, velocity=flux_velocity):
-    """The rectified-flow loss: || v(x_sigma, sigma) - (noise - x0) ||^2 at logit-normal sigmas."""
+def noisy_batch(x0, gen: torch.Generator) -> tuple:
+    """(x_sigma, sigma, velocity target) of a training batch: noise, then logit-normal sigmas, drawn
+    from ``gen`` in that order (every flow loss draws through here, so their runs stay comparable)."""
     noise = torch.randn(x0.shape, generator=gen).to(x0)
     sigma = logit_normal(x0.shape[0], gen).to(x0)
     x_sigma, target = rectified_flow_pair(x0, noise, sigma)
+    return x_sigma, sigma, target
+
+
+def flow_loss(transformer, x0, cond: Conditioning, img_ids, gen: torch.Generator, velocity=flux_velocity):
+    """The rectified-flow loss: || v(x_sigma, sigma) - (noise - x0) ||^2 at logit-normal sigmas."""
+    x_sigma, sigma, target = noisy_batch(x0, gen)
     pred = velocity(transformer, x_sigma, sigma, cond, img_ids)
     return F.mse_loss(pred.float(), target.float())
 

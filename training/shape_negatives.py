@@ -18,8 +18,9 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from engine.anchors import Conditioning, flux_velocity, rectified_flow_pair
-from training.generator_shared import logit_normal
+from engine.anchors import Conditioning, flux_velocity
+from training.generator_data import encode_texts, stack_conditioning, trim
+from training.generator_shared import noisy_batch
 
 MARGIN = 1.2  # the swapped caption's error must exceed the true one's by 20%
 MIN_SIGMA = 0.5  # below this much noise the shape is visible in x_sigma: no text needed to keep it
@@ -62,18 +63,6 @@ def swap_shape(caption: str, vocab, pick: Callable[[int], int]) -> str | None:
     return " ".join(words)
 
 
-def stack_conditioning(a: Conditioning, b: Conditioning) -> Conditioning:
-    """Rows of a, then rows of b, padded (masked) to the longer token length."""
-    length = max(a.tokens.shape[1], b.tokens.shape[1])
-
-    def pad(c):
-        extra = length - c.tokens.shape[1]
-        return F.pad(c.tokens, (0, 0, 0, extra)), F.pad(c.mask, (0, extra))
-
-    (ta, ma), (tb, mb) = pad(a), pad(b)
-    return Conditioning(torch.cat([ta, tb]), torch.cat([ma, mb]), torch.cat([a.pooled, b.pooled]))
-
-
 def flow_loss_with_negatives(transformer, x0, cond: Conditioning, img_ids, gen: torch.Generator,
                              negatives: Callable, weight: float, velocity=flux_velocity) -> tuple:
     """(loss, hinge rows): the rectified-flow loss of :func:`training.generator_shared.flow_loss` (the
@@ -82,14 +71,12 @@ def flow_loss_with_negatives(transformer, x0, cond: Conditioning, img_ids, gen: 
     on the same x_sigma and sigma. ``negatives(rows)`` takes candidate row indices (sigma >= MIN_SIGMA,
     conditioning not dropped) and returns (the rows it found a swap for, their Conditioning). Both
     captions go through the transformer in one batch."""
-    noise = torch.randn(x0.shape, generator=gen).to(x0)
-    sigma = logit_normal(x0.shape[0], gen).to(x0)
-    x_sigma, target = rectified_flow_pair(x0, noise, sigma)
+    x_sigma, sigma, target = noisy_batch(x0, gen)
     candidates = torch.nonzero((sigma >= MIN_SIGMA) & cond.mask.any(1)).flatten()
     rows, neg = negatives(candidates) if len(candidates) else (candidates, None)
     batch = x0.shape[0]
     if len(rows):
-        joint = stack_conditioning(cond, neg)
+        joint = stack_conditioning([cond, neg])
         pred = velocity(transformer, torch.cat([x_sigma, x_sigma[rows]]), torch.cat([sigma, sigma[rows]]), joint,
                         img_ids)
         target = torch.cat([target, target[rows]])
@@ -105,7 +92,7 @@ def flow_loss_with_negatives(transformer, x0, cond: Conditioning, img_ids, gen: 
 def negative_source(prompts: list, vocab, encoder, gen: torch.Generator) -> Callable:
     """A ``negatives`` callable for :func:`flow_loss_with_negatives` over one batch's prompts: swaps
     with draws from ``gen`` (so a resumed run draws the same), encodes the swapped captions with the
-    training text encoder, rounded through fp16 as the text cache stores the true ones."""
+    training text encoder as the true ones were (encode_texts: fp16, as the text cache stores them)."""
 
     def pick(n: int) -> int:
         return int(torch.randint(n, (1,), generator=gen))
@@ -119,8 +106,6 @@ def negative_source(prompts: list, vocab, encoder, gen: torch.Generator) -> Call
                 texts.append(swapped)
         if not rows:
             return torch.zeros(0, dtype=torch.long), None
-        with torch.no_grad():
-            f = encoder(texts)
-        return torch.tensor(rows), Conditioning(f.tokens.half().float(), f.mask, f.sentence.half().float())
+        return torch.tensor(rows), trim(encode_texts(encoder, texts, progress=False))
 
     return negatives
