@@ -100,3 +100,25 @@ def test_onnxruntime_reads_the_same_latent_regions_and_ranks_as_torch(latent):
     for ref, got in zip(torch_retriever.search(texts, k=10), ort.search(texts, k=10), strict=True):
         assert [v for v, _ in got.hits] == [v for v, _ in ref.hits]
         assert max(abs(a - b) for (_, a), (_, b) in zip(ref.hits, got.hits, strict=True)) <= 1e-4
+
+
+def test_the_route_comparison_trains_measures_and_writes_its_table(latent):
+    """python -m training.latent_anchors: a row per (route, steps), recall and latency, from the stores it finds."""
+    import json
+    import shutil
+
+    from training.latent_anchors import LABELS, main
+
+    work = latent["work"]  # beside the generator, which the stores name by a relative path
+    for features in ("pixels", "latent"):  # the stores it would draw at 2 steps: not drawn again
+        shutil.copytree(latent[features], work / f"{features}_s2_anchors")
+    assert main(["--root", latent["root"], "--collection", "msrvtt10k", "--work", str(work), "--generator",
+                 latent["generator"], "--steps", "2", "--feature", "resnext101-resnet152", "--epochs", "1"]) == 0
+    rows = json.loads((work / "latent_anchors.json").read_text())["rows"]
+    assert [(r["features"], r["steps"], r["generator"]) for r in rows] == [("pixels", 2, latent["generator"]),
+                                                                          ("latent", 2, latent["generator"])]
+    for row in rows:
+        assert row["label"] == LABELS[row["features"]] and 0 <= row["t2v_r1"] <= row["t2v_r5"] <= row["t2v_r10"] <= 100
+        assert row["latency_ms"]["total"] > 0
+    # The latent route skips the ResNet-50: no vision time per query.
+    assert rows[1]["latency_ms"]["vision"] < rows[0]["latency_ms"]["vision"]

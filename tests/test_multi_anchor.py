@@ -220,6 +220,31 @@ def test_training_records_the_anchors_it_read(drawn, tmp_path):
     assert store.lookup([next(iter(store.row))]).shape[1] == store.regions_per_anchor
 
 
+def test_the_anchors_per_query_comparison_trains_measures_and_writes_its_table(drawn, capsys):
+    """python -m training.anchors_per_query: one row per N from the store it finds, recall and latency."""
+    import json
+    import shutil
+
+    from training.anchors_per_query import main
+
+    work = drawn["work"]  # beside the generator, which the store names by a relative path
+    shutil.copytree(drawn["two"], work / "anchors_x2")  # the store it would draw: not drawn again
+    assert main(["--root", drawn["root"], "--collection", "msrvtt10k", "--work", str(work),
+                 "--generator", drawn["generator"], "--counts", "1,2", "--feature", "resnext101-resnet152",
+                 "--epochs", "1"]) == 0
+    result = json.loads((work / "anchors_per_query.json").read_text())
+    rows = result["rows"]
+    assert [r["anchors_per_query"] for r in rows] == [1, 2]
+    for row in rows:
+        assert all(0 <= row[k] <= 100 for k in ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1"))
+        assert row["t2v_r1"] <= row["t2v_r5"] <= row["t2v_r10"]
+        assert row["latency_ms"]["total"] > 0 and row["latency_ms"]["anchor"] > 0
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split(" | ")[:2] for line in lines] == [["| 1", f"{rows[0]['t2v_r1']:.1f}"],
+                                                         ["| 2", f"{rows[1]['t2v_r1']:.1f}"]]
+
+
 # ---------------------------------------------------------------------------------------------
 # The query path
 

@@ -10,11 +10,13 @@ and timed through the Retriever at batch 1 (warm: the first query is dropped).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from engine.files import write_json
+
+RECALL_KEYS = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1")
 TINY = ["--latent-dim", "32", "--attn-dim", "16", "--video-gru-hidden", "16", "--video-local-dim", "32"]
 
 
@@ -66,22 +68,36 @@ def latency_ms(checkpoint: str, gallery: str, texts: list) -> dict:
     return per_query
 
 
-def run_count(config: CompareConfig, store: str, count: int, texts: list) -> dict:
+def train_and_measure(config, store: str, checkpoint: str, train_args: list, texts: list) -> dict:
+    """`cvr train` on a store (the config's widths, epochs and seed, plus ``train_args``), test-split
+    recall with the store's anchors, a gallery, and the query path's latency: the measured part of a
+    row, shared by this module and training/latent_anchors.py."""
     from training.retrieval import evaluate_checkpoint
 
-    checkpoint = os.path.join(config.work, f"n{count}")
     gallery = checkpoint + "_gallery"
     common = ["--root", config.root, "--collection", config.collection]
     clock = time.perf_counter()
-    run_cli(["train", *common, "--feature", config.feature, "--out", checkpoint, "--anchors", store,
-          "--anchors-per-query", str(count), "--epochs", str(config.epochs), "--batch-size", str(config.batch_size),
-          "--seed", str(config.seed), "--quiet", "--overwrite", *(TINY if config.tiny else []), *config.extra_train])
+    run_cli(["train", *common, "--feature", config.feature, "--out", checkpoint, "--anchors", store, *train_args,
+          "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--seed", str(config.seed),
+          "--quiet", "--overwrite", *(TINY if config.tiny else []), *config.extra_train])
     train_s = time.perf_counter() - clock
     metrics = evaluate_checkpoint(checkpoint, config.root, config.collection, "test", anchors=store)["metrics"]
     run_cli(["index", "--checkpoint", checkpoint, *common, "--out", gallery, "--quiet", "--overwrite"])
-    return {"anchors_per_query": count, "t2v_r1": round(metrics["t2v_r1"], 2), "t2v_r5": round(metrics["t2v_r5"], 2),
-            "t2v_r10": round(metrics["t2v_r10"], 2), "v2t_r1": round(metrics["v2t_r1"], 2),
-            "train_s": round(train_s, 1), "latency_ms": latency_ms(checkpoint, gallery, texts)}
+    return {**{key: round(metrics[key], 2) for key in RECALL_KEYS}, "train_s": round(train_s, 1),
+            "latency_ms": latency_ms(checkpoint, gallery, texts)}
+
+
+def markdown_cells(row: dict) -> str:
+    """A row's recall and latency cells, as both modules' tables end."""
+    ms = row["latency_ms"]
+    return (f"{row['t2v_r1']:.1f} | {row['t2v_r5']:.1f} | {row['t2v_r10']:.1f} | {row['v2t_r1']:.1f} | "
+            f"{ms['anchor']:.1f} | {ms['vision']:.1f} | {ms['total']:.1f} |")
+
+
+def run_count(config: CompareConfig, store: str, count: int, texts: list) -> dict:
+    checkpoint = os.path.join(config.work, f"n{count}")
+    measured = train_and_measure(config, store, checkpoint, ["--anchors-per-query", str(count)], texts)
+    return {"anchors_per_query": count, **measured}
 
 
 def compare(config: CompareConfig) -> dict:
@@ -99,10 +115,7 @@ def markdown(result: dict) -> str:
     lines = ["| anchors per query | t2v R@1 | R@5 | R@10 | v2t R@1 | anchor ms | vision ms | total ms/query |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        ms = row["latency_ms"]
-        lines.append(f"| {row['anchors_per_query']} | {row['t2v_r1']:.1f} | {row['t2v_r5']:.1f} | "
-                     f"{row['t2v_r10']:.1f} | {row['v2t_r1']:.1f} | {ms['anchor']:.1f} | {ms['vision']:.1f} | "
-                     f"{ms['total']:.1f} |")
+        lines.append(f"| {row['anchors_per_query']} | {markdown_cells(row)}")
     return "\n".join(lines)
 
 
@@ -125,8 +138,7 @@ def main(argv=None) -> int:
                            tuple(int(c) for c in args.counts.split(",")), args.feature, args.epochs, seed=args.seed,
                            tiny=not args.full_widths)
     result = compare(config)
-    with open(os.path.join(args.work, "anchors_per_query.json"), "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1)
+    write_json(os.path.join(args.work, "anchors_per_query.json"), result)
     print(markdown(result))
     return 0
 

@@ -12,12 +12,11 @@ through the Retriever at batch 1 (warm: the first query is dropped). The generat
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
-from training.anchors_per_query import TINY, latency_ms, run_cli
+from engine.files import write_json
+from training.anchors_per_query import markdown_cells, run_cli, train_and_measure
 
 STUDENTS = "engine/weights/generator/students"
 FEATURES = ("pixels", "latent")
@@ -47,26 +46,14 @@ def generator_for(config: CompareConfig, steps: int) -> str:
 
 
 def run_row(config: CompareConfig, features: str, steps: int, texts: list) -> dict:
-    from training.retrieval import evaluate_checkpoint
-
     name = f"{features}_s{steps}"
     store, checkpoint = os.path.join(config.work, name + "_anchors"), os.path.join(config.work, name)
-    gallery, generator = checkpoint + "_gallery", generator_for(config, steps)
-    common = ["--root", config.root, "--collection", config.collection]
+    generator = generator_for(config, steps)
     if not os.path.isdir(store):
-        run_cli(["anchors", "--generator", generator, *common, "--split", "train,val,test", "--features", features,
-              "--steps", str(steps), "--out", store, "--quiet"])
-    clock = time.perf_counter()
-    run_cli(["train", *common, "--feature", config.feature, "--out", checkpoint, "--anchors", store,
-          "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--seed", str(config.seed),
-          "--quiet", "--overwrite", *(TINY if config.tiny else []), *config.extra_train])
-    train_s = time.perf_counter() - clock
-    metrics = evaluate_checkpoint(checkpoint, config.root, config.collection, "test", anchors=store)["metrics"]
-    run_cli(["index", "--checkpoint", checkpoint, *common, "--out", gallery, "--quiet", "--overwrite"])
-    return {"features": features, "label": LABELS[features], "steps": steps, "generator": generator,
-            "t2v_r1": round(metrics["t2v_r1"], 2), "t2v_r5": round(metrics["t2v_r5"], 2),
-            "t2v_r10": round(metrics["t2v_r10"], 2), "v2t_r1": round(metrics["v2t_r1"], 2),
-            "train_s": round(train_s, 1), "latency_ms": latency_ms(checkpoint, gallery, texts)}
+        run_cli(["anchors", "--generator", generator, "--root", config.root, "--collection", config.collection,
+              "--split", "train,val,test", "--features", features, "--steps", str(steps), "--out", store, "--quiet"])
+    measured = train_and_measure(config, store, checkpoint, [], texts)
+    return {"features": features, "label": LABELS[features], "steps": steps, "generator": generator, **measured}
 
 
 def compare(config: CompareConfig) -> dict:
@@ -83,10 +70,7 @@ def markdown(result: dict) -> str:
     lines = ["| variant | steps | t2v R@1 | R@5 | R@10 | v2t R@1 | anchor ms | vision ms | total ms/query |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        ms = row["latency_ms"]
-        lines.append(f"| {row['label']} | {row['steps']} | {row['t2v_r1']:.1f} | {row['t2v_r5']:.1f} | "
-                     f"{row['t2v_r10']:.1f} | {row['v2t_r1']:.1f} | {ms['anchor']:.1f} | {ms['vision']:.1f} | "
-                     f"{ms['total']:.1f} |")
+        lines.append(f"| {row['label']} | {row['steps']} | {markdown_cells(row)}")
     return "\n".join(lines)
 
 
@@ -110,8 +94,7 @@ def main(argv=None) -> int:
                            tuple(int(s) for s in args.steps.split(",")), tuple(args.features.split(",")),
                            args.feature, args.epochs, seed=args.seed, tiny=not args.full_widths)
     result = compare(config)
-    with open(os.path.join(args.work, "latent_anchors.json"), "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1)
+    write_json(os.path.join(args.work, "latent_anchors.json"), result)
     print(markdown(result))
     return 0
 
