@@ -55,14 +55,12 @@ def measure(folder, collection, split: str = "train", pairs: int = 256, seed: in
     from engine.anchors import (
         flux_velocity,
         image_ids,
-        images_to_latents,
         load_builtin_transformer,
         null_conditioning,
         read_builtin_config,
         rectified_flow_pair,
     )
-    from engine.portable import pack_latents
-    from training.generator_data import encode_texts, key_frame_paths, load_frames, trim
+    from training.generator_data import encode_texts, key_frame_latents, trim
     from training.transfer_data import TransferSpec
 
     config, _ = read_builtin_config(folder)
@@ -72,8 +70,7 @@ def measure(folder, collection, split: str = "train", pairs: int = 256, seed: in
 
         encoder = MiniLMEncoder(config.text_encoder, max_length=config.text_max_length)
     true, swapped, videos = probe_pairs(collection, split, pairs, seed, TransferSpec().vocabulary())
-    x0 = pack_latents(images_to_latents(load_frames(key_frame_paths(collection, videos), config.image_size),
-                                        config.fold))
+    _, x0 = key_frame_latents(collection, videos, config)
     cond_true = trim(encode_texts(encoder, true, progress=False))
     conds = {CONDITIONS[0]: cond_true, CONDITIONS[1]: trim(encode_texts(encoder, swapped, progress=False)),
              CONDITIONS[2]: null_conditioning(cond_true)}

@@ -150,12 +150,17 @@ def trim(cond: Conditioning) -> Conditioning:
     return Conditioning(cond.tokens[:, :length].float(), cond.mask[:, :length], cond.pooled.float())
 
 
+def key_frame_latents(collection, video_ids, config: BuiltinConfig) -> tuple:
+    """(uint8 key frames at the generator's size, their packed latents: the x0 a flow loss reads)."""
+    frames = load_frames(key_frame_paths(collection, video_ids), config.image_size)
+    return frames, pack_latents(images_to_latents(frames, config.fold))
+
+
 def prepare_data(collection, split, prompt, config: BuiltinConfig, encoder, progress=True, text_cache=None):
     """(conditioning of every prompt, video index per prompt, packed key-frame latents per video, prompts, frames)."""
     count = (lambda t: len(encoder.tokenizer(t)["input_ids"])) if hasattr(encoder, "tokenizer") else None
     max_tokens = getattr(encoder, "max_length", config.text_max_length)
     prompts, videos, video_ids = training_pairs(collection, split, prompt, max_tokens, count)
-    frames = load_frames(key_frame_paths(collection, video_ids), config.image_size)
-    latents = pack_latents(images_to_latents(frames, config.fold))
+    frames, latents = key_frame_latents(collection, video_ids, config)
     cond = cached_encode_texts(encoder, prompts, text_cache, progress=progress)
     return cond, torch.from_numpy(videos), latents, prompts, frames
