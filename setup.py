@@ -11,7 +11,10 @@ CORE = [
     "numpy>=2.0",
     "diffusers>=0.42.0",
     "peft>=0.21.0",
-    "transformers>=5.0.0",
+    # transformers 5.25 requires HuggingFace's `kernels` distribution, whose import name is this
+    # repo's top-level `kernels` package: with both installed, transformers imports ours and fails
+    # (cannot import name 'CUDAProperties'). Below 5.25 until the import names stop colliding.
+    "transformers>=5.0.0,<5.25",
     "tokenizers>=0.22",
     "safetensors>=0.6.0",
     # onnxruntime-gpu also runs on a CPU; never add plain onnxruntime: both own one folder.
