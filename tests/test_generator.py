@@ -478,6 +478,78 @@ def test_teacher_with_shape_negatives_from_init_resumes_and_records(collection, 
                         progress=False)
 
 
+def _edges_ref(image: np.ndarray, step: float) -> np.ndarray:
+    """Pixel by pixel: is some 4-neighbour more than ``step`` away in some channel ([-1, 1] scale)?"""
+    x = image.astype(np.float64) / 127.5 - 1.0
+    h, w, _ = x.shape
+    edge = np.zeros((h, w), bool)
+    for i in range(h):
+        for j in range(w):
+            for di, dj in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+                a, b = i + di, j + dj
+                if 0 <= a < h and 0 <= b < w and np.abs(x[i, j] - x[a, b]).max() > step:
+                    edge[i, j] = True
+    return edge
+
+
+def test_edge_weights_match_a_pixel_reference_and_weigh_the_loss():
+    """edge_weights, unpacked, is 1 + weight on exactly the pixels the loop reference marks (random
+    blocks of odd sizes on a noisy background, fold 2 and 1); weight 0 or all-one weights give the
+    plain flow loss; edge rows weigh more when the error sits on them."""
+    from engine.anchor_pipeline import images_to_latents
+    from engine.portable import pack_latents, unpack_latents
+    from training.generator_shared import EDGE_STEP, noisy_batch
+
+    rng = np.random.default_rng(0)
+    for fold, size in ((2, 12), (1, 10)):
+        images = rng.integers(30, 50, (3, size, size, 3)).astype(np.uint8)  # steps of < 0.5: no edges
+        for k in range(3):
+            top, left, h, w = rng.integers(0, size - 3, 2).tolist() + rng.integers(1, 5, 2).tolist()
+            images[k, top:top + h, left:left + w] = rng.integers(120, 255, 3)
+        x0 = pack_latents(images_to_latents(images, fold))
+        weights = G.edge_weights(x0, size, fold, 3.0)
+        assert weights.shape == x0.shape
+        pixels = torch.nn.functional.pixel_shuffle(unpack_latents(weights, size // fold, size // fold), fold)
+        for k in range(3):
+            expected = 1.0 + 3.0 * _edges_ref(images[k], EDGE_STEP)
+            assert expected.max() == 4.0 and expected.min() == 1.0
+            np.testing.assert_array_equal(pixels[k].numpy(), np.broadcast_to(expected, (3, size, size)))
+        assert torch.equal(G.edge_weights(x0, size, fold, 0.0), torch.ones_like(x0))
+
+    torch.manual_seed(0)
+    config = A.BuiltinConfig(**TINY)
+    model = A.build_transformer(config).eval()
+    s = config.latent_size
+    ids = A.image_ids(s, s)
+    x0 = torch.randn(4, (s // 2) ** 2, 4 * config.latent_channels)
+    cond = A.Conditioning(torch.randn(4, 3, 16), torch.ones(4, 3, dtype=torch.bool), torch.randn(4, 16))
+    with torch.no_grad():
+        def loss(weights=None):
+            return float(G.flow_loss(model, x0, cond, ids, torch.Generator().manual_seed(1), weights=weights))
+
+        plain = loss()
+        assert loss(torch.ones_like(x0)) == pytest.approx(plain, rel=1e-6)
+        doubled = torch.ones_like(x0)
+        doubled[:2] = 2.0
+        x_sigma, sigma, target = noisy_batch(x0, torch.Generator().manual_seed(1))
+        rows = (A.flux_velocity(model, x_sigma, sigma, cond, ids) - target).pow(2).mean((1, 2))
+        assert loss(doubled) == pytest.approx(float((2 * rows[:2].sum() + rows[2:].sum()) / 4), rel=1e-5)
+
+
+def test_teacher_with_edge_weight_records_and_refuses_bad_values(collection, tmp_path):
+    """--edge-weight changes the training, is in the recipe (absent when 0) and refuses negatives."""
+    plain = G.train_teacher(_teacher_cfg(collection, tmp_path / "plain", iterations=2), encoder=TinyText(),
+                            progress=False)
+    edged = G.train_teacher(_teacher_cfg(collection, tmp_path / "edge", iterations=2, edge_weight=4.0),
+                            encoder=TinyText(), progress=False)
+    assert edged["loss"] != plain["loss"]
+    assert json.loads((tmp_path / "edge" / "config.json").read_text())["info"]["recipe"]["edge_weight"] == 4.0
+    assert "edge_weight" not in json.loads((tmp_path / "plain" / "config.json").read_text())["info"]["recipe"]
+    with pytest.raises(A.AnchorError, match="--edge-weight must be >= 0"):
+        G.train_teacher(_teacher_cfg(collection, tmp_path / "bad", edge_weight=-1.0), encoder=TinyText(),
+                        progress=False)
+
+
 def test_shape_reading_probe_sees_a_shape_blind_encoder(collection, tmp_path):
     """bench.shape_reading: a random tiny generator reacts to a swapped shape word; an encoder that
     cannot tell shapes apart gives a gap of exactly zero (so the probe can tell 'ignored')."""

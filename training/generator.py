@@ -43,7 +43,7 @@ from training.generator_data import (  # noqa: F401 (re-exported: training.gener
     trim,
 )
 from training.generator_lora import LoraTrainConfig, add_lora, save_lora, train_lora  # noqa: F401 (re-exported)
-from training.generator_shared import EMA, flow_loss, logit_normal, lr_at, sample_grid, save_grid  # noqa: F401
+from training.generator_shared import EMA, edge_weights, flow_loss, logit_normal, lr_at, sample_grid, save_grid  # noqa: F401
 from training.shape_negatives import flow_loss_with_negatives, negative_source
 from training.transfer_data import TransferSpec
 
@@ -73,6 +73,8 @@ class TeacherConfig:
     cond_dropout: float = 0.0
     # Weight of the shape hard-negative hinge (training/shape_negatives.py); 0 = the plain flow loss.
     shape_negatives: float = 0.0
+    # Extra loss weight on edge pixels of the target image (generator_shared.edge_weights); 0 = plain MSE.
+    edge_weight: float = 0.0
     # A generator folder whose weights start the run (a continuation of a trained teacher); its
     # architecture must be this config's. None = fresh initialisation.
     init: str | None = None
@@ -95,15 +97,19 @@ class TeacherConfig:
                               "model never learns the unconditional velocity that guidance extrapolates from")
         if self.shape_negatives < 0:
             raise AnchorError(f"--shape-negatives must be >= 0, got {self.shape_negatives}")
+        if self.edge_weight < 0:
+            raise AnchorError(f"--edge-weight must be >= 0, got {self.edge_weight}")
+        if self.edge_weight and self.shape_negatives:
+            raise AnchorError("--edge-weight and --shape-negatives cannot be combined (the hinge's loss is unweighted)")
         if self.stop_after is not None and self.stop_after < 1:
             raise AnchorError(f"--stop-after must be >= 1, got {self.stop_after}")
 
     def recipe(self) -> dict:
-        """What defines the run (a resume must match it); cond_dropout, shape_negatives and init only
+        """What defines the run (a resume must match it); cond_dropout, shape_negatives, edge_weight and init only
         when used, so that a recipe without them reads as before."""
         skip = ("generator", "root", "out", "resume", "stop_after", "text_cache")
         out = {k: v for k, v in asdict(self).items() if k not in skip}
-        for name in ("cond_dropout", "shape_negatives", "init"):
+        for name in ("cond_dropout", "shape_negatives", "edge_weight", "init"):
             if not out[name]:
                 del out[name]
         return out
@@ -235,7 +241,9 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
             loss, _ = flow_loss_with_negatives(model, latents[videos[idx]], c, ids, gen, negatives,
                                                cfg.shape_negatives)
         else:
-            loss = flow_loss(model, latents[videos[idx]], c, ids, gen)
+            x0 = latents[videos[idx]]
+            weights = edge_weights(x0, gcfg.image_size, gcfg.fold, cfg.edge_weight) if cfg.edge_weight else None
+            loss = flow_loss(model, x0, c, ids, gen, weights=weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

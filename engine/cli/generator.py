@@ -38,7 +38,7 @@ def _cmd_train(args) -> int:
                         prompt=args.prompt, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, checkpoint_every=args.checkpoint_every, cond_dropout=args.cond_dropout,
                         generator=gcfg, resume=args.resume, stop_after=args.stop_after, text_cache=args.text_cache,
-                        shape_negatives=args.shape_negatives, init=args.init)
+                        shape_negatives=args.shape_negatives, edge_weight=args.edge_weight, init=args.init)
     _print(train_teacher(cfg, progress=not args.quiet))
     return 0
 
@@ -129,6 +129,9 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--shape-negatives", type=float, default=0.0,
                    help="weight of the shape hard-negative hinge: the same noisy image under the caption with one "
                         "shape swapped must be predicted worse (training/shape_negatives.py; default 0: off)")
+    t.add_argument("--edge-weight", type=float, default=0.0,
+                   help="extra flow-loss weight on the edge pixels of each training image, so that outlines count "
+                        "(training/generator_shared.edge_weights; default 0: plain MSE)")
     t.add_argument("--init", default=None,
                    help="generator folder whose weights start the run (continue a trained teacher; same "
                         "architecture flags)")
