@@ -121,6 +121,23 @@ def test_progressive_distillation(collection, tmp_path):
             DistillConfig(**{**dict(teacher="t", out="o", root="r"), **bad}).stages()
 
 
+def test_distillation_with_edge_weight_changes_the_loss_and_records_it(collection, tmp_path):
+    """--edge-weight in distillation: same draws as the plain run, another loss, in the recipe only when used."""
+    from training.distill import DistillConfig, distill
+
+    teacher, _, _ = tiny_folder(tmp_path)
+    runs = {}
+    for name, weight in (("plain", 0.0), ("edge", 4.0)):
+        cfg = DistillConfig(teacher=str(teacher), out=str(tmp_path / name), steps=[2], start_steps=4, iterations=2,
+                            batch_size=4, root=str(collection), collection="mini", edge_weight=weight)
+        runs[name] = distill(cfg, encoder=TinyText(), progress=False)["stages"][0]["loss"]
+        recipe = A.read_builtin_config(tmp_path / name / "2step")[1]["recipe"]
+        assert recipe.get("edge_weight") == (weight or None)
+    assert runs["edge"] > runs["plain"]  # the frames' square outlines weigh 1 + 4
+    with pytest.raises(A.AnchorError, match="--edge-weight must be >= 0"):
+        DistillConfig(teacher="t", out="o", root="r", edge_weight=-1).stages()
+
+
 def _parser():
     from engine.cli.generator import add_anchors_command, add_generator_commands
 

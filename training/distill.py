@@ -55,7 +55,7 @@ from engine.anchors import (
     save_builtin,
 )
 from engine.portable import flow_sigmas
-from training.generator import lr_at, prepare_data, sample_grid, trim
+from training.generator import edge_weights, lr_at, prepare_data, sample_grid, trim
 
 
 @dataclass
@@ -75,9 +75,14 @@ class DistillConfig:
     prompt: str = "both"
     guidance: float | None = None  # the first stage's teacher guidance; None: the teacher folder's own
     text_cache: str | None = None  # safetensors file of the encoded prompts (training.generator.cached_encode_texts)
+    # Extra weight on the edge pixels of each row's real image (training.generator_shared.edge_weights) in the
+    # student's loss; 0 = plain MSE to the teacher's two-step target.
+    edge_weight: float = 0.0
 
     def stages(self) -> list[int]:
         """Student step counts, stage by stage: start/2, start/4, ... down to min(steps)."""
+        if self.edge_weight < 0:
+            raise AnchorError(f"--edge-weight must be >= 0, got {self.edge_weight}")
         if not self.steps or min(self.steps) < 1:
             raise AnchorError(f"--steps must be >= 1, got {self.steps}")
         if self.root is None:
@@ -107,8 +112,9 @@ def two_step_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Con
 
 
 def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditioning, ids, cfg: DistillConfig,
-                  gen: torch.Generator, progress=True, guidance: float = 1.0) -> float:
-    """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss."""
+                  gen: torch.Generator, progress=True, guidance: float = 1.0, image_fold: tuple = (32, 2)) -> float:
+    """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss.
+    ``image_fold``: the generator's (image size, fold), which cfg.edge_weight's edge maps need."""
     from tqdm import tqdm
 
     sigmas = torch.from_numpy(flow_sigmas(n_steps))
@@ -127,7 +133,12 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
         noise = torch.randn(x0.shape, generator=gen)
         x = (1 - s).view(-1, 1, 1) * x0 + s.view(-1, 1, 1) * noise
         target = two_step_target(teacher, x, s, s_next, c, ids, guidance)
-        loss = F.mse_loss(flux_velocity(student, x, s, c, ids), target)
+        pred = flux_velocity(student, x, s, c, ids)
+        if cfg.edge_weight:  # weigh the outlines of the real image that x was noised from
+            weights = edge_weights(x0, image_fold[0], image_fold[1], cfg.edge_weight)
+            loss = (weights * (pred - target) ** 2).mean()
+        else:
+            loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -166,7 +177,8 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
     t0 = time.time()
     for n in stages:
         t = time.time()
-        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance)
+        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance,
+                             (gcfg.image_size, gcfg.fold))
         summary["stages"].append({"steps": n, "loss": loss, "seconds": round(time.time() - t, 1),
                                   **({"teacher_guidance": guidance} if guidance != 1 else {})})
         if n in cfg.steps:
@@ -180,7 +192,8 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
             skip = ("teacher", "out", "root", "text_cache")
             info = {"distilled_from": str(cfg.teacher), "teacher_info": tinfo, "method": method,
                     "stages": summary["stages"], "teacher_guidance": teacher_guidance,
-                    "recipe": {k: v for k, v in asdict(cfg).items() if k not in skip},
+                    "recipe": {k: v for k, v in asdict(cfg).items()
+                               if k not in skip and not (k == "edge_weight" and not v)},  # 0: reads as before
                     "train_seconds": round(time.time() - t0, 1)}
             save_builtin(folder, student, scfg, info)
             grid_path = folder / "samples" / f"{n}step.png"

@@ -76,7 +76,8 @@ def _cmd_distill(args) -> int:
     cfg = DistillConfig(teacher=args.teacher, out=args.out, steps=sorted(set(args.steps), reverse=True),
                         start_steps=args.start_steps, iterations=args.iterations, batch_size=args.batch_size,
                         lr=args.lr, seed=args.seed, root=args.root, collection=args.collection, split=args.split,
-                        prompt=args.prompt, guidance=args.guidance, text_cache=args.text_cache)
+                        prompt=args.prompt, guidance=args.guidance, text_cache=args.text_cache,
+                        edge_weight=args.edge_weight)
     _print(distill(cfg, progress=not args.quiet))
     return 0
 
@@ -159,6 +160,9 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
                    help="classifier-free guidance of the teacher in the first stage's targets (default: the "
                         "teacher's recorded scale); the students bake it in and record 1")
     d.add_argument("--text-cache", default=None, help="safetensors file for the encoded prompts")
+    d.add_argument("--edge-weight", type=float, default=0.0,
+                   help="extra weight on the edge pixels of each row's real image in the student's loss "
+                        "(as cvr generator train --edge-weight; default 0: plain MSE)")
     common(d, 200, 32, 3e-4)
     d.set_defaults(func=_cmd_distill)
     return gen
