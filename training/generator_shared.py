@@ -82,7 +82,7 @@ def edge_weights(x0, size: int, fold: int, weight: float) -> torch.Tensor:
     pixels = F.pixel_shuffle(unpack_latents(x0, s, s), fold)  # (B, 3, size, size)
     right = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().amax(1) > EDGE_STEP  # (B, size, size - 1)
     down = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().amax(1) > EDGE_STEP
-    edge = torch.zeros(pixels.shape[0], size, size, dtype=torch.bool)
+    edge = torch.zeros(pixels.shape[0], size, size, dtype=torch.bool, device=x0.device)
     edge[:, :, 1:] |= right
     edge[:, :, :-1] |= right
     edge[:, 1:, :] |= down
