@@ -524,14 +524,14 @@ def test_edge_weights_match_a_pixel_reference_and_weigh_the_loss():
             top, left, h, w = rng.integers(0, size - 3, 2).tolist() + rng.integers(1, 5, 2).tolist()
             images[k, top:top + h, left:left + w] = rng.integers(120, 255, 3)
         x0 = pack_latents(images_to_latents(images, fold))
-        weights = G.edge_weights(x0, size, fold, 3.0)
+        weights = G.edge_weights(x0, 3.0)
         assert weights.shape == x0.shape
         pixels = torch.nn.functional.pixel_shuffle(unpack_latents(weights, size // fold, size // fold), fold)
         for k in range(3):
             expected = 1.0 + 3.0 * _edges_ref(images[k], EDGE_STEP)
             assert expected.max() == 4.0 and expected.min() == 1.0
             np.testing.assert_array_equal(pixels[k].numpy(), np.broadcast_to(expected, (3, size, size)))
-        assert torch.equal(G.edge_weights(x0, size, fold, 0.0), torch.ones_like(x0))
+        assert torch.equal(G.edge_weights(x0, 0.0), torch.ones_like(x0))
 
     torch.manual_seed(0)
     config = A.BuiltinConfig(**TINY)

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from engine.anchors import (
     AnchorError,
@@ -56,6 +55,7 @@ from engine.anchors import (
 )
 from engine.portable import flow_sigmas
 from training.generator import edge_weights, lr_at, prepare_data, sample_grid, trim
+from training.generator_shared import weighted_mse
 
 
 @dataclass
@@ -112,9 +112,8 @@ def two_step_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Con
 
 
 def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditioning, ids, cfg: DistillConfig,
-                  gen: torch.Generator, progress=True, guidance: float = 1.0, image_fold: tuple = (32, 2)) -> float:
-    """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss.
-    ``image_fold``: the generator's (image size, fold), which cfg.edge_weight's edge maps need."""
+                  gen: torch.Generator, progress=True, guidance: float = 1.0) -> float:
+    """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss."""
     from tqdm import tqdm
 
     sigmas = torch.from_numpy(flow_sigmas(n_steps))
@@ -133,12 +132,9 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
         noise = torch.randn(x0.shape, generator=gen)
         x = (1 - s).view(-1, 1, 1) * x0 + s.view(-1, 1, 1) * noise
         target = two_step_target(teacher, x, s, s_next, c, ids, guidance)
-        pred = flux_velocity(student, x, s, c, ids)
-        if cfg.edge_weight:  # weigh the outlines of the real image that x was noised from
-            weights = edge_weights(x0, image_fold[0], image_fold[1], cfg.edge_weight)
-            loss = (weights * (pred - target) ** 2).mean()
-        else:
-            loss = F.mse_loss(pred, target)
+        # With cfg.edge_weight, the outlines of the real image that x was noised from weigh more.
+        weights = edge_weights(x0, cfg.edge_weight) if cfg.edge_weight else None
+        loss = weighted_mse(flux_velocity(student, x, s, c, ids), target, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -177,8 +173,7 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
     t0 = time.time()
     for n in stages:
         t = time.time()
-        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance,
-                             (gcfg.image_size, gcfg.fold))
+        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance)
         summary["stages"].append({"steps": n, "loss": loss, "seconds": round(time.time() - t, 1),
                                   **({"teacher_guidance": guidance} if guidance != 1 else {})})
         if n in cfg.steps:

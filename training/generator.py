@@ -242,7 +242,7 @@ def train_teacher(cfg: TeacherConfig, encoder=None, progress: bool = True) -> di
                                                cfg.shape_negatives)
         else:
             x0 = latents[videos[idx]]
-            weights = edge_weights(x0, gcfg.image_size, gcfg.fold, cfg.edge_weight) if cfg.edge_weight else None
+            weights = edge_weights(x0, cfg.edge_weight) if cfg.edge_weight else None
             loss = flow_loss(model, x0, c, ids, gen, weights=weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()

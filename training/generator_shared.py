@@ -73,13 +73,17 @@ def noisy_batch(x0, gen: torch.Generator) -> tuple:
 EDGE_STEP = 0.5
 
 
-def edge_weights(x0, size: int, fold: int, weight: float) -> torch.Tensor:
+def edge_weights(x0, weight: float) -> torch.Tensor:
     """Per-element loss weights of packed latents ``x0`` (B, tokens, channels): 1 + ``weight`` on
     both pixels of every edge (a step above EDGE_STEP to the right or below), 1 elsewhere, in
     x0's packed layout. Why (issue 17, item 0): an outline is a few pixels at an object's border,
-    so the plain MSE barely rewards drawing the named shape rather than a blob of its colour."""
-    s = size // fold
-    pixels = F.pixel_shuffle(unpack_latents(x0, s, s), fold)  # (B, 3, size, size)
+    so the plain MSE barely rewards drawing the named shape rather than a blob of its colour.
+    The image size and fold are read off the layout: (S/fold/2)^2 tokens of 4 x 3 fold^2 channels."""
+    fold, side = math.isqrt(x0.shape[2] // 12), 2 * math.isqrt(x0.shape[1])  # side: latent pixels per row
+    if 12 * fold * fold != x0.shape[2] or (side // 2) ** 2 != x0.shape[1]:
+        raise ValueError(f"not packed square RGB latents: shape {tuple(x0.shape)}")
+    size = side * fold
+    pixels = F.pixel_shuffle(unpack_latents(x0, side, side), fold)  # (B, 3, size, size)
     right = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().amax(1) > EDGE_STEP  # (B, size, size - 1)
     down = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().amax(1) > EDGE_STEP
     edge = torch.zeros(pixels.shape[0], size, size, dtype=torch.bool, device=x0.device)
@@ -91,15 +95,20 @@ def edge_weights(x0, size: int, fold: int, weight: float) -> torch.Tensor:
     return pack_latents(F.pixel_unshuffle(w, fold))
 
 
-def flow_loss(transformer, x0, cond: Conditioning, img_ids, gen: torch.Generator, velocity=flux_velocity,
-              weights: torch.Tensor | None = None):
-    """The rectified-flow loss: || v(x_sigma, sigma) - (noise - x0) ||^2 at logit-normal sigmas;
-    ``weights`` (x0's shape, e.g. :func:`edge_weights`) weighs each element's squared error."""
-    x_sigma, sigma, target = noisy_batch(x0, gen)
-    pred = velocity(transformer, x_sigma, sigma, cond, img_ids)
+def weighted_mse(pred, target, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in float32; ``weights`` (pred's shape, e.g. :func:`edge_weights`) weighs each
+    element's squared error. None is F.mse_loss itself, so unweighted runs stay bit for bit."""
     if weights is None:
         return F.mse_loss(pred.float(), target.float())
     return (weights * (pred.float() - target.float()) ** 2).mean()
+
+
+def flow_loss(transformer, x0, cond: Conditioning, img_ids, gen: torch.Generator, velocity=flux_velocity,
+              weights: torch.Tensor | None = None):
+    """The rectified-flow loss: || v(x_sigma, sigma) - (noise - x0) ||^2 at logit-normal sigmas,
+    weighed per element by ``weights`` when given (:func:`weighted_mse`)."""
+    x_sigma, sigma, target = noisy_batch(x0, gen)
+    return weighted_mse(velocity(transformer, x_sigma, sigma, cond, img_ids), target, weights)
 
 
 def sample_grid(transformer, config: BuiltinConfig, cond: Conditioning, frames: np.ndarray, steps_list, path,
