@@ -55,7 +55,10 @@ from engine.anchors import (
 )
 from engine.portable import flow_sigmas
 from training.generator import edge_weights, lr_at, prepare_data, sample_grid, trim
+from training.generator_data import encode_texts
 from training.generator_shared import weighted_mse
+from training.shape_negatives import shape_guided_velocity, swapped_captions
+from training.transfer_data import TransferSpec
 
 
 @dataclass
@@ -78,11 +81,29 @@ class DistillConfig:
     # Extra weight on the edge pixels of each row's real image (training.generator_shared.edge_weights) in the
     # student's loss; 0 = plain MSE to the teacher's two-step target.
     edge_weight: float = 0.0
+    # Shape-contrastive guidance in the first stage's targets (training.shape_negatives.shape_guided_velocity):
+    # its weight w, and how many shape-swapped captions each row's negative velocity averages; 0 = plain guidance.
+    shape_guidance: float = 0.0
+    shape_swaps: int = 2
+
+    def recipe(self) -> dict:
+        """The options that define the run; the edge weight and shape guidance only when used, so
+        that a recipe without them reads as before."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("teacher", "out", "root", "text_cache")}
+        if not self.edge_weight:
+            del out["edge_weight"]
+        if not self.shape_guidance:
+            del out["shape_guidance"], out["shape_swaps"]
+        return out
 
     def stages(self) -> list[int]:
         """Student step counts, stage by stage: start/2, start/4, ... down to min(steps)."""
         if self.edge_weight < 0:
             raise AnchorError(f"--edge-weight must be >= 0, got {self.edge_weight}")
+        if self.shape_guidance < 0:
+            raise AnchorError(f"--shape-guidance must be >= 0, got {self.shape_guidance}")
+        if self.shape_swaps < 1:
+            raise AnchorError(f"--shape-swaps must be >= 1, got {self.shape_swaps}")
         if not self.steps or min(self.steps) < 1:
             raise AnchorError(f"--steps must be >= 1, got {self.steps}")
         if self.root is None:
@@ -101,19 +122,28 @@ class DistillConfig:
 
 @torch.no_grad()
 def two_step_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Conditioning, ids,
-                    guidance: float = 1.0) -> torch.Tensor:
+                    guidance: float = 1.0, contrast: tuple | None = None) -> torch.Tensor:
     """The velocity that takes x from s to where the teacher's two half-steps land (each half-step
-    with the teacher's classifier-free guided velocity when ``guidance`` is not 1)."""
+    with the teacher's classifier-free guided velocity when ``guidance`` is not 1, and with
+    shape-contrastive guidance when ``contrast`` = (shape-swapped negatives, weight) is given)."""
+
+    def velocity(x_, sigma):
+        if contrast is None:
+            return guided_velocity(teacher, x_, sigma, cond, ids, guidance)
+        return shape_guided_velocity(teacher, x_, sigma, cond, ids, guidance, *contrast)
+
     mid = 0.5 * (s + s_next)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    x1 = x + (mid - s).view(shape) * guided_velocity(teacher, x, s, cond, ids, guidance)
-    x2 = x1 + (s_next - mid).view(shape) * guided_velocity(teacher, x1, mid, cond, ids, guidance)
+    x1 = x + (mid - s).view(shape) * velocity(x, s)
+    x2 = x1 + (s_next - mid).view(shape) * velocity(x1, mid)
     return (x2 - x) / (s_next - s).view(shape)
 
 
 def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditioning, ids, cfg: DistillConfig,
-                  gen: torch.Generator, progress=True, guidance: float = 1.0) -> float:
-    """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss."""
+                  gen: torch.Generator, progress=True, guidance: float = 1.0, negatives=None) -> float:
+    """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss.
+    ``negatives(idx)``, when given, returns the rows' shape-swapped conditioning for the teacher's
+    shape-contrastive guidance (weight cfg.shape_guidance)."""
     from tqdm import tqdm
 
     sigmas = torch.from_numpy(flow_sigmas(n_steps))
@@ -131,7 +161,8 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
         s, s_next = sigmas[k], sigmas[k + 1]
         noise = torch.randn(x0.shape, generator=gen)
         x = (1 - s).view(-1, 1, 1) * x0 + s.view(-1, 1, 1) * noise
-        target = two_step_target(teacher, x, s, s_next, c, ids, guidance)
+        contrast = None if negatives is None else (negatives(idx), cfg.shape_guidance)
+        target = two_step_target(teacher, x, s, s_next, c, ids, guidance, contrast)
         # With cfg.edge_weight, the outlines of the real image that x was noised from weigh more.
         weights = edge_weights(x0, cfg.edge_weight) if cfg.edge_weight else None
         loss = weighted_mse(flux_velocity(student, x, s, c, ids), target, weights)
@@ -144,6 +175,18 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     student.eval()
     return float(np.mean(losses[-50:]))
+
+
+def shape_swap_source(prompts: list, encoder, cfg: DistillConfig, gen: torch.Generator):
+    """``negatives(idx)`` for :func:`distill_stage`: the batch rows' captions with a shape swapped,
+    cfg.shape_swaps times (training.shape_negatives.swapped_captions), encoded as the true ones."""
+    vocab = TransferSpec().vocabulary()  # every synonym the corpus uses
+
+    def negatives(idx):
+        lists = swapped_captions([prompts[i] for i in idx.tolist()], vocab, cfg.shape_swaps, gen)
+        return trim(encode_texts(encoder, [t for texts in lists for t in texts], progress=False))
+
+    return negatives
 
 
 def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
@@ -159,8 +202,8 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     collection = Collection(cfg.root, cfg.collection)
-    cond, videos, latents, _, frames = prepare_data(collection, cfg.split, cfg.prompt, gcfg, encoder, progress,
-                                                    cfg.text_cache)
+    cond, videos, latents, prompts, frames = prepare_data(collection, cfg.split, cfg.prompt, gcfg, encoder,
+                                                          progress, cfg.text_cache)
     guidance = float(gcfg.guidance_scale if cfg.guidance is None else cfg.guidance)  # stage 1's teacher only
     teacher_guidance = guidance
     s = gcfg.latent_size
@@ -170,10 +213,11 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
     summary = {"stages": [], "students": {}}
     first = [int(np.nonzero(videos.numpy() == v)[0][0]) for v in range(min(8, len(frames)))]
     grid_cond = trim(cond.index(torch.tensor(first)))
+    negatives = shape_swap_source(prompts, encoder, cfg, gen) if cfg.shape_guidance else None
     t0 = time.time()
     for n in stages:
         t = time.time()
-        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance)
+        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance, negatives)
         summary["stages"].append({"steps": n, "loss": loss, "seconds": round(time.time() - t, 1),
                                   **({"teacher_guidance": guidance} if guidance != 1 else {})})
         if n in cfg.steps:
@@ -184,17 +228,17 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
             method = "progressive distillation (Salimans & Ho, ICLR 2022), Euler flow matching"
             if teacher_guidance != 1:
                 method += f", guidance-distilled from the teacher's classifier-free guidance {teacher_guidance:g}"
-            skip = ("teacher", "out", "root", "text_cache")
+            if cfg.shape_guidance:
+                method += f", with shape-contrastive guidance {cfg.shape_guidance:g} ({cfg.shape_swaps} swaps)"
             info = {"distilled_from": str(cfg.teacher), "teacher_info": tinfo, "method": method,
                     "stages": summary["stages"], "teacher_guidance": teacher_guidance,
-                    "recipe": {k: v for k, v in asdict(cfg).items()
-                               if k not in skip and not (k == "edge_weight" and not v)},  # 0: reads as before
+                    "recipe": cfg.recipe(),
                     "train_seconds": round(time.time() - t0, 1)}
             save_builtin(folder, student, scfg, info)
             grid_path = folder / "samples" / f"{n}step.png"
             sample_grid(student, scfg, grid_cond, frames[: len(first)], (n,), grid_path, cfg.seed)
             summary["students"][n] = str(folder)
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        guidance = 1.0  # the student has the guidance baked in
+        guidance, negatives = 1.0, None  # the student has the guidance (and any shape contrast) baked in
     summary["train_seconds"] = round(time.time() - t0, 1)
     return summary

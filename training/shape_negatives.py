@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from engine.anchors import Conditioning, flux_velocity
+from engine.anchors import Conditioning, flux_velocity, null_conditioning
 from training.generator_data import encode_texts, stack_conditioning, trim
 from training.generator_shared import noisy_batch
 
@@ -109,3 +109,42 @@ def negative_source(prompts: list, vocab, encoder, gen: torch.Generator) -> Call
         return torch.tensor(rows), trim(encode_texts(encoder, texts, progress=False))
 
     return negatives
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape-contrastive guidance (for distillation targets)
+
+
+def swapped_captions(prompts: list, vocab, swaps: int, gen: torch.Generator) -> list:
+    """``swaps`` lists of len(prompts) captions: list j holds each prompt with one shape phrase swapped
+    (:func:`swap_shape`, drawn from ``gen``), or the prompt itself where it names no shape to swap, so
+    that such a row gets no contrast (its negative velocity is its own)."""
+
+    def pick(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=gen))
+
+    out = []
+    for _ in range(swaps):
+        out.append([swap_shape(p, vocab, pick) or p for p in prompts])
+    return out
+
+
+def shape_guided_velocity(transformer, x, sigma, cond: Conditioning, img_ids, guidance: float,
+                          negatives: Conditioning, weight: float) -> torch.Tensor:
+    """v_u + g (v_c - v_u) + w (v_c - mean_j v_j): classifier-free guidance plus a push away from the
+    same caption with its shape swapped (like a negative prompt, averaged over the swaps j).
+
+    Why (issue 17, item 0): the teacher's velocity barely depends on the shape word (the probe of
+    bench/shape_reading.py), so plain guidance, which amplifies the whole caption against the null one,
+    cannot single it out, while v_c - v_j is what the shape word alone changes. ``negatives`` holds
+    k blocks of B rows (block j: every row's j-th swap, :func:`swapped_captions`); all 2 + k
+    conditionings go through the transformer as one batch."""
+    b = x.shape[0]
+    k = negatives.tokens.shape[0] // b
+    if k * b != negatives.tokens.shape[0] or k < 1:
+        raise ValueError(f"negatives must be k >= 1 blocks of {b} rows, got {negatives.tokens.shape[0]} rows")
+    joint = stack_conditioning([cond, null_conditioning(cond), negatives])
+    v = flux_velocity(transformer, x.repeat(2 + k, 1, 1), sigma.repeat(2 + k), joint, img_ids)
+    v_c, v_u = v[:b], v[b:2 * b]
+    v_n = v[2 * b:].reshape(k, *v_c.shape).mean(0)
+    return v_u + guidance * (v_c - v_u) + weight * (v_c - v_n)

@@ -77,7 +77,8 @@ def _cmd_distill(args) -> int:
                         start_steps=args.start_steps, iterations=args.iterations, batch_size=args.batch_size,
                         lr=args.lr, seed=args.seed, root=args.root, collection=args.collection, split=args.split,
                         prompt=args.prompt, guidance=args.guidance, text_cache=args.text_cache,
-                        edge_weight=args.edge_weight)
+                        edge_weight=args.edge_weight, shape_guidance=args.shape_guidance,
+                        shape_swaps=args.shape_swaps)
     _print(distill(cfg, progress=not args.quiet))
     return 0
 
@@ -163,6 +164,12 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--edge-weight", type=float, default=0.0,
                    help="extra weight on the edge pixels of each row's real image in the student's loss "
                         "(as cvr generator train --edge-weight; default 0: plain MSE)")
+    d.add_argument("--shape-guidance", type=float, default=0.0,
+                   help="shape-contrastive guidance W in the first stage's targets: the teacher's guided velocity "
+                        "plus W (v_caption - v_caption with its shape swapped), baked into the students "
+                        "(training/shape_negatives.py; default 0: plain guidance)")
+    d.add_argument("--shape-swaps", type=int, default=2,
+                   help="shape-swapped captions averaged per row by --shape-guidance (default 2)")
     common(d, 200, 32, 3e-4)
     d.set_defaults(func=_cmd_distill)
     return gen
