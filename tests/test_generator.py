@@ -659,3 +659,36 @@ def test_shape_reading_probe_sees_a_shape_blind_encoder(collection, tmp_path):
     blind = shape_reading.measure(folder, col, pairs=6, encoder=ShapeBlind())
     assert all(r["shape gap"] == 0 and r["null gap"] != 0 for r in blind["rows"])
     assert "shape gap" in shape_reading.markdown(blind)
+
+
+def test_direct_distillation_targets_many_teacher_steps(collection, tmp_path):
+    """--direct: one stage from start_steps to max(steps), whose target is that many teacher Euler steps
+    (the teacher's own sampler over the segment), then halvings; recorded only when used."""
+    from training.distill import DistillConfig, distill, segment_target, two_step_target
+
+    torch.manual_seed(0)
+    model = A.build_transformer(A.BuiltinConfig(**TINY)).eval()
+    cond = A.Conditioning(torch.randn(3, 2, 16), torch.ones(3, 2, dtype=torch.bool), torch.randn(3, 16))
+    x, ids = torch.randn(3, 4, 48), A.image_ids(4, 4)
+    s, s1 = torch.full((3,), 1.0), torch.full((3,), 0.5)
+    v = segment_target(model, x, s, s1, cond, ids, substeps=4)
+    with torch.no_grad():
+        ref = A.euler_sample(model, x, cond, 8, ids)  # 8 steps over [1, 0]: its first 4 cover [1, 0.5]
+        y = x
+        for a in (1.0, 0.875, 0.75, 0.625):
+            y = y - 0.125 * A.flux_velocity(model, y, torch.full((3,), a), cond, ids)
+    assert torch.allclose(x - 0.5 * v, y, atol=1e-5) and ref.shape == y.shape
+    assert torch.allclose(segment_target(model, x, s, s1, cond, ids), two_step_target(model, x, s, s1, cond, ids))
+    base = dict(teacher="t", out="o", root="r", start_steps=32, direct=True)
+    assert DistillConfig(**base, steps=[4]).stages() == [4]
+    assert DistillConfig(**base, steps=[4, 1]).stages() == [4, 2, 1]
+    with pytest.raises(A.AnchorError, match="multiple of 4"):
+        DistillConfig(**{**base, "start_steps": 6}, steps=[4]).stages()
+    teacher, _, _ = tiny_folder(tmp_path)
+    cfg = DistillConfig(teacher=str(teacher), out=str(tmp_path / "direct"), steps=[1], start_steps=4, iterations=2,
+                        batch_size=4, root=str(collection), collection="mini", direct=True)
+    summary = distill(cfg, encoder=TinyText(), progress=False)
+    assert [(st["steps"], st["teacher_steps"]) for st in summary["stages"]] == [(1, 4)]
+    info = A.read_builtin_config(tmp_path / "direct" / "1step")[1]
+    assert info["recipe"]["direct"] is True and "direct from 4" in info["method"]
+    assert _parser().parse_args(["generator", "distill", "--teacher", "t", "--out", "o", "--direct"]).direct

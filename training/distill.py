@@ -85,6 +85,9 @@ class DistillConfig:
     # its weight w, and how many shape-swapped captions each row's negative velocity averages; 0 = plain guidance.
     shape_guidance: float = 0.0
     shape_swaps: int = 2
+    # The first stage goes from start_steps straight to max(steps) (each target the teacher's
+    # start_steps / max(steps) Euler steps), instead of halving; later stages halve. False = progressive.
+    direct: bool = False
 
     def recipe(self) -> dict:
         """The options that define the run; the edge weight and shape guidance only when used, so
@@ -94,10 +97,13 @@ class DistillConfig:
             del out["edge_weight"]
         if not self.shape_guidance:
             del out["shape_guidance"], out["shape_swaps"]
+        if not self.direct:
+            del out["direct"]
         return out
 
     def stages(self) -> list[int]:
-        """Student step counts, stage by stage: start/2, start/4, ... down to min(steps)."""
+        """Student step counts, stage by stage: start/2, start/4, ... down to min(steps) (with ``direct``:
+        max(steps), then halvings)."""
         if self.edge_weight < 0:
             raise AnchorError(f"--edge-weight must be >= 0, got {self.edge_weight}")
         if self.shape_guidance < 0:
@@ -109,6 +115,11 @@ class DistillConfig:
         if self.root is None:
             raise AnchorError("--root is required: the student learns on noised training key frames")
         out, n = [], self.start_steps
+        if self.direct:
+            first = max(self.steps)
+            if first >= n or n % first:
+                raise AnchorError(f"--direct needs --start-steps {n} to be a multiple of {first} steps, and larger")
+            out, n = [first], first
         while n > min(self.steps):
             if n % 2:
                 raise AnchorError(f"--start-steps {self.start_steps} cannot be halved down to {min(self.steps)}")
@@ -121,9 +132,9 @@ class DistillConfig:
 
 
 @torch.no_grad()
-def two_step_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Conditioning, ids,
-                    guidance: float = 1.0, contrast: tuple | None = None) -> torch.Tensor:
-    """The velocity that takes x from s to where the teacher's two half-steps land (each half-step
+def segment_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Conditioning, ids,
+                   guidance: float = 1.0, contrast: tuple | None = None, substeps: int = 2) -> torch.Tensor:
+    """The velocity that takes x from s to where ``substeps`` equal Euler steps of the teacher land (each
     with the teacher's classifier-free guided velocity when ``guidance`` is not 1, and with
     shape-contrastive guidance when ``contrast`` = (shape-swapped negatives, weight) is given)."""
 
@@ -132,16 +143,25 @@ def two_step_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Con
             return guided_velocity(teacher, x_, sigma, cond, ids, guidance)
         return shape_guided_velocity(teacher, x_, sigma, cond, ids, guidance, *contrast)
 
-    mid = 0.5 * (s + s_next)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    x1 = x + (mid - s).view(shape) * velocity(x, s)
-    x2 = x1 + (s_next - mid).view(shape) * velocity(x1, mid)
-    return (x2 - x) / (s_next - s).view(shape)
+    y = x
+    for j in range(substeps):
+        a, b = s + (s_next - s) * j / substeps, s + (s_next - s) * (j + 1) / substeps
+        y = y + (b - a).view(shape) * velocity(y, a)
+    return (y - x) / (s_next - s).view(shape)
+
+
+def two_step_target(teacher, x, s: torch.Tensor, s_next: torch.Tensor, cond: Conditioning, ids,
+                    guidance: float = 1.0, contrast: tuple | None = None) -> torch.Tensor:
+    """Progressive distillation's target: where the teacher's two half-steps land (:func:`segment_target`)."""
+    return segment_target(teacher, x, s, s_next, cond, ids, guidance, contrast, 2)
 
 
 def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditioning, ids, cfg: DistillConfig,
-                  gen: torch.Generator, progress=True, guidance: float = 1.0, negatives=None) -> float:
-    """One progressive stage: student (N steps) <- teacher (2N steps). Returns the final mean loss.
+                  gen: torch.Generator, progress=True, guidance: float = 1.0, negatives=None,
+                  substeps: int = 2) -> float:
+    """One stage: student (N steps) <- teacher (``substeps`` x N steps: 2 in a progressive stage). Returns the
+    final mean loss.
     ``negatives(idx)``, when given, returns the rows' shape-swapped conditioning for the teacher's
     shape-contrastive guidance (weight cfg.shape_guidance)."""
     from tqdm import tqdm
@@ -150,7 +170,7 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     student.train()
     losses = []
-    bar = tqdm(range(cfg.iterations), desc=f"distill {2 * n_steps}->{n_steps}", disable=not progress)
+    bar = tqdm(range(cfg.iterations), desc=f"distill {substeps * n_steps}->{n_steps}", disable=not progress)
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(it, cfg.lr, cfg.warmup, cfg.iterations)
@@ -162,7 +182,7 @@ def distill_stage(student, teacher, n_steps: int, latents, videos, cond: Conditi
         noise = torch.randn(x0.shape, generator=gen)
         x = (1 - s).view(-1, 1, 1) * x0 + s.view(-1, 1, 1) * noise
         contrast = None if negatives is None else (negatives(idx), cfg.shape_guidance)
-        target = two_step_target(teacher, x, s, s_next, c, ids, guidance, contrast)
+        target = segment_target(teacher, x, s, s_next, c, ids, guidance, contrast, substeps)
         # With cfg.edge_weight, the outlines of the real image that x was noised from weigh more.
         weights = edge_weights(x0, cfg.edge_weight) if cfg.edge_weight else None
         loss = weighted_mse(flux_velocity(student, x, s, c, ids), target, weights)
@@ -215,10 +235,13 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
     grid_cond = trim(cond.index(torch.tensor(first)))
     negatives = shape_swap_source(prompts, encoder, cfg, gen) if cfg.shape_guidance else None
     t0 = time.time()
+    previous = cfg.start_steps
     for n in stages:
         t = time.time()
-        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance, negatives)
-        summary["stages"].append({"steps": n, "loss": loss, "seconds": round(time.time() - t, 1),
+        loss = distill_stage(student, teacher, n, latents, videos, cond, ids, cfg, gen, progress, guidance, negatives,
+                             previous // n)
+        summary["stages"].append({"steps": n, "teacher_steps": previous, "loss": loss,
+                                  "seconds": round(time.time() - t, 1),
                                   **({"teacher_guidance": guidance} if guidance != 1 else {})})
         if n in cfg.steps:
             folder = Path(cfg.out) / f"{n}step"
@@ -226,6 +249,8 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
             scfg.default_steps = n
             scfg.guidance_scale = 1.0  # guidance (if any) is baked in: one conditional pass per step
             method = "progressive distillation (Salimans & Ho, ICLR 2022), Euler flow matching"
+            if cfg.direct:
+                method += f", first stage direct from {cfg.start_steps} teacher steps"
             if teacher_guidance != 1:
                 method += f", guidance-distilled from the teacher's classifier-free guidance {teacher_guidance:g}"
             if cfg.shape_guidance:
@@ -239,6 +264,7 @@ def distill(cfg: DistillConfig, encoder=None, progress: bool = True) -> dict:
             sample_grid(student, scfg, grid_cond, frames[: len(first)], (n,), grid_path, cfg.seed)
             summary["students"][n] = str(folder)
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        previous = n
         guidance, negatives = 1.0, None  # the student has the guidance (and any shape contrast) baked in
     summary["train_seconds"] = round(time.time() - t0, 1)
     return summary

@@ -78,7 +78,7 @@ def _cmd_distill(args) -> int:
                         lr=args.lr, seed=args.seed, root=args.root, collection=args.collection, split=args.split,
                         prompt=args.prompt, guidance=args.guidance, text_cache=args.text_cache,
                         edge_weight=args.edge_weight, shape_guidance=args.shape_guidance,
-                        shape_swaps=args.shape_swaps)
+                        shape_swaps=args.shape_swaps, direct=args.direct)
     _print(distill(cfg, progress=not args.quiet))
     return 0
 
@@ -170,6 +170,9 @@ def add_generator_commands(subparsers) -> argparse.ArgumentParser:
                         "(training/shape_negatives.py; default 0: plain guidance)")
     d.add_argument("--shape-swaps", type=int, default=2,
                    help="shape-swapped captions averaged per row by --shape-guidance (default 2)")
+    d.add_argument("--direct", action="store_true",
+                   help="first stage straight from --start-steps to the largest --steps (targets: that many teacher "
+                        "Euler steps per student step), then halvings; default: halve every stage")
     common(d, 200, 32, 3e-4)
     d.set_defaults(func=_cmd_distill)
     return gen
