@@ -48,6 +48,11 @@ def shape_mentions(caption: str, vocab) -> list:
     return found
 
 
+def _picker(gen: torch.Generator) -> Callable[[int], int]:
+    """``pick(n)`` for :func:`swap_shape`: a draw in [0, n) from ``gen`` (so a resumed run draws the same)."""
+    return lambda n: int(torch.randint(n, (1,), generator=gen))
+
+
 def swap_shape(caption: str, vocab, pick: Callable[[int], int]) -> str | None:
     """The caption with one object's shape phrase replaced by a synonym of a shape it does not name;
     None when it names no shape after a colour word, or every shape. ``pick(n)`` draws in [0, n)."""
@@ -94,8 +99,7 @@ def negative_source(prompts: list, vocab, encoder, gen: torch.Generator) -> Call
     with draws from ``gen`` (so a resumed run draws the same), encodes the swapped captions with the
     training text encoder as the true ones were (encode_texts: fp16, as the text cache stores them)."""
 
-    def pick(n: int) -> int:
-        return int(torch.randint(n, (1,), generator=gen))
+    pick = _picker(gen)
 
     def negatives(candidates):
         rows, texts = [], []
@@ -120,13 +124,8 @@ def swapped_captions(prompts: list, vocab, swaps: int, gen: torch.Generator) -> 
     (:func:`swap_shape`, drawn from ``gen``), or the prompt itself where it names no shape to swap, so
     that such a row gets no contrast (its negative velocity is its own)."""
 
-    def pick(n: int) -> int:
-        return int(torch.randint(n, (1,), generator=gen))
-
-    out = []
-    for _ in range(swaps):
-        out.append([swap_shape(p, vocab, pick) or p for p in prompts])
-    return out
+    pick = _picker(gen)
+    return [[swap_shape(p, vocab, pick) or p for p in prompts] for _ in range(swaps)]
 
 
 def shape_guided_velocity(transformer, x, sigma, cond: Conditioning, img_ids, guidance: float,
